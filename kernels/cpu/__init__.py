@@ -1,0 +1,102 @@
+"""Registers the fast CPU kernel of every op. Where the reference is already the fastest torch
+expression it is registered here on purpose, by name, so no op silently falls back."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmc.kernels import register_kernel
+from llmc.kernels.cpu.attention import paged_attention
+from llmc.kernels.reference import dense
+from llmc.kernels.reference.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+C = "cpu"
+
+
+@register_kernel("embed", C)
+def _embed(ctx, tokens, table):
+    return F.embedding(tokens, table)
+
+
+def rms_norm(x, weight, eps, group):
+    t, width = x.shape
+    if group == width:
+        return F.rms_norm(x, (width,), weight, eps)
+    return F.rms_norm(x.reshape(t, width // group, group), (group,), weight, eps).reshape(t, width)
+
+
+@register_kernel("rms_norm", C)
+def _rms_norm(ctx, x, weight, *, eps, group):
+    return rms_norm(x, weight, eps, group)
+
+
+@register_kernel("add", C)
+def _add(ctx, a, b):
+    return dense.add(a, b)
+
+
+@register_kernel("add_rms_norm", C)
+def _add_rms_norm(ctx, x, r, weight, *, eps, group):
+    h = x + r
+    return rms_norm(h, weight, eps, group), h
+
+
+@register_kernel("linear", C)
+def _linear(ctx, x, weight, bias=None):
+    return F.linear(x, weight, bias)
+
+
+def _concat_rows(weights, attrs):
+    """(wq, wk, wv[, bq, bk, bv]) -> (w_cat[, b_cat], split sizes): one matmul instead of three."""
+    n = len(weights) // 2 if len(weights) == 6 else len(weights)
+    ws, bs = weights[:n], weights[n:]
+    sizes = tuple(w.shape[0] for w in ws)
+    fused = (torch.cat(ws, dim=0).contiguous(),) + ((torch.cat(bs, dim=0).contiguous(),) if bs else ())
+    return fused + (sizes,)
+
+
+@register_kernel("qkv_linear", C, prepare=_concat_rows)
+def _qkv_linear(ctx, x, w, *rest):
+    bias, sizes = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
+    return F.linear(x, w, bias).split(sizes, dim=-1)
+
+
+@register_kernel("silu_mul", C)
+def _silu_mul(ctx, gate, up):
+    return F.silu(gate).mul_(up)
+
+
+@register_kernel("gate_up_silu", C, prepare=_concat_rows)
+def _gate_up_silu(ctx, x, w, sizes):
+    gate, up = F.linear(x, w).split(sizes, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+@register_kernel("rope", C)
+def _rope(ctx, q, k, positions, *, head_dim, **params):
+    key = ("rope", head_dim, tuple(sorted(params.items())))
+    cs = ctx.scratch.get(key)
+    if cs is None:                                              # once per step, shared by all layers
+        cs = ctx.scratch[key] = rope_cos_sin(positions, _inv_freq(head_dim, tuple(sorted(params.items()))))
+    return apply_rope(q, cs[0], cs[1], head_dim), apply_rope(k, cs[0], cs[1], head_dim)
+
+
+_INV_FREQ: dict = {}
+
+
+def _inv_freq(head_dim, items):
+    if (head_dim, items) not in _INV_FREQ:
+        _INV_FREQ[head_dim, items] = rope_inv_freq(head_dim, **dict(items))
+    return _INV_FREQ[head_dim, items]
+
+
+@register_kernel("attention", C)
+def _attention(ctx, q, k, v, *, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window):
+    return paged_attention(q, k, v, ctx.kv.k[layer], ctx.kv.v[layer], ctx.batch, num_heads, num_kv_heads,
+                           head_dim, scale, sliding_window)
+
+
+@register_kernel("logits", C)
+def _logits(ctx, h, weight):
+    rows = ctx.batch.logit_rows
+    return F.linear(h if rows is None else h.index_select(0, rows), weight)

@@ -1,0 +1,61 @@
+"""`generate`: prompts in, completions out, all prompts run together as one in-flight batch."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmc.errors import ConfigError
+from llmc.runtime.runner import Runner, RuntimeConfig
+from llmc.runtime.sampler import SamplingParams
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt: str
+    text: str
+    token_ids: list[int]              # generated ids only
+    finish_reason: str                # "stop" | "length"
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateStats:
+    seconds: float
+    prompt_tokens: int
+    generated_tokens: int
+    steps: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    completions: list[Completion]
+    stats: GenerateStats
+
+
+def generate(path: Path | str, prompts: list[str], params: SamplingParams = SamplingParams(),
+             runtime: RuntimeConfig = RuntimeConfig(), model=None) -> GenerateResult:
+    """Run every prompt to completion. `model` (already loaded) skips loading `path`."""
+    from llmc.model import load_model
+
+    if not prompts:
+        raise ConfigError("give at least one prompt")
+    model = model or load_model(path)
+    runner = Runner(model, runtime)
+    encoded = [model.tokenizer.encode(p) for p in prompts]
+    reqs = [runner.add(ids, params) for ids in encoded]
+    t0, steps = time.perf_counter(), 0
+    while runner.has_work:
+        runner.step()
+        steps += 1
+    seconds = time.perf_counter() - t0
+    completions = [Completion(prompt=p, text=model.tokenizer.decode(r.output_ids), token_ids=list(r.output_ids),
+                              finish_reason=r.finish_reason or "length", prompt_tokens=len(ids))
+                   for p, r, ids in zip(prompts, reqs, encoded)]
+    stats = GenerateStats(seconds=seconds, prompt_tokens=sum(map(len, encoded)),
+                          generated_tokens=sum(len(c.token_ids) for c in completions), steps=steps)
+    return GenerateResult(completions, stats)

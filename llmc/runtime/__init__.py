@@ -1,0 +1,1 @@
+"""The runtime: ragged batches, the paged KV cache, the executor, the sampler and the scheduler."""

@@ -1,0 +1,84 @@
+"""The executor: runs a Graph over a ragged batch with one kernel set. `forward(batch) -> logits`.
+
+Built once per model: every node is bound to its kernel and its (prepared) weights, and the last
+use of every value is known, so intermediate tensors are released as soon as they are dead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from llmc.ir import OPS, Graph, verify
+from llmc.kernels import kernel_for
+from llmc.runtime.batch import RaggedBatch
+from llmc.runtime.kv_cache import PagedKVCache
+
+
+@dataclass
+class ExecContext:
+    batch: RaggedBatch
+    kv: PagedKVCache
+    scratch: dict[Any, Any] = field(default_factory=dict)    # per-step memo shared by kernels
+
+
+@dataclass(frozen=True)
+class _Step:
+    fn: Callable[..., Any]
+    values: tuple[str, ...]
+    weights: tuple[Any, ...]
+    attrs: dict[str, Any]
+    outputs: tuple[str, ...]
+    release: tuple[str, ...]          # values whose last use is this step
+
+
+class Executor:
+    def __init__(self, graph: Graph, load_weight: Callable[[str], Tensor], kernels: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.graph, self.kernels, self.dtype = graph, kernels, dtype
+        cache: dict[str, Tensor] = {}
+
+        def weight(name: str) -> Tensor:
+            if name not in cache:                       # tied weights are loaded once
+                t = load_weight(name)
+                cache[name] = t.to(dtype) if t.is_floating_point() else t
+            return cache[name]
+
+        verify(graph, {name: tuple(weight(name).shape) for name in graph.weight_names()})
+        last_use: dict[str, int] = {}
+        for i, n in enumerate(graph.nodes):
+            for v in n.inputs[: OPS[n.op].num_values]:
+                last_use[v] = i
+        keep = set(graph.outputs)
+        steps = []
+        self.kernel_choice: dict[str, str] = {}
+        for i, n in enumerate(graph.nodes):
+            spec, k = OPS[n.op], kernel_for(n.op, kernels)
+            self.kernel_choice[n.op] = k.impl
+            wts = tuple(weight(w) for w in n.inputs[spec.num_values:])
+            attrs = n.attr_dict
+            if k.prepare is not None:
+                wts = k.prepare(wts, attrs)
+            values = n.inputs[: spec.num_values]
+            release = tuple(v for v in set(values) if last_use[v] == i and v not in keep)
+            steps.append(_Step(k.fn, values, wts, attrs, n.outputs, release))
+        self._steps = steps
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in cache.values())
+
+    @torch.inference_mode()
+    def forward(self, batch: RaggedBatch, kv: PagedKVCache) -> Tensor:
+        """Logits [num_seqs, vocab] for each sequence's last token, or [tokens, vocab] when
+        `batch.all_logits`."""
+        env: dict[str, Tensor] = {"tokens": batch.tokens, "positions": batch.positions}
+        ctx = ExecContext(batch, kv)
+        for s in self._steps:
+            out = s.fn(ctx, *[env[v] for v in s.values], *s.weights, **s.attrs)
+            if len(s.outputs) == 1:
+                env[s.outputs[0]] = out
+            else:
+                env.update(zip(s.outputs, out))
+            for v in s.release:
+                del env[v]
+        return env[self.graph.outputs[0]]

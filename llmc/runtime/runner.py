@@ -1,0 +1,123 @@
+"""The engine loop: one Runner owns the model's executor, the paged KV cache, the scheduler and the
+sampler. Each `step()` schedules, builds one ragged batch, runs it, samples and retires requests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmc.errors import ConfigError
+from llmc.runtime.batch import RaggedBatch
+from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
+from llmc.runtime.sampler import SamplingParams, sample
+from llmc.runtime.scheduler import Request, Scheduler, SchedulerConfig
+
+KV_CACHE_BUDGET = 2 << 30       # bytes, when the number of blocks is not given
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    kernels: str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None            # None: enough for max_num_seqs full-length sequences, within budget
+    max_num_seqs: int = 16
+    max_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be at least 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_id: int
+    finish_reason: str | None
+
+
+class Runner:
+    def __init__(self, model, cfg: RuntimeConfig = RuntimeConfig()) -> None:
+        self.model, self.cfg = model, cfg
+        self.executor = model.executor(cfg.kernels)
+        arch = model.arch
+        spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim, model.dtype)
+        self.max_model_len = arch.max_position_embeddings
+        num_blocks = cfg.num_blocks
+        if num_blocks is None:
+            want = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
+            fit = max(1, KV_CACHE_BUDGET // (cfg.block_size * spec.bytes_per_token))
+            num_blocks = min(want, fit)
+        self.kv = PagedKVCache(spec, num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
+                                                   max_batched_tokens=cfg.max_batched_tokens,
+                                                   block_size=cfg.block_size), self.kv.allocator)
+        self.eos_ids = frozenset(model.tokenizer.info.eos_token_ids)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.kv.num_blocks * self.kv.block_size
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty after tokenization")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ConfigError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                              f"{self.max_model_len}, which leaves no room to generate")
+        vocab = self.model.arch.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ConfigError(f"prompt token ids must lie in [0, {vocab})")
+        longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        if longest > self.capacity_tokens:
+            raise ConfigError(f"a request of up to {longest} tokens does not fit the KV cache "
+                              f"({self.capacity_tokens} tokens)", hint="give the cache more blocks")
+        return self.scheduler.add(prompt_ids, params, request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[TokenEvent]:
+        """One iteration: returns the token sampled for every request that produced one."""
+        sched = self.scheduler
+        plan = sched.step()
+        if not plan.num_tokens:
+            return []
+        reqs = [sched.requests[rid] for rid in plan.num_tokens]
+        tokens: list[int] = []
+        for req in reqs:
+            tokens += req.token_slice(req.num_computed, req.num_computed + plan.num_tokens[req.id])
+        batch = RaggedBatch(
+            token_ids=tokens,
+            query_lens=[plan.num_tokens[r.id] for r in reqs],
+            context_lens=[r.num_computed + plan.num_tokens[r.id] for r in reqs],
+            block_tables=[r.block_table for r in reqs],
+            block_size=self.kv.block_size,
+        )
+        logits = self.executor.forward(batch, self.kv)
+        events = []
+        for row, req in enumerate(reqs):
+            req.num_computed += plan.num_tokens[req.id]
+            if req.pending:                      # a prefill chunk: nothing to sample yet
+                continue
+            token = sample(logits[row], req.params, req.generator)
+            req.output_ids.append(token)
+            reason = self._finish_reason(req, token)
+            if reason is not None:
+                sched.finish(req, reason)
+            events.append(TokenEvent(req.id, token, reason))
+        return events
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        if token in self.eos_ids and not req.params.ignore_eos:
+            return "stop"
+        if len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        while self.has_work:
+            self.step()
