@@ -12,7 +12,7 @@ from llmc.runtime.sampler import SamplingParams
 
 @dataclass(frozen=True)
 class Completion:
-    prompt: str
+    prompt: str | list[int]
     text: str
     token_ids: list[int]              # generated ids only
     finish_reason: str                # "stop" | "length"
@@ -37,23 +37,26 @@ class GenerateResult:
     stats: GenerateStats
 
 
-def generate(path: Path | str, prompts: list[str], params: SamplingParams = SamplingParams(),
+def generate(path: Path | str, prompts: list[str] | list[list[int]], params: SamplingParams = SamplingParams(),
              runtime: RuntimeConfig = RuntimeConfig(), model=None) -> GenerateResult:
-    """Run every prompt to completion. `model` (already loaded) skips loading `path`."""
+    """Run every prompt (text, or a list of token ids) to completion, all as one in-flight batch.
+    `model` (already loaded) skips loading `path`."""
     from llmc.model import load_model
 
     if not prompts:
         raise ConfigError("give at least one prompt")
     model = model or load_model(path)
     runner = Runner(model, runtime)
-    encoded = [model.tokenizer.encode(p) for p in prompts]
+    encoded = [list(p) if isinstance(p, (list, tuple)) else model.tokenizer.encode(p) for p in prompts]
     reqs = [runner.add(ids, params) for ids in encoded]
     t0, steps = time.perf_counter(), 0
     while runner.has_work:
         runner.step()
         steps += 1
     seconds = time.perf_counter() - t0
-    completions = [Completion(prompt=p, text=model.tokenizer.decode(r.output_ids), token_ids=list(r.output_ids),
+    tok = model.tokenizer
+    completions = [Completion(prompt=p, text=tok.decode_continuation(ids, r.output_ids) if tok.available else "",
+                              token_ids=list(r.output_ids),
                               finish_reason=r.finish_reason or "length", prompt_tokens=len(ids))
                    for p, r, ids in zip(prompts, reqs, encoded)]
     stats = GenerateStats(seconds=seconds, prompt_tokens=sum(map(len, encoded)),

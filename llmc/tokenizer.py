@@ -43,13 +43,13 @@ class Tokenizer:
 
         directory = Path(directory)
         path = directory / "tokenizer.json"
-        if not path.exists():
-            raise ModelFormatError(f"{directory}: tokenizer.json is missing",
-                                   hint="llmc reads tokenizers in the `tokenizers` JSON format")
-        try:
-            self._tk = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ModelFormatError(f"{path}: cannot be read ({str(e).splitlines()[0]})") from None
+        self._tk = None                 # no tokenizer.json: token ids only (encode/decode raise)
+        if path.exists():
+            try:
+                self._tk = HFTokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises a bare Exception on malformed files
+                raise ModelFormatError(f"{path}: cannot be read ({str(e).splitlines()[0]})") from None
+        self.directory = directory
         tcfg = read_json(directory / "tokenizer_config.json", "tokenizer_config.json") \
             if (directory / "tokenizer_config.json").exists() else {}
         gcfg = read_json(directory / "generation_config.json", "generation_config.json") \
@@ -71,13 +71,19 @@ class Tokenizer:
         self._eos_token_id = self._id_of(_token_text(tcfg.get("eos_token")))
 
     def _id_of(self, text: str | None) -> int | None:
-        return None if text is None else self._tk.token_to_id(text)
+        return None if text is None or self._tk is None else self._tk.token_to_id(text)
 
     @property
-    def vocab_size(self) -> int:
-        return self._tk.get_vocab_size(with_added_tokens=True)
+    def available(self) -> bool:
+        return self._tk is not None
+
+    def _need(self):
+        if self._tk is None:
+            raise ModelFormatError(f"{self.directory}: has no tokenizer.json, so it takes token ids, not text")
+        return self._tk
 
     def encode(self, text: str) -> list[int]:
+        self._need()
         info = self.info
         if info.add_bos is None and info.add_eos is None:
             return self._tk.encode(text, add_special_tokens=True).ids
@@ -89,4 +95,11 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tk.decode(ids, skip_special_tokens=True)
+        return self._need().decode(ids, skip_special_tokens=True)
+
+    def decode_continuation(self, prompt_ids: list[int], ids: list[int]) -> str:
+        """The text `ids` add after the prompt, with the spacing they have in context (a
+        SentencePiece decoder drops the leading space of a piece decoded on its own)."""
+        head = self.decode(prompt_ids)
+        full = self.decode(prompt_ids + ids)
+        return full[len(head):] if full.startswith(head) else self.decode(ids)

@@ -1,0 +1,32 @@
+# llmc: `make demo` sets up and runs the main job; `make test` sets up and runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LLMC := $(VENV)/bin/llmc
+STAMP := $(VENV)/.llmc-installed
+ENGINE := build/stories260K.engine
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build first, so nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(LLMC) inspect golden/stories260K
+	$(LLMC) compile golden/stories260K -o $(ENGINE) --force
+	$(LLMC) generate $(ENGINE) --prompt "Once upon a time" --prompt "Tom and his dog" --max-tokens 120
+
+bench: setup
+	$(PY) benchmarks/decode_cpu.py
+
+clean:
+	rm -rf build $(VENV) *.egg-info

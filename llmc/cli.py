@@ -1,0 +1,178 @@
+"""The `llmc` command line: thin wrappers over the library functions of the same names.
+
+Results go to stdout (a rich table, or JSON with --json); progress and logs go to stderr. A user
+error prints one line and exits 2; --debug shows the traceback instead.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Column, Table
+
+from llmc import __version__
+from llmc.errors import LlmcError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="llmc: quantize, compile, run and benchmark Hugging Face causal LMs. "
+                       "Add --debug to any command for a traceback on error.")
+out, err = Console(), Console(stderr=True)
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="A Hugging Face checkpoint directory or an llmc engine directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Architecture, sizes and KV-cache cost of a checkpoint or engine."""
+    from llmc.inspection import inspect
+
+    r = inspect(path)
+    if as_json:
+        _print_json(asdict(r))
+        return
+    t = Table(Column("field"), Column("value", justify="right"), title=f"llmc inspect · {path}")
+    rows = [
+        ("kind", "engine" + (f" ({r.target})" if r.target else "") if r.kind == "engine" else "Hugging Face checkpoint"),
+        ("architecture", r.architecture), ("layers", str(r.layers)), ("hidden size", str(r.hidden_size)),
+        ("intermediate size", str(r.intermediate_size)), ("heads / kv heads", f"{r.heads} / {r.kv_heads}"),
+        ("head dim", str(r.head_dim)), ("vocab", f"{r.vocab_size:,}"),
+        ("context (max positions)", f"{r.max_position_embeddings:,}"),
+        ("rope", f"{r.rope['rope_type']}, theta {r.rope['theta']:g}"),
+        ("tied embeddings", "yes" if r.tie_word_embeddings else "no"),
+        ("sliding window", str(r.sliding_window) if r.sliding_window else "none"),
+        ("parameters", f"{r.parameters:,}"), ("weight dtype", r.dtype), ("compute dtype", r.compute_dtype),
+        ("bytes on disk", _human_bytes(r.bytes_on_disk)),
+        ("KV cache per token", _human_bytes(r.kv_cache_bytes_per_token)),
+        ("graph nodes", f"{r.graph_nodes} ({', '.join(f'{k} {v}' for k, v in sorted(r.ops.items()))})"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory."),
+    output: Path = typer.Option(..., "-o", "--output", help="Engine directory to write (atomically)."),
+    target: str = typer.Option("cpu", "--target", help="cpu (default); onnx, tensorrt and triton are planned."),
+    passes: Optional[str] = typer.Option(None, "--passes", help="Comma-separated pass list replacing the default "
+                                         "pipeline, e.g. fuse-qkv,dce ('' for none)."),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the graph after each pass here."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Compile a checkpoint into an engine: graph, fusion passes, packed weights, manifest."""
+    from llmc.compiler import compile
+
+    names = None if passes is None else [p.strip() for p in passes.split(",") if p.strip()]
+    with err.status(f"compiling {model} for {target}"):
+        r = compile(model, output, target=target, passes=names, dump_ir=dump_ir, force=force)
+    if as_json:
+        _print_json({**asdict(r), "bytes": r.bytes})
+        return
+    t = Table(Column("pass"), Column("nodes", justify="right"), Column("ms", justify="right"),
+              title=f"llmc compile · {model} → {output} ({r.target})")
+    for p in r.passes:
+        t.add_row(p["name"], f"{p['nodes_before']} → {p['nodes_after']}", f"{p['seconds'] * 1e3:.1f}")
+    out.print(t)
+    out.print(f"engine {r.engine}: {r.nodes} nodes, {_human_bytes(r.bytes)}, {r.seconds:.2f} s")
+
+
+@app.command("generate")
+def generate_cmd(
+    path: Path = typer.Argument(..., help="A Hugging Face checkpoint or an engine directory."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Repeat for several prompts; they run as one "
+                                     "in-flight batch."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Most tokens to generate per prompt."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the K most likely tokens."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Per-request seed: sampling becomes reproducible."),
+    kernels: str = typer.Option("cpu", "--kernels", help="Kernel set: cpu (fast) or reference (the spec)."),
+    max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="Most sequences in one step."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list: prompt, text, token_ids, finish_reason."),
+) -> None:
+    """Generate from one or more prompts, batched together (in-flight batching)."""
+    from llmc.generate import generate
+    from llmc.model import load_model
+    from llmc.runtime.runner import RuntimeConfig
+    from llmc.runtime.sampler import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    runtime = RuntimeConfig(kernels=kernels, max_num_seqs=max_num_seqs)
+    with err.status(f"loading {path}"):
+        model = load_model(path)
+    with err.status(f"generating for {len(prompt)} prompt(s)"):
+        r = generate(path, prompt, params, runtime, model=model)
+    if as_json:
+        _print_json([asdict(c) for c in r.completions])
+    else:
+        for c in r.completions:              # plain text: no wrapping, no markup in model output
+            sys.stdout.write(f"{c.prompt}{c.text}\n[{len(c.token_ids)} tokens, {c.finish_reason}]\n\n")
+    s = r.stats
+    sys.stderr.write(f"{s.generated_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:,.1f} tok/s "
+                     f"({len(prompt)} prompt(s), {s.prompt_tokens} prompt tokens, {s.steps} steps, "
+                     f"{kernels} kernels)\n")
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the llmc version."""
+    out.print(f"llmc {__version__}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"] or ["--help"]
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="llmc", standalone_mode=False)
+    except (typer.Exit, click.exceptions.Exit) as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, click.exceptions.Abort):
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    except (click.exceptions.ClickException, typer.TyperException) as e:   # bad option or argument
+        if debug:
+            raise
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        sys.stderr.write(f"error: {_one_line(message)}\n")
+        sys.exit(2)
+    except LlmcError as e:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {e.one_line()}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except Exception as e:  # a bug in llmc: still one line, unless --debug
+        if debug:
+            raise
+        sys.stderr.write(f"error: internal error: {type(e).__name__}: {_one_line(str(e))} "
+                         f"(rerun with --debug for a traceback)\n")
+        sys.exit(1)

@@ -1,0 +1,52 @@
+"""`compile`: checkpoint -> graph -> passes -> engine directory for a target."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmc.errors import ConfigError
+from llmc.ir import format_graph
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    engine: str
+    target: str
+    source: str
+    seconds: float
+    nodes: int
+    passes: list[dict[str, Any]]
+    files: dict[str, dict[str, Any]]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f["bytes"] for f in self.files.values())
+
+
+def compile(model: Path | str, out: Path | str, target: str = "cpu", passes: list[str] | None = None,
+            dump_ir: Path | str | None = None, force: bool = False) -> CompileResult:
+    """Compile a Hugging Face checkpoint into an engine directory at `out` (written atomically)."""
+    from llmc.engine import ENGINE_FILE, write_engine
+    from llmc.model import check_path, load_checkpoint
+    from llmc.passes import PassManager
+    from llmc.targets import get_target
+
+    t0 = time.perf_counter()
+    src, out = check_path(model), Path(out)
+    tgt = get_target(target)
+    if (src / ENGINE_FILE).exists():
+        raise ConfigError(f"{src} is already an engine", hint="compile the checkpoint it was made from")
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists", hint="pass --force to replace it")
+    if out.resolve() == src.resolve():
+        raise ConfigError("the engine directory must differ from the checkpoint directory")
+    m = load_checkpoint(src, tuple(passes) if passes is not None else None)
+    if dump_ir is not None:      # re-run the same pipeline, writing each stage
+        from llmc.decoder import build_decoder_graph
+        PassManager([r.name for r in m.passes]).run(build_decoder_graph(m.arch), m.weight_shapes(), Path(dump_ir))
+        (Path(dump_ir) / "final.txt").write_text(format_graph(m.graph))
+    manifest = write_engine(m, out, tgt.name, extra={"kernels": tgt.kernels}, overwrite=force)
+    return CompileResult(engine=str(out), target=tgt.name, source=str(src), seconds=time.perf_counter() - t0,
+                         nodes=len(m.graph.nodes), passes=manifest["passes"], files=manifest["files"])

@@ -1,0 +1,63 @@
+"""`inspect`: what a checkpoint or engine holds, without running it."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    path: str
+    kind: str                      # "hf" checkpoint or "engine"
+    architecture: str
+    layers: int
+    hidden_size: int
+    intermediate_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    parameters: int
+    dtype: str                     # storage dtype of the weights (most common one)
+    compute_dtype: str
+    bytes_on_disk: int
+    kv_cache_bytes_per_token: int
+    rope: dict[str, Any]
+    tie_word_embeddings: bool
+    sliding_window: int | None
+    target: str | None
+    graph_nodes: int
+    ops: dict[str, int]
+
+
+def inspect(path: Path | str) -> InspectReport:
+    from llmc.model import load_model
+    from llmc.runtime.kv_cache import KVCacheSpec
+
+    m = load_model(path)
+    a = m.arch
+    names = m.graph.weight_names()
+    params = 0
+    for w in names:
+        n = 1
+        for d in m.weights.shape(w):
+            n *= d
+        params += n
+    dtypes = Counter(m.weights.dtype(w) for w in names)
+    root = Path(path)
+    windows = {w for w in a.sliding_windows if w is not None}
+    return InspectReport(
+        path=str(root), kind=m.kind, architecture=a.model_type, layers=a.num_layers, hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size, heads=a.num_heads, kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+        vocab_size=a.vocab_size, max_position_embeddings=a.max_position_embeddings, parameters=params,
+        dtype=dtypes.most_common(1)[0][0], compute_dtype=str(m.dtype).removeprefix("torch."),
+        bytes_on_disk=sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
+        kv_cache_bytes_per_token=KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, m.dtype).bytes_per_token,
+        rope=a.to_dict()["rope"], tie_word_embeddings=a.tie_word_embeddings,
+        sliding_window=max(windows) if windows else None,
+        target=(m.manifest or {}).get("target"), graph_nodes=len(m.graph.nodes),
+        ops=dict(Counter(n.op for n in m.graph.nodes)),
+    )
