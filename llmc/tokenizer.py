@@ -59,9 +59,15 @@ class Tokenizer:
         bos = self._id_of(_token_text(tcfg.get("bos_token")))
         if bos is None:
             bos = gcfg.get("bos_token_id", mcfg.get("bos_token_id"))
-        eos = _as_list(gcfg.get("eos_token_id")) or _as_list(mcfg.get("eos_token_id"))
-        if not eos and (e := self._id_of(_token_text(tcfg.get("eos_token")))) is not None:
-            eos = [e]
+        # Stop ids as transformers' generate finds them: generation_config.json, else config.json;
+        # the tokenizer's EOS token only when neither says anything.
+        if "eos_token_id" in gcfg:
+            eos = _as_list(gcfg["eos_token_id"])
+        elif mcfg.get("eos_token_id") is not None:
+            eos = _as_list(mcfg["eos_token_id"])
+        else:
+            e = self._id_of(_token_text(tcfg.get("eos_token")))
+            eos = [] if e is None else [e]
         self.info = TokenizerInfo(
             bos_token_id=bos,
             eos_token_ids=tuple(eos),
