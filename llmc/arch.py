@@ -156,8 +156,8 @@ def parse_arch(cfg: Mapping[str, Any]) -> ArchConfig:
     model_type = cfg.get("model_type")
     parser = ARCHITECTURES.get(model_type)  # type: ignore[arg-type]
     if parser is None:
-        raise UnsupportedModelError(f"model_type {model_type!r} is not supported",
-                                    hint=f"supported: {', '.join(sorted(ARCHITECTURES))}")
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported; "
+                                    f"supported: {', '.join(sorted(ARCHITECTURES))}")
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only silu)")

@@ -10,6 +10,9 @@ class LlmcError(Exception):
         self.message = message
         self.hint = hint
 
+    def __str__(self) -> str:
+        return self.one_line()
+
     def one_line(self) -> str:
         text = self.message if self.hint is None else f"{self.message} (hint: {self.hint})"
         return " ".join(text.split())
