@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from llmc.kernels import register_kernel
+from llmc.kernels.cpu import native
 from llmc.kernels.cpu.attention import paged_attention
 from llmc.kernels.reference import dense
-from llmc.kernels.reference.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
 
 C = "cpu"
 
@@ -41,9 +42,16 @@ def _add_rms_norm(ctx, x, r, weight, *, eps, group):
     return rms_norm(h, weight, eps, group), h
 
 
+def linear(x, weight, bias=None):
+    """Few rows (decode): the native streaming kernel; more rows: torch's GEMM."""
+    if native.applies(x, weight):
+        return native.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 @register_kernel("linear", C)
 def _linear(ctx, x, weight, bias=None):
-    return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 def _concat_rows(weights, attrs):
@@ -58,7 +66,7 @@ def _concat_rows(weights, attrs):
 @register_kernel("qkv_linear", C, prepare=_concat_rows)
 def _qkv_linear(ctx, x, w, *rest):
     bias, sizes = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
-    return F.linear(x, w, bias).split(sizes, dim=-1)
+    return linear(x, w, bias).split(sizes, dim=-1)
 
 
 @register_kernel("silu_mul", C)
@@ -68,17 +76,29 @@ def _silu_mul(ctx, gate, up):
 
 @register_kernel("gate_up_silu", C, prepare=_concat_rows)
 def _gate_up_silu(ctx, x, w, sizes):
-    gate, up = F.linear(x, w).split(sizes, dim=-1)
+    gate, up = linear(x, w).split(sizes, dim=-1)
     return F.silu(gate).mul_(up)
 
 
 @register_kernel("rope", C)
 def _rope(ctx, q, k, positions, *, head_dim, **params):
-    key = ("rope", head_dim, tuple(sorted(params.items())))
+    key = ("rope", head_dim, tuple(sorted(params.items())), q.dtype)
     cs = ctx.scratch.get(key)
-    if cs is None:                                              # once per step, shared by all layers
-        cs = ctx.scratch[key] = rope_cos_sin(positions, _inv_freq(head_dim, tuple(sorted(params.items()))))
-    return apply_rope(q, cs[0], cs[1], head_dim), apply_rope(k, cs[0], cs[1], head_dim)
+    if cs is None:                          # once per step, shared by all layers, in broadcast layout
+        cos, sin = rope_cos_sin(positions, _inv_freq(head_dim, key[2]))
+        half = head_dim // 2
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)     # rotate_half's sign folded in
+        cs = ctx.scratch[key] = (cos.to(q.dtype)[:, None, :], sin.to(q.dtype)[:, None, :])
+    return _apply_rope(q, *cs, head_dim), _apply_rope(k, *cs, head_dim)
+
+
+def _apply_rope(x, cos, sin, head_dim):
+    """x * cos + rotate_half(x) * sin, where rotate_half's sign already sits in `sin`."""
+    t = x.shape[0]
+    xh = x.view(t, -1, head_dim) if x.is_contiguous() else x.reshape(t, -1, head_dim)
+    half = head_dim // 2
+    swapped = torch.cat((xh[..., half:], xh[..., :half]), dim=-1)
+    return torch.addcmul(xh * cos, swapped, sin).view(t, -1)
 
 
 _INV_FREQ: dict = {}
@@ -99,4 +119,4 @@ def _attention(ctx, q, k, v, *, layer, num_heads, num_kv_heads, head_dim, scale,
 @register_kernel("logits", C)
 def _logits(ctx, h, weight):
     rows = ctx.batch.logit_rows
-    return F.linear(h if rows is None else h.index_select(0, rows), weight)
+    return linear(h if rows is None else h.index_select(0, rows), weight)

@@ -18,24 +18,32 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
                     num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                     sliding_window: int | None) -> Tensor:
     write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     gqa = num_heads != num_kv_heads
     out = torch.empty_like(q)
     plan = batch.attention_plan(sliding_window)
     if plan.decode_rows is not None:                              # every single-token sequence at once
         b = plan.decode_rows.numel()
-        qd = q.index_select(0, plan.decode_rows).view(b, num_heads, 1, head_dim)
-        keys = k_flat[plan.decode_slots].to(q.dtype).transpose(1, 2)       # [B, KV, Lmax, d]
-        vals = v_flat[plan.decode_slots].to(q.dtype).transpose(1, 2)
+        every_row = b == q.shape[0]                               # a pure decode step: no select/scatter
+        qd = (q if every_row else q.index_select(0, plan.decode_rows)).view(b, num_heads, 1, head_dim)
+        keys = _gather(k_cache, plan.decode_blocks, b, q.dtype)                  # [B, KV, nb * bs, d]
+        vals = _gather(v_cache, plan.decode_blocks, b, q.dtype)
         o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=plan.decode_mask, scale=scale,
                                            enable_gqa=gqa)
+        if every_row:
+            return o.reshape(b, num_heads * head_dim)
         out.index_copy_(0, plan.decode_rows, o.reshape(b, num_heads * head_dim))
-    for start, n, slots, mask in plan.prefills:                   # longer chunks one by one
+    for start, n, blocks, mask in plan.prefills:                  # longer chunks one by one
+        length = mask.shape[-1] if mask is not None else n
         qs = q[start:start + n].view(n, num_heads, head_dim).transpose(0, 1).unsqueeze(0)
-        keys = k_flat[slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
-        vals = v_flat[slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+        keys = _gather(k_cache, blocks, 1, q.dtype)[..., :length, :]
+        vals = _gather(v_cache, blocks, 1, q.dtype)[..., :length, :]
         o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, is_causal=mask is None,
                                            scale=scale, enable_gqa=gqa)
         out[start:start + n] = o.squeeze(0).transpose(0, 1).reshape(n, num_heads * head_dim)
     return out
+
+
+def _gather(cache: Tensor, blocks: Tensor, b: int, dtype: torch.dtype) -> Tensor:
+    """Whole blocks of the cache [num_blocks, bs, KV, d] -> [b, KV, blocks/b * bs, d]."""
+    g = cache.index_select(0, blocks)
+    return g.view(b, -1, cache.shape[2], cache.shape[3]).transpose(1, 2).to(dtype)

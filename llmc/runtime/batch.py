@@ -16,9 +16,9 @@ from torch import Tensor
 
 class AttentionPlan(NamedTuple):
     decode_rows: Tensor | None            # [B] rows of single-token sequences
-    decode_slots: Tensor | None           # [B, Lmax] cache slots of their contexts (padded)
-    decode_mask: Tensor | None            # [B, 1, 1, Lmax] True where a key is visible
-    prefills: list[tuple[int, int, Tensor, Tensor | None]]   # (start, n, slots [L], mask or None=causal)
+    decode_blocks: Tensor | None          # [B * nb] their block tables, padded to nb blocks each
+    decode_mask: Tensor | None            # [B, 1, 1, nb * block_size] True where a key is visible
+    prefills: list[tuple[int, int, Tensor, Tensor | None]]   # (start, n, blocks, mask or None=causal)
 
 
 @dataclass
@@ -76,17 +76,20 @@ class RaggedBatch:
         for n in self.query_lens:
             starts.append(starts[-1] + n)
         decodes = [i for i, n in enumerate(self.query_lens) if n == 1]
-        rows = slots = mask = None
+        bs = self.block_size
+        rows = blocks = mask = None
         if decodes:
-            lmax = max(self.context_lens[i] for i in decodes)
-            slots = torch.zeros(len(decodes), lmax, dtype=torch.long)
-            mask = torch.zeros(len(decodes), 1, 1, lmax, dtype=torch.bool)
+            nb = max(-(-self.context_lens[i] // bs) for i in decodes)
+            blocks = torch.zeros(len(decodes), nb, dtype=torch.long)          # padding reads block 0, masked
+            mask = torch.zeros(len(decodes), 1, 1, nb * bs, dtype=torch.bool)
             for j, i in enumerate(decodes):
                 length = self.context_lens[i]
-                slots[j, :length] = self._slots(self.block_tables[i], 0, length)
+                table = self.block_tables[i][: -(-length // bs)]
+                blocks[j, : len(table)] = torch.tensor(table, dtype=torch.long)
                 lo = 0 if window is None else max(0, length - window)
                 mask[j, 0, 0, lo:length] = True
             rows = torch.tensor([starts[i] for i in decodes], dtype=torch.long)
+            blocks = blocks.reshape(-1)
         prefills = []
         for i, (n, length) in enumerate(zip(self.query_lens, self.context_lens)):
             if n == 1:
@@ -99,5 +102,6 @@ class RaggedBatch:
                 m = j <= pos
                 if window is not None:
                     m &= j > pos - window
-            prefills.append((starts[i], n, self._slots(self.block_tables[i], 0, length), m))
-        return AttentionPlan(rows, slots, mask, prefills)
+            table = torch.tensor(self.block_tables[i][: -(-length // bs)], dtype=torch.long)
+            prefills.append((starts[i], n, table, m))
+        return AttentionPlan(rows, blocks, mask, prefills)

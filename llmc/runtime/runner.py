@@ -79,6 +79,7 @@ class Runner:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """One iteration: returns the token sampled for every request that produced one."""
         sched = self.scheduler
@@ -117,7 +118,6 @@ class Runner:
             return "length"
         return None
 
-    @torch.inference_mode()
     def run(self) -> None:
         while self.has_work:
             self.step()
