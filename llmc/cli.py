@@ -20,7 +20,7 @@ from llmc import __version__
 from llmc.errors import LlmcError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="llmc: quantize, compile, run and benchmark Hugging Face causal LMs. "
+                  help="llmc: turn a Hugging Face causal LM into a fast engine and run it. "
                        "Add --debug to any command for a traceback on error.")
 out, err = Console(), Console(stderr=True)
 
