@@ -82,26 +82,26 @@ class WeightStore:
 
     @classmethod
     def open_files(cls, directory: Path, shards: list[Path]) -> "WeightStore":
-        files: dict[str, Path] = {}
+        files, handles = {}, {}
         for shard in shards:
             if not shard.exists():
                 raise ModelFormatError(f"{shard}: weight file is missing")
-            for name in _open(shard).keys():
-                files[name] = shard
-        return cls._from_map(files)
+            handles[shard] = _open(shard)
+            files.update({name: shard for name in handles[shard].keys()})
+        return cls(files=files, _handles=handles)
 
     @classmethod
     def _from_map(cls, files: dict[str, Path]) -> "WeightStore":
+        """A sharded checkpoint: the index names the file of every tensor."""
         handles = {}
         for path in sorted(set(files.values())):
             if not path.exists():
                 raise ModelFormatError(f"{path}: weight file named in the index is missing")
             handles[path] = _open(path)
-        store = cls(files=files, _handles=handles)
         for name, path in files.items():
             if name not in handles[path].keys():
                 raise ModelFormatError(f"{path}: the index says it holds {name!r} but it does not")
-        return store
+        return cls(files=files, _handles=handles)
 
     def __contains__(self, name: str) -> bool:
         return name in self.files

@@ -4,7 +4,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from llmc.model import load_model
 from llmc.runtime.batch import RaggedBatch
