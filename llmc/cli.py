@@ -62,6 +62,7 @@ def inspect_cmd(
         ("parameters", f"{r.parameters:,}"), ("weight dtype", r.dtype), ("compute dtype", r.compute_dtype),
         ("bytes on disk", _human_bytes(r.bytes_on_disk)),
         ("KV cache per token", _human_bytes(r.kv_cache_bytes_per_token)),
+        ("quantization", r.quantization or "none"),
         ("graph nodes", f"{r.graph_nodes} ({', '.join(f'{k} {v}' for k, v in sorted(r.ops.items()))})"),
     ]
     for k, v in rows:
@@ -132,6 +133,52 @@ def generate_cmd(
     sys.stderr.write(f"{s.generated_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:,.1f} tok/s "
                      f"({len(prompt)} prompt(s), {s.prompt_tokens} prompt tokens, {s.steps} steps, "
                      f"{kernels} kernels)\n")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory (not already quantized)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Quantized checkpoint directory to write (atomically)."),
+    scheme: str = typer.Option(..., "--scheme", help="w8a16: int8 per-channel weights (~4x smaller than fp32); "
+                               "w4a16: int4 group-wise weights (~7x smaller). w8a8 and fp8 are planned."),
+    algo: str = typer.Option("rtn", "--algo", help="rtn (round to nearest). gptq, awq and smoothquant are planned."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="w4a16 group size (default 128)."),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="w4a16 with zero points."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="int8|fp8 KV cache (planned)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Quantize a checkpoint's linear weights; the result runs with inspect, generate and compile."""
+    from llmc.passes.quant.quantize import check_recipe, quantize_checkpoint
+    from llmc.passes.quant.scheme import QuantRecipe, TensorQuant, resolve_scheme
+
+    kv = None
+    if kv_cache is not None:
+        kv = TensorQuant(dtype={"int8": "int8", "fp8": "fp8_e4m3"}.get(kv_cache, kv_cache), granularity="channel")
+    recipe = QuantRecipe(scheme=resolve_scheme(scheme, group_size, False if asymmetric else None),
+                         algorithm=algo, kv_cache=kv)
+    check_recipe(recipe)
+
+    started = []
+
+    def progress(report, total: int) -> None:
+        if not started:                      # printed once the input has been accepted
+            started.append(True)
+            w = recipe.scheme.weight
+            err.print(f"quantizing {model} -> {output}: {recipe.scheme.name} ({w.key}"
+                      f"{', g' + str(w.group_size) if w.group_size else ''}), {recipe.algorithm}", highlight=False)
+        sq = f"SQNR min {report.sqnr_db_min:.1f} dB, mean {report.sqnr_db_mean:.1f} dB" \
+            if report.sqnr_db_min is not None else "kept in full precision"
+        name = f"layer {report.layer}" if report.layer != "other" else "embeddings/norms/head"
+        err.print(f"  {name}: {report.quantized} weights quantized, {sq}, {report.seconds:.2f} s", highlight=False)
+
+    r = quantize_checkpoint(model, output, recipe, force=force, on_layer=progress)
+    if as_json:
+        _print_json(asdict(r))
+        return
+    sys.stdout.write(f"wrote {r.output}: {_human_bytes(r.bytes_in)} -> {_human_bytes(r.bytes_out)} "
+              f"({r.bytes_in / max(r.bytes_out, 1):.1f}x smaller) in {r.seconds:.1f} s, "
+              f"peak memory {_human_bytes(r.peak_rss_bytes)}\n")
 
 
 @app.command("version")

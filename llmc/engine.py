@@ -37,10 +37,18 @@ def write_engine(model, out: Path, target: str, extra: dict[str, Any] | None = N
     from llmc.model import DTYPES
     dtype_name = {v: k for k, v in DTYPES.items()}[model.dtype]
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        tensors = {}
+        from llmc.passes.quant.formats import QuantizedWeight
+        from llmc.passes.quant.store import QuantizedEntry, manifest_section
+        tensors, entries = {}, {}
         for name in model.graph.weight_names():
             t = model.weights.get(name)
-            tensors[name] = (t.to(model.dtype) if t.is_floating_point() else t).contiguous()
+            if isinstance(t, QuantizedWeight):                     # stays packed
+                tensors.update({k: v.contiguous() for k, v in t.tensors(name).items()})
+                entries[name] = QuantizedEntry(t.fmt, t.shape)
+            else:
+                tensors[name] = (t.to(model.dtype) if t.is_floating_point() else t).contiguous()
+        if entries:
+            extra = {**(extra or {}), "quantization": manifest_section(entries, **(model.quantization or {}))}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": f"llmc {__version__}"})
         del tensors
         for name in TOKENIZER_FILES + ("config.json",):
@@ -99,7 +107,7 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def load_engine(path: Path):
-    from llmc.model import DTYPES, Model
+    from llmc.model import DTYPES, Model, _summary
     from llmc.passes import PassRecord
 
     manifest = read_manifest(path)
@@ -110,6 +118,10 @@ def load_engine(path: Path):
     except (LlmcError, GraphError, TypeError, KeyError) as e:
         raise EngineError(f"{path / ENGINE_FILE}: malformed ({e})") from None
     store = WeightStore.open_files(path, [path / WEIGHTS_FILE])
+    quantization = manifest.get("quantization")
+    if quantization is not None:
+        from llmc.passes.quant.store import QuantizedStore, entries_from_manifest
+        store = QuantizedStore(store, entries_from_manifest(quantization, str(path / ENGINE_FILE)))
     try:
         verify(graph, {w: store.shape(w) for w in graph.weight_names() if w in store})
     except GraphError as e:
@@ -118,4 +130,4 @@ def load_engine(path: Path):
         raise EngineError(f"{path / ENGINE_FILE}: unknown dtype {manifest['dtype']!r}")
     return Model(path=path, kind="engine", arch=arch, graph=graph, weights=store, tokenizer=Tokenizer(path),
                  dtype=DTYPES[manifest["dtype"]], passes=[PassRecord(**r) for r in manifest.get("passes", [])],
-                 manifest=manifest)
+                 manifest=manifest, quantization=_summary(quantization))

@@ -31,6 +31,8 @@ class InspectReport:
     target: str | None
     graph_nodes: int
     ops: dict[str, int]
+    quantization: str | None       # e.g. "w4a16 rtn (int4/group, g128)"
+    recipe: dict[str, Any] | None
 
 
 def inspect(path: Path | str) -> InspectReport:
@@ -46,7 +48,7 @@ def inspect(path: Path | str) -> InspectReport:
         for d in m.weights.shape(w):
             n *= d
         params += n
-    dtypes = Counter(m.weights.dtype(w) for w in names)
+    dtypes = Counter(m.weights.dtype(w) for w in names)        # the most common storage format
     root = Path(path)
     windows = {w for w in a.sliding_windows if w is not None}
     return InspectReport(
@@ -60,4 +62,15 @@ def inspect(path: Path | str) -> InspectReport:
         sliding_window=max(windows) if windows else None,
         target=(m.manifest or {}).get("target"), graph_nodes=len(m.graph.nodes),
         ops=dict(Counter(n.op for n in m.graph.nodes)),
+        quantization=_describe(m.quantization), recipe=(m.quantization or {}).get("recipe"),
     )
+
+
+def _describe(q: dict[str, Any] | None) -> str | None:
+    if not q or "recipe" not in q:
+        return None
+    r = q["recipe"]
+    w = r["scheme"]["weight"]
+    group = f", g{w['group_size']}" if w.get("group_size") else ""
+    sym = "" if w.get("symmetric", True) else " asym"
+    return f"{r['scheme']['name']} {r['algorithm']} ({w['dtype']}/{w['granularity']}{group}{sym})"

@@ -33,6 +33,7 @@ class Model:
     dtype: torch.dtype = torch.float32         # compute dtype
     passes: list[Any] = field(default_factory=list)
     manifest: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None   # recipe and provenance of a quantized model
 
     def executor(self, kernels: str = "cpu"):
         from llmc.runtime.executor import Executor
@@ -66,8 +67,13 @@ def load_model(path: Path | str, passes: tuple[str, ...] | None = None) -> Model
 def load_checkpoint(p: Path, passes: tuple[str, ...] | None = None) -> Model:
     from llmc.passes import DEFAULT_PIPELINE, PassManager
 
-    arch = parse_arch(read_json(p / "config.json", "config.json"))
+    cfg = read_json(p / "config.json", "config.json")
+    arch = parse_arch(cfg)
     store = WeightStore.open(p)
+    quantization = cfg.get("quantization_config")
+    if quantization is not None:
+        from llmc.passes.quant.store import QuantizedStore, entries_from_manifest
+        store = QuantizedStore(store, entries_from_manifest(quantization, f"{p / 'config.json'}"))
     graph = build_decoder_graph(arch)
     missing = [w for w in graph.weight_names() if w not in store]
     if missing:
@@ -80,4 +86,9 @@ def load_checkpoint(p: Path, passes: tuple[str, ...] | None = None) -> Model:
         raise ModelFormatError(f"{p}: tensor shapes do not match config.json: {e}") from None
     graph, records = PassManager(DEFAULT_PIPELINE if passes is None else passes).run(graph, shapes)
     return Model(path=p, kind="hf", arch=arch, graph=graph, weights=store, tokenizer=Tokenizer(p),
-                 passes=records)
+                 passes=records, quantization=_summary(quantization))
+
+
+def _summary(q: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a model's quantization is, without the per-weight table."""
+    return None if q is None else {k: v for k, v in q.items() if k != "weights"}

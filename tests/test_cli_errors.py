@@ -37,6 +37,9 @@ def broken(tmp_path_factory):
     data[-5] ^= 1
     (engine / "weights.safetensors").write_bytes(bytes(data))
     cases["altered_engine"] = engine
+    quantized = root / "q8"
+    assert llmc("quantize", str(STORIES), "-o", str(quantized), "--scheme", "w8a16").returncode == 0
+    cases["quantized"] = quantized
     cases["root"] = root
     return cases
 
@@ -58,6 +61,14 @@ CASES = {
     "unknown pass": (lambda c: ["compile", str(STORIES), "-o", str(c["root"] / "o3"), "--passes", "nope"],
                      "unknown pass"),
     "unknown option": (lambda c: ["inspect", str(STORIES), "--frob"], "--frob"),
+    "unknown scheme": (lambda c: ["quantize", str(STORIES), "-o", str(c["root"] / "o4"), "--scheme", "w3a16"],
+                       "unknown scheme"),
+    "scheme/algo combination": (lambda c: ["quantize", str(STORIES), "-o", str(c["root"] / "o5"), "--scheme",
+                                           "w8a8", "--algo", "rtn"], "does not produce scheme"),
+    "group size on a per-channel scheme": (lambda c: ["quantize", str(STORIES), "-o", str(c["root"] / "o6"),
+                                                      "--scheme", "w8a16", "--group-size", "64"], "group-wise"),
+    "already quantized": (lambda c: ["quantize", str(c["quantized"]), "-o", str(c["root"] / "o7"), "--scheme",
+                                     "w4a16"], "already quantized"),
 }
 
 
@@ -77,5 +88,5 @@ def test_debug_shows_the_traceback(broken):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-def test_no_output_dir_is_left_after_a_failed_compile(broken):
-    assert not (broken["root"] / "o1").exists()
+def test_no_output_dir_is_left_after_a_failed_command(broken):
+    assert not [p for p in broken["root"].iterdir() if p.name.startswith(("o", "."))]

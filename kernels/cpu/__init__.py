@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmc.errors import ConfigError
 from llmc.kernels import register_kernel
 from llmc.kernels.cpu import native
 from llmc.kernels.cpu.attention import paged_attention
 from llmc.kernels.reference import dense
 from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
+from llmc.passes.quant.formats import QuantizedWeight, dequantize
 
 C = "cpu"
 
@@ -42,8 +44,45 @@ def _add_rms_norm(ctx, x, r, weight, *, eps, group):
     return rms_norm(h, weight, eps, group), h
 
 
+QLINEAR: dict = {}          # TensorQuant.key -> fn(x, QuantizedWeight, bias): the kernel axis of a format
+
+
+def register_qlinear(key: str):
+    def add(fn):
+        if key in QLINEAR:
+            raise ValueError(f"quantized linear {key!r} is registered twice")
+        QLINEAR[key] = fn
+        return fn
+    return add
+
+
+def _few_rows(x) -> bool:
+    return x.shape[0] <= native.MAX_ROWS and x.dtype == torch.float32 and native.library() is not None
+
+
+@register_qlinear("int8/channel")
+def _linear_int8(x, qw, bias):
+    if _few_rows(x):
+        return native.linear_int8(x, qw.data, qw.scale, bias)
+    return F.linear(x, dequantize(qw).to(x.dtype), bias)          # prefill: one dequantize, then BLAS
+
+
+@register_qlinear("int4/group")
+@register_qlinear("int4/group-asym")
+def _linear_int4(x, qw, bias):
+    if _few_rows(x):
+        return native.linear_int4(x, qw.data, qw.scale, qw.zero, qw.fmt.group_size, bias)
+    return F.linear(x, dequantize(qw).to(x.dtype), bias)
+
+
 def linear(x, weight, bias=None):
-    """Few rows (decode): the native streaming kernel; more rows: torch's GEMM."""
+    """Quantized weights: the kernel registered for their format. Few rows (decode): the native
+    streaming kernel; more rows: torch's GEMM."""
+    if isinstance(weight, QuantizedWeight):
+        fn = QLINEAR.get(weight.fmt.key)
+        if fn is None:
+            raise ConfigError(f"no cpu kernel for weights in format {weight.fmt.key}")
+        return fn(x, weight, bias)
     if native.applies(x, weight):
         return native.linear(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -59,7 +98,11 @@ def _concat_rows(weights, attrs):
     n = len(weights) // 2 if len(weights) == 6 else len(weights)
     ws, bs = weights[:n], weights[n:]
     sizes = tuple(w.shape[0] for w in ws)
-    fused = (torch.cat(ws, dim=0).contiguous(),) + ((torch.cat(bs, dim=0).contiguous(),) if bs else ())
+    if isinstance(ws[0], QuantizedWeight):
+        w = QuantizedWeight.cat_rows(list(ws))
+    else:
+        w = torch.cat(ws, dim=0).contiguous()
+    fused = (w,) + ((torch.cat(bs, dim=0).contiguous(),) if bs else ())
     return fused + (sizes,)
 
 

@@ -76,3 +76,57 @@ void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
 }
+
+/* ---- weight-only quantized linears: the weight stays packed in memory and is widened one row at
+ * a time into a per-thread float buffer, so memory traffic is the packed size.
+ * Reference: kernels/reference/dense.py linear over passes/quant/formats.py dequantize. */
+#include <stdlib.h>
+
+/* q int8 [N, K], scale [N]: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] */
+void llmc_linear_i8(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
+                    int64_t M, int64_t N, int64_t K, int nthreads)
+{
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *row = malloc(sizeof(float) * (size_t)K);
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const int8_t *qn = q + n * K;
+            #pragma omp simd
+            for (int64_t k = 0; k < K; k++) row[k] = (float)qn[k];
+            for (int64_t m = 0; m < M; m++)
+                y[m * N + n] = dot(x + m * K, row, K) * scale[n] + (bias ? bias[n] : 0.0f);
+        }
+        free(row);
+    }
+}
+
+/* packed uint4 [N, ceil(K/2)] (low nibble first), scale and zero [N, G], groups of gs along K:
+ * y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * (u[n, k] - zero[n, g]) */
+void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
+                     const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads)
+{
+    int64_t G = (K + gs - 1) / gs, kb = (K + 1) / 2;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *row = malloc(sizeof(float) * (size_t)(K + 1));
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *pn = packed + n * kb;
+            #pragma omp simd
+            for (int64_t i = 0; i < kb; i++) {
+                row[2 * i] = (float)(pn[i] & 15);
+                row[2 * i + 1] = (float)(pn[i] >> 4);
+            }
+            for (int64_t g = 0; g < G; g++) {                  /* (u - z) * s, widened in place */
+                int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
+                float z = (float)zero[n * G + g], s = scale[n * G + g];
+                #pragma omp simd
+                for (int64_t k = k0; k < k1; k++) row[k] = (row[k] - z) * s;
+            }
+            for (int64_t m = 0; m < M; m++)
+                y[m * N + n] = dot(x + m * K, row, K) + (bias ? bias[n] : 0.0f);
+        }
+        free(row);
+    }
+}

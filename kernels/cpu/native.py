@@ -65,6 +65,10 @@ def library() -> ctypes.CDLL | None:
     fn = lib.llmc_linear_f32
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     fn.restype = None
+    lib.llmc_linear_i8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.llmc_linear_i8.restype = None
+    lib.llmc_linear_i4g.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    lib.llmc_linear_i4g.restype = None
     return lib
 
 
@@ -88,4 +92,31 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     b = bias.contiguous() if bias is not None else None
     library().llmc_linear_f32(x.data_ptr(), weight.data_ptr(), b.data_ptr() if b is not None else None,
                               y.data_ptr(), m, n, k, torch.get_num_threads())
+    return y
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def linear_int8(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x [M, K] fp32 @ (q int8 [N, K] * scale [N, 1]).T (+ bias)."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = q.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    library().llmc_linear_i8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), _ptr(bias), y.data_ptr(), m, n, k,
+                             torch.get_num_threads())
+    return y
+
+
+def linear_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+                bias: Tensor | None) -> Tensor:
+    """x [M, K] fp32 @ dequantized int4 group-wise weight [N, K].T (+ bias)."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = packed.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    library().llmc_linear_i4g(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), _ptr(bias),
+                              y.data_ptr(), m, n, k, group_size, torch.get_num_threads())
     return y

@@ -21,8 +21,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, group: int) -> Tensor:
     return (weight * y.to(x.dtype)).reshape(t, width)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [T, K] @ weight[N, K].T (+ bias [N]) -> [T, N]."""
+def linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
+    """x [T, K] @ weight[N, K].T (+ bias [N]) -> [T, N]. A quantized weight means its dequantized
+    values (passes/quant/formats.py)."""
+    from llmc.passes.quant.formats import QuantizedWeight, dequantize
+    if isinstance(weight, QuantizedWeight):
+        weight = dequantize(weight).to(x.dtype)
     y = x @ weight.t()
     return y if bias is None else y + bias
 

@@ -43,7 +43,8 @@ class Executor:
         def weight(name: str) -> Tensor:
             if name not in cache:                       # tied weights are loaded once
                 t = load_weight(name)
-                cache[name] = t.to(dtype) if t.is_floating_point() else t
+                floating = isinstance(t, torch.Tensor) and t.is_floating_point()
+                cache[name] = t.to(dtype) if floating else t          # quantized weights stay packed
             return cache[name]
 
         verify(graph, {name: tuple(weight(name).shape) for name in graph.weight_names()})
@@ -65,7 +66,8 @@ class Executor:
             release = tuple(v for v in set(values) if last_use[v] == i and v not in keep)
             steps.append(_Step(k.fn, values, wts, attrs, n.outputs, release))
         self._steps = steps
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in cache.values())
+        self.weight_bytes = sum(t.nbytes if not isinstance(t, torch.Tensor) else t.numel() * t.element_size()
+                                for t in cache.values())
 
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch, kv: PagedKVCache) -> Tensor:

@@ -1,0 +1,1 @@
+"""Quantization: number formats, the quantized weight value, algorithms and the quantize driver."""

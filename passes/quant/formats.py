@@ -1,0 +1,167 @@
+"""Number formats: quantize / dequantize primitives for weights, and `QuantizedWeight`, the typed
+value a quantized weight is (packed data, scales, zero points, format) that serializes to plain
+safetensors tensors.
+
+Conventions (every format, exact):
+- weights are [N, K] (out features, in features); scales run along N (channel) or along N and
+  groups of K (group: G = ceil(K / group_size), the last group may be partial).
+- rounding is round-half-to-even (`torch.round`).
+- int8: symmetric, q in [-127, 127], scale = absmax / 127.
+- int4: stored unsigned u in [0, 15] with a zero point z; w ~ (u - z) * scale.
+  symmetric: z = 8, scale = absmax / 7;  asymmetric: scale = (max - min) / 15 over [min(w, 0),
+  max(w, 0)], z = round(-min / scale). Packed two per byte, low nibble first.
+- fp8_e4m3: scale = absmax / 448, q = clamp(w / scale, +-448) cast to float8_e4m3fn (saturating).
+- an all-zero row or group gets scale 1 (so q = 0 and the dequantized value is exactly 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmc.errors import LlmcError
+from llmc.passes.quant.scheme import TensorQuant
+
+FP8_MAX = 448.0
+
+
+class QuantizationError(LlmcError):
+    """A tensor cannot be quantized (NaN/Inf values, an unsupported shape)."""
+
+
+def _check_finite(w: Tensor, name: str) -> None:
+    if not torch.isfinite(w).all():
+        raise QuantizationError(f"{name}: has NaN or Inf values; refusing to quantize it")
+
+
+def _safe(scale: Tensor) -> Tensor:
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def group_count(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+def _grouped(w: Tensor, group_size: int) -> Tensor:
+    """[N, K] -> [N, G, group_size], the partial last group padded with zeros (which never change
+    a group's absmax, min(., 0) or max(., 0))."""
+    n, k = w.shape
+    g = group_count(k, group_size)
+    pad = g * group_size - k
+    return torch.nn.functional.pad(w, (0, pad)).reshape(n, g, group_size)
+
+
+def _ungrouped(x: Tensor, k: int) -> Tensor:
+    return x.reshape(x.shape[0], -1)[:, :k]
+
+
+def pack_int4(u: Tensor) -> Tensor:
+    """u [N, K] uint8 in [0, 15] -> [N, ceil(K / 2)] uint8, element 2i in the low nibble."""
+    n, k = u.shape
+    if k % 2:
+        u = torch.nn.functional.pad(u, (0, 1))
+    u = u.to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor, k: int) -> Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)[:, :k]
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    fmt: TensorQuant
+    shape: tuple[int, int]              # logical [N, K]
+    data: Tensor                        # int8 [N, K] | uint8 packed [N, ceil(K/2)] | float8 [N, K]
+    scale: Tensor                       # fp32 [N, 1] (channel), [N, G] (group) or [1, 1] (tensor)
+    zero: Tensor | None = None          # uint8 [N, G] zero points (int4 only)
+
+    SUFFIXES = ("qdata", "scale", "zero")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self).to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
+
+    def tensors(self, name: str) -> dict[str, Tensor]:
+        out = {f"{name}.qdata": self.data, f"{name}.scale": self.scale}
+        if self.zero is not None:
+            out[f"{name}.zero"] = self.zero
+        return out
+
+    @classmethod
+    def from_tensors(cls, fmt: TensorQuant, shape: tuple[int, int], data: Tensor, scale: Tensor,
+                     zero: Tensor | None) -> "QuantizedWeight":
+        return cls(fmt=fmt, shape=(int(shape[0]), int(shape[1])), data=data, scale=scale.float(), zero=zero)
+
+    @staticmethod
+    def cat_rows(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
+        """Stack weights of one format along N (fused q/k/v or gate/up)."""
+        fmt, k = parts[0].fmt, parts[0].shape[1]
+        if any(p.fmt != fmt or p.shape[1] != k for p in parts) or fmt.granularity == "tensor":
+            raise ValueError("only channel- or group-wise weights of one format and width stack")
+        zero = torch.cat([p.zero for p in parts]) if parts[0].zero is not None else None
+        return QuantizedWeight(fmt, (sum(p.shape[0] for p in parts), k), torch.cat([p.data for p in parts]),
+                               torch.cat([p.scale for p in parts]), zero)
+
+
+def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight") -> QuantizedWeight:
+    """Round-to-nearest quantization of one weight [N, K] in format `fmt`."""
+    if w.dim() != 2:
+        raise QuantizationError(f"{name}: only 2-D weights are quantized, got shape {tuple(w.shape)}")
+    w = w.float()
+    _check_finite(w, name)
+    n, k = w.shape
+    if fmt.granularity == "token":
+        raise QuantizationError("per-token granularity is for activations, not weights")
+    if fmt.granularity == "group":
+        x = _grouped(w, fmt.group_size)                                   # [N, G, gs]
+        reduce_dims: tuple[int, ...] = (-1,)
+    elif fmt.granularity == "channel":
+        x, reduce_dims = w[:, None, :], (-1,)                              # [N, 1, K]
+    else:
+        x, reduce_dims = w[None, None, :, :].reshape(1, 1, -1), (-1,)      # [1, 1, N*K]
+    if fmt.dtype == "int8":
+        scale = _safe(x.abs().amax(dim=reduce_dims) / 127.0)              # [N, G]
+        q = torch.round(x / scale[..., None]).clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(fmt, (n, k), _restore(q, fmt, n, k), scale)
+    if fmt.dtype == "fp8_e4m3":
+        scale = _safe(x.abs().amax(dim=reduce_dims) / FP8_MAX)
+        q = (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return QuantizedWeight(fmt, (n, k), _restore(q, fmt, n, k), scale)
+    # int4
+    if fmt.symmetric:
+        scale = _safe(x.abs().amax(dim=reduce_dims) / 7.0)
+        zero = torch.full_like(scale, 8.0)
+    else:
+        lo, hi = x.amin(dim=reduce_dims).clamp(max=0), x.amax(dim=reduce_dims).clamp(min=0)
+        scale = _safe((hi - lo) / 15.0)
+        zero = torch.round(-lo / scale).clamp(0, 15)
+    u = (torch.round(x / scale[..., None]) + zero[..., None]).clamp(0, 15).to(torch.uint8)
+    return QuantizedWeight(fmt, (n, k), pack_int4(_restore(u, fmt, n, k)), scale, zero.to(torch.uint8))
+
+
+def _restore(q: Tensor, fmt: TensorQuant, n: int, k: int) -> Tensor:
+    return _ungrouped(q, k) if fmt.granularity == "group" else q.reshape(n, k)
+
+
+def dequantize(qw: QuantizedWeight) -> Tensor:
+    """QuantizedWeight -> fp32 [N, K]."""
+    n, k = qw.shape
+    fmt = qw.fmt
+    if fmt.dtype == "int4":
+        vals = unpack_int4(qw.data, k).float()
+    else:
+        vals = qw.data.float()
+    if fmt.granularity == "group":
+        g = _grouped(vals, fmt.group_size)
+        if qw.zero is not None:
+            g = g - qw.zero.float()[..., None]
+        return _ungrouped(g * qw.scale[..., None], k)
+    if qw.zero is not None:
+        vals = vals - qw.zero.float()
+    return vals * qw.scale if fmt.granularity == "channel" else vals * qw.scale.reshape(())

@@ -1,0 +1,93 @@
+"""Quantization schemes as frozen dataclasses, one axis each: the number format (`TensorQuant`),
+what is quantized (`QuantScheme`) and how the numbers are found (`QuantRecipe`: the algorithm,
+calibration). The kernel that runs a format is a third, separate axis (registered by format)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from llmc.errors import ConfigError
+
+DTYPES = ("int8", "int4", "fp8_e4m3")
+GRANULARITIES = ("tensor", "channel", "group", "token")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorQuant:                                     # the number format, nothing else
+    dtype: Literal["int8", "int4", "fp8_e4m3"]
+    granularity: Literal["tensor", "channel", "group", "token"] = "channel"
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown number format {self.dtype!r}; known: {', '.join(DTYPES)}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}")
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise ConfigError("group_size must be set exactly when granularity is 'group'")
+        if self.group_size is not None and self.group_size < 1:
+            raise ConfigError(f"group_size must be positive, got {self.group_size}")
+        if self.dtype == "fp8_e4m3" and not self.symmetric:
+            raise ConfigError("fp8_e4m3 is symmetric-only; drop symmetric=False")
+        if self.dtype == "int8" and not self.symmetric:
+            raise ConfigError("int8 is symmetric-only in llmc")
+
+    @property
+    def key(self) -> str:
+        """The kernel registry key: number layout, no algorithm."""
+        sym = "" if self.symmetric else "-asym"
+        return f"{self.dtype}/{self.granularity}{sym}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantScheme:                                     # what the numbers are
+    name: str
+    weight: TensorQuant
+    activation: TensorQuant | None = None              # None means weight-only
+    skip: tuple[str, ...] = ("lm_head.weight", "model.embed_tokens.weight")   # fnmatch patterns
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight.to_dict(),
+                "activation": self.activation.to_dict() if self.activation else None, "skip": list(self.skip)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantRecipe:                                     # how we get there
+    scheme: QuantScheme
+    algorithm: Literal["rtn", "gptq", "awq", "smoothquant"] = "rtn"
+    kv_cache: TensorQuant | None = None
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme.to_dict(), "algorithm": self.algorithm,
+                "kv_cache": self.kv_cache.to_dict() if self.kv_cache else None,
+                "calib_samples": self.calib_samples, "calib_seqlen": self.calib_seqlen}
+
+
+W8A16 = QuantScheme(name="w8a16", weight=TensorQuant(dtype="int8", granularity="channel"))
+W4A16 = QuantScheme(name="w4a16", weight=TensorQuant(dtype="int4", granularity="group", group_size=128))
+W8A8 = QuantScheme(name="w8a8", weight=TensorQuant(dtype="int8", granularity="channel"),
+                   activation=TensorQuant(dtype="int8", granularity="token"))
+FP8 = QuantScheme(name="fp8", weight=TensorQuant(dtype="fp8_e4m3", granularity="channel"),
+                  activation=TensorQuant(dtype="fp8_e4m3", granularity="tensor"))
+SCHEMES = {s.name: s for s in (W8A16, W4A16, W8A8, FP8)}
+
+
+def resolve_scheme(name: str, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
+    """A named scheme with the command line's overrides, derived (never mutated)."""
+    if name not in SCHEMES:
+        raise ConfigError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}")
+    scheme = SCHEMES[name]
+    w = scheme.weight
+    if group_size is not None:
+        if w.granularity != "group":
+            raise ConfigError(f"--group-size applies to group-wise schemes (w4a16), not {name}")
+        w = replace(w, group_size=group_size)
+    if symmetric is not None:
+        w = replace(w, symmetric=symmetric)
+    return replace(scheme, weight=w)

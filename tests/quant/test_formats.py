@@ -1,0 +1,105 @@
+"""Quantize / dequantize primitives: exact against hand-computed references and edge cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmc.errors import ConfigError
+from llmc.passes.quant.formats import (QuantizationError, QuantizedWeight, dequantize, pack_int4, quantize,
+                                       unpack_int4)
+from llmc.passes.quant.scheme import TensorQuant, resolve_scheme
+
+INT8 = TensorQuant(dtype="int8", granularity="channel")
+INT4 = TensorQuant(dtype="int4", granularity="group", group_size=4)
+INT4A = TensorQuant(dtype="int4", granularity="group", group_size=4, symmetric=False)
+FP8 = TensorQuant(dtype="fp8_e4m3", granularity="channel")
+
+
+def test_int8_channel_exact():
+    w = torch.tensor([[1.27, -0.635, 0.0], [0.0, 0.0, 0.0], [-2.54, 1.0, 0.02]])
+    q = quantize(w, INT8)
+    assert q.data.dtype == torch.int8 and q.scale.shape == (3, 1)
+    assert q.data.tolist() == [[127, -64, 0], [0, 0, 0], [-127, 50, 1]]      # -63.5 rounds to even: -64
+    assert q.scale.flatten().tolist() == pytest.approx([0.01, 1.0, 0.02])   # all-zero row: scale 1
+    assert torch.equal(dequantize(q)[1], torch.zeros(3))
+
+
+def test_int4_sym_group_with_partial_last_group():
+    w = torch.tensor([[0.7, -0.7, 0.1, 0.0, 1.4, -0.2]])                   # K=6, groups [4, 2]
+    q = quantize(w, INT4)
+    assert q.scale.shape == (1, 2) and q.zero.tolist() == [[8, 8]]
+    assert q.scale.tolist()[0] == pytest.approx([0.1, 0.2])
+    u = unpack_int4(q.data, 6)
+    assert u.tolist() == [[15, 1, 9, 8, 15, 7]]                             # round(w/s) + 8
+    assert dequantize(q).tolist()[0] == pytest.approx([0.7, -0.7, 0.1, 0.0, 1.4, -0.2])
+
+
+def test_int4_asym_exact():
+    w = torch.tensor([[0.0, 1.5, 3.0, 0.3]])                                # min 0 -> zero 0
+    q = quantize(w, INT4A)
+    assert q.zero.tolist() == [[0]] and q.scale.item() == pytest.approx(0.2)
+    assert unpack_int4(q.data, 4).tolist() == [[0, 8, 15, 2]]               # 7.5 -> 8 (even), 1.5 -> 2
+    w2 = torch.tensor([[-1.5, 0.0, 1.5, 0.5]])
+    q2 = quantize(w2, INT4A)
+    assert q2.zero.item() == 8 and q2.scale.item() == pytest.approx(0.2)    # round(7.5) = 8
+    assert dequantize(q2).tolist()[0] == pytest.approx([-1.6, 0.0, 1.4, 0.4], abs=1e-6)
+
+
+def test_pack_roundtrip_odd_width():
+    u = torch.randint(0, 16, (5, 7), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    p = pack_int4(u)
+    assert p.shape == (5, 4) and p.dtype == torch.uint8
+    assert torch.equal(unpack_int4(p, 7), u)
+    assert (p[0, 0] & 0x0F) == u[0, 0] and (p[0, 0] >> 4) == u[0, 1]     # low nibble first
+
+
+def test_fp8_saturates_and_scales():
+    w = torch.tensor([[448.0, -896.0, 1.0], [0.0, 0.0, 0.0]])
+    q = quantize(w, FP8)
+    assert q.data.dtype == torch.float8_e4m3fn
+    assert q.scale.flatten().tolist() == [2.0, 1.0]
+    assert dequantize(q)[0].tolist() == [448.0, -896.0, 1.0]
+    assert torch.equal(dequantize(q)[1], torch.zeros(3))
+
+
+@pytest.mark.parametrize("fmt", [INT8, INT4, INT4A, FP8,
+                                 TensorQuant(dtype="int8", granularity="tensor"),
+                                 TensorQuant(dtype="int4", granularity="channel", symmetric=False)])
+def test_error_bounded_by_half_a_step(fmt):
+    w = torch.randn(16, 37, generator=torch.Generator().manual_seed(1)) * 3
+    w[2] *= 100                                                             # extreme row
+    q = quantize(w, fmt)
+    err = (dequantize(q) - w).abs()
+    if fmt.dtype == "fp8_e4m3":
+        assert (err <= w.abs() * 2 ** -4 + 1e-6).all()                       # 3 mantissa bits: half-ulp 2^-4
+    else:
+        step = q.scale.repeat_interleave(fmt.group_size or 10**9, dim=1)[:, :37] if fmt.granularity == "group" \
+            else q.scale
+        assert (err <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_inf_rejected(bad):
+    w = torch.ones(2, 8)
+    w[1, 3] = bad
+    with pytest.raises(QuantizationError, match="NaN or Inf"):
+        quantize(w, INT8, name="layers.0.q_proj.weight")
+
+
+def test_cat_rows_matches_separate():
+    a, b = torch.randn(3, 10), torch.randn(5, 10)
+    qa, qb = quantize(a, INT4), quantize(b, INT4)
+    both = QuantizedWeight.cat_rows([qa, qb])
+    assert torch.equal(dequantize(both), torch.cat([dequantize(qa), dequantize(qb)]))
+
+
+def test_scheme_validation():
+    with pytest.raises(ConfigError, match="group_size"):
+        TensorQuant(dtype="int4", granularity="group")
+    with pytest.raises(ConfigError, match="symmetric-only"):
+        TensorQuant(dtype="fp8_e4m3", symmetric=False)
+    assert resolve_scheme("w4a16", group_size=64).weight.group_size == 64
+    with pytest.raises(ConfigError, match="group-wise"):
+        resolve_scheme("w8a16", group_size=64)
+    with pytest.raises(ConfigError, match="unknown scheme"):
+        resolve_scheme("w3a16")

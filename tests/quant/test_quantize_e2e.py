@@ -1,0 +1,93 @@
+"""`llmc quantize` end to end on the golden model: written checkpoint, loading, engines, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmc.compiler import compile
+from llmc.errors import ConfigError
+from llmc.generate import generate
+from llmc.inspection import inspect
+from llmc.model import load_model
+from llmc.passes.quant.formats import QuantizedWeight
+from llmc.passes.quant.quantize import quantize_checkpoint
+from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
+from llmc.runtime.runner import RuntimeConfig
+from llmc.runtime.sampler import SamplingParams
+from tests.helpers import STORIES, forward_all
+
+PROMPT = "Once upon a time"
+
+
+def recipe(name, **kw):
+    return QuantRecipe(scheme=resolve_scheme(name, **kw))
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    out = {}
+    for name, kw in (("w8a16", {}), ("w4a16", dict(group_size=32)), ("w4a16-172", dict(group_size=128))):
+        path = root / name
+        res = quantize_checkpoint(STORIES, path, recipe(name.split("-")[0], **kw))
+        out[name] = (path, res)
+    return out
+
+
+def test_written_checkpoint(quantized):
+    path, res = quantized["w4a16"]
+    cfg = json.loads((path / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "llmc" and q["recipe"]["scheme"]["weight"]["group_size"] == 32
+    assert len(q["weights"]) == 5 * 7 and "model.embed_tokens.weight" not in q["weights"]
+    assert (path / "model.safetensors.index.json").exists() and (path / "tokenizer.json").exists()
+    assert [r.layer for r in res.layers] == ["other", "0", "1", "2", "3", "4"]
+    assert all(r.quantized == 7 and r.sqnr_db_min > 15 for r in res.layers[1:])
+    assert res.bytes_out < res.bytes_in / 2
+
+
+def test_partial_last_group_is_quantized_not_skipped(quantized):
+    """The golden MLP is 172 wide: group 128 leaves a partial group of 44 in down_proj's input."""
+    path, _ = quantized["w4a16-172"]
+    m = load_model(path)
+    down = m.weights.get("model.layers.0.mlp.down_proj.weight")
+    assert isinstance(down, QuantizedWeight) and down.shape == (64, 172) and down.scale.shape == (64, 2)
+
+
+@pytest.mark.parametrize("name,min_agree", [("w8a16", 1.0), ("w4a16", 0.6)])
+def test_generates_close_to_fp32(quantized, name, min_agree):
+    path, _ = quantized[name]
+    ref = generate(STORIES, [PROMPT], SamplingParams(max_tokens=40)).completions[0].token_ids
+    got = generate(path, [PROMPT], SamplingParams(max_tokens=40)).completions[0].token_ids
+    prefix = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
+    assert prefix / len(ref) >= min_agree, (prefix, got)
+
+
+def test_checkpoint_engine_and_kernel_sets_agree(quantized, tmp_path):
+    path, _ = quantized["w4a16"]
+    engine = tmp_path / "e"
+    compile(path, engine)
+    assert inspect(engine).quantization == "w4a16 rtn (int4/group, g32)"
+    ids = [1, 403, 407, 261, 378, 432, 383]
+    a, b = load_model(path), load_model(engine)
+    for kernels in ("cpu", "reference"):
+        torch.testing.assert_close(forward_all(a, ids, kernels), forward_all(b, ids, kernels), rtol=0, atol=0)
+    torch.testing.assert_close(forward_all(b, ids, "cpu"), forward_all(b, ids, "reference"), rtol=1e-4, atol=1e-4)
+    p = SamplingParams(max_tokens=30)
+    assert generate(path, [PROMPT], p).completions[0].token_ids == \
+        generate(engine, [PROMPT], p, RuntimeConfig(kernels="reference")).completions[0].token_ids
+
+
+def test_errors(quantized, tmp_path):
+    path, _ = quantized["w8a16"]
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_checkpoint(path, tmp_path / "x", recipe("w8a16"))
+    with pytest.raises(ConfigError, match="not available"):
+        quantize_checkpoint(STORIES, tmp_path / "x", QuantRecipe(scheme=resolve_scheme("w4a16"), algorithm="gptq"))
+    with pytest.raises(ConfigError, match="does not produce scheme 'w8a8'"):
+        quantize_checkpoint(STORIES, tmp_path / "x", QuantRecipe(scheme=resolve_scheme("w8a8")))
+    with pytest.raises(ConfigError, match="unknown algorithm"):
+        quantize_checkpoint(STORIES, tmp_path / "x", QuantRecipe(scheme=resolve_scheme("w8a16"), algorithm="magic"))
+    assert not list(tmp_path.iterdir())                               # nothing half-written
