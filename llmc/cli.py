@@ -181,6 +181,46 @@ def quantize_cmd(
               f"peak memory {_human_bytes(r.peak_rss_bytes)}\n")
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality (throughput and serve are planned).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("quality")
+def bench_quality_cmd(
+    path: Path = typer.Argument(..., help="The model to measure: checkpoint, quantized checkpoint or engine."),
+    reference: Path = typer.Option(..., "--reference", help="The reference model (e.g. the fp32 checkpoint)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Window length in tokens (BOS included)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N tokens of the text."),
+    kernels: str = typer.Option("cpu", "--kernels", help="Kernel set: cpu or reference."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Perplexity, KL divergence from the reference and top-1 agreement, over non-overlapping windows."""
+    from llmc.bench.quality import quality
+    from llmc.io import write_json_atomic
+
+    with err.status("scoring") as status:
+        r = quality(path, reference, text, seqlen=seqlen, max_tokens=max_tokens, kernels=kernels,
+                    on_window=lambda w, n: status.update(f"scoring: {w} windows, {n:,} tokens"))
+    if json_path is not None:
+        write_json_atomic(json_path, {"env": _env(), "result": asdict(r)})
+    t = Table(*(Column(c, justify="right") for c in ("tokens", "perplexity", "reference ppl", "Δ ppl",
+                                                      "KL (nats/token)", "top-1 agree")),
+              title=f"llmc bench quality · {path} vs {reference}")
+    t.add_row(f"{r.tokens:,}", f"{r.perplexity:.4f}", f"{r.reference_perplexity:.4f}",
+              f"{100 * (r.perplexity / r.reference_perplexity - 1):+.2f}%", f"{r.kl_divergence:.5f}",
+              f"{100 * r.top1_agreement:.2f}%")
+    out.print(t)
+
+
+def _env() -> dict:
+    import platform
+
+    import torch
+    return {"llmc": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+
 @app.command("version")
 def version_cmd() -> None:
     """Print the llmc version."""

@@ -1,0 +1,1 @@
+"""Benchmarks behind `llmc bench`: quality (perplexity, KL divergence, top-1 agreement)."""
