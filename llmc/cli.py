@@ -141,10 +141,16 @@ def quantize_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Quantized checkpoint directory to write (atomically)."),
     scheme: str = typer.Option(..., "--scheme", help="w8a16: int8 per-channel weights (~4x smaller than fp32); "
                                "w4a16: int4 group-wise weights (~7x smaller). w8a8 and fp8 are planned."),
-    algo: str = typer.Option("rtn", "--algo", help="rtn (round to nearest). gptq, awq and smoothquant are planned."),
+    algo: str = typer.Option("rtn", "--algo", help="rtn (round to nearest, no calibration); gptq (Hessian-guided "
+                             "error compensation) or awq (activation-aware scales), both calibrated. smoothquant "
+                             "is planned."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="w4a16 group size (default 128)."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="w4a16 with zero points."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="int8|fp8 KV cache (planned)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: .txt (cut into windows) or .jsonl "
+                                         "(a 'text' field per line). Default: golden/calibration/tinystories_calib.txt."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples."),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sample."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -156,7 +162,7 @@ def quantize_cmd(
     if kv_cache is not None:
         kv = TensorQuant(dtype={"int8": "int8", "fp8": "fp8_e4m3"}.get(kv_cache, kv_cache), granularity="channel")
     recipe = QuantRecipe(scheme=resolve_scheme(scheme, group_size, False if asymmetric else None),
-                         algorithm=algo, kv_cache=kv)
+                         algorithm=algo, kv_cache=kv, calib_samples=calib_samples, calib_seqlen=calib_seqlen)
     check_recipe(recipe)
 
     started = []
@@ -167,12 +173,14 @@ def quantize_cmd(
             w = recipe.scheme.weight
             err.print(f"quantizing {model} -> {output}: {recipe.scheme.name} ({w.key}"
                       f"{', g' + str(w.group_size) if w.group_size else ''}), {recipe.algorithm}", highlight=False)
-        sq = f"SQNR min {report.sqnr_db_min:.1f} dB, mean {report.sqnr_db_mean:.1f} dB" \
+        sq = f"weight SQNR min {report.sqnr_db_min:.1f} dB, mean {report.sqnr_db_mean:.1f} dB" \
             if report.sqnr_db_min is not None else "kept in full precision"
+        if report.output_sqnr_db is not None:
+            sq += f", output SQNR {report.output_sqnr_db:.1f} dB"
         name = f"layer {report.layer}" if report.layer != "other" else "embeddings/norms/head"
         err.print(f"  {name}: {report.quantized} weights quantized, {sq}, {report.seconds:.2f} s", highlight=False)
 
-    r = quantize_checkpoint(model, output, recipe, force=force, on_layer=progress)
+    r = quantize_checkpoint(model, output, recipe, force=force, calib=calib, on_layer=progress)
     if as_json:
         _print_json(asdict(r))
         return

@@ -87,13 +87,15 @@ def register_op(spec: OpSpec) -> OpSpec:
     return spec
 
 
-def verify(g: Graph, weight_shapes: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
+def verify(g: Graph, weight_shapes: Mapping[str, Shape] | None = None,
+           input_shapes: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
     """Check `g` against the op schemas; with weight shapes, also run the shape rules.
 
-    Returns the shape of every value (empty shapes when `weight_shapes` is None).
+    Graph inputs are `[T]` (token ids, positions) unless `input_shapes` says otherwise. Returns the
+    shape of every value (empty shapes when `weight_shapes` is None).
     Raises GraphError naming the first offending node.
     """
-    defined: dict[str, Shape] = {name: ("T",) for name in g.inputs}
+    defined: dict[str, Shape] = {name: tuple((input_shapes or {}).get(name, ("T",))) for name in g.inputs}
     weights: set[str] = set()
     for i, n in enumerate(g.nodes):
         where = f"node {i} ({n.op} -> {', '.join(n.outputs)})"

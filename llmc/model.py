@@ -71,7 +71,11 @@ def load_checkpoint(p: Path, passes: tuple[str, ...] | None = None) -> Model:
     arch = parse_arch(cfg)
     store = WeightStore.open(p)
     quantization = cfg.get("quantization_config")
-    if quantization is not None:
+    if quantization is not None and quantization.get("quant_method") == "gptq":
+        from llmc.passes.quant.gptq_format import GptqStore
+        store = GptqStore(store, quantization)
+        quantization = store.summary()          # in llmc's terms (recipe, provenance), as engines record it
+    elif quantization is not None:
         from llmc.passes.quant.store import QuantizedStore, entries_from_manifest
         store = QuantizedStore(store, entries_from_manifest(quantization, f"{p / 'config.json'}"))
     graph = build_decoder_graph(arch)

@@ -36,7 +36,7 @@ class _Step:
 
 class Executor:
     def __init__(self, graph: Graph, load_weight: Callable[[str], Tensor], kernels: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, input_shapes: dict | None = None) -> None:
         self.graph, self.kernels, self.dtype = graph, kernels, dtype
         cache: dict[str, Tensor] = {}
 
@@ -47,7 +47,7 @@ class Executor:
                 cache[name] = t.to(dtype) if floating else t          # quantized weights stay packed
             return cache[name]
 
-        verify(graph, {name: tuple(weight(name).shape) for name in graph.weight_names()})
+        verify(graph, {name: tuple(weight(name).shape) for name in graph.weight_names()}, input_shapes)
         last_use: dict[str, int] = {}
         for i, n in enumerate(graph.nodes):
             for v in n.inputs[: OPS[n.op].num_values]:
@@ -73,14 +73,25 @@ class Executor:
     def forward(self, batch: RaggedBatch, kv: PagedKVCache) -> Tensor:
         """Logits [num_seqs, vocab] for each sequence's last token, or [tokens, vocab] when
         `batch.all_logits`."""
-        env: dict[str, Tensor] = {"tokens": batch.tokens, "positions": batch.positions}
+        return self.run(batch, kv)[self.graph.outputs[0]]
+
+    @torch.inference_mode()
+    def run(self, batch: RaggedBatch, kv: PagedKVCache, inputs: dict[str, Tensor] | None = None,
+            capture: tuple[str, ...] = ()) -> dict[str, Tensor]:
+        """The graph outputs and the `capture`d values. `inputs` supplies graph inputs other than
+        `tokens` and `positions` (a single layer's subgraph takes the hidden state)."""
+        env: dict[str, Tensor] = {"tokens": batch.tokens, "positions": batch.positions, **(inputs or {})}
         ctx = ExecContext(batch, kv)
+        kept: dict[str, Tensor] = {}
         for s in self._steps:
             out = s.fn(ctx, *[env[v] for v in s.values], *s.weights, **s.attrs)
             if len(s.outputs) == 1:
                 env[s.outputs[0]] = out
             else:
                 env.update(zip(s.outputs, out))
+            for v in s.outputs:
+                if v in capture:
+                    kept[v] = env[v]
             for v in s.release:
                 del env[v]
-        return env[self.graph.outputs[0]]
+        return {**{o: env[o] for o in self.graph.outputs}, **kept}

@@ -109,6 +109,44 @@ class QuantizedWeight:
                                torch.cat([p.scale for p in parts]), zero)
 
 
+def params(x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:
+    """Scale (and int4 zero point) of the values along x's last dim -> shapes x.shape[:-1]."""
+    if fmt.dtype == "int8":
+        return _safe(x.abs().amax(dim=-1) / 127.0), None
+    if fmt.dtype == "fp8_e4m3":
+        return _safe(x.abs().amax(dim=-1) / FP8_MAX), None
+    if fmt.symmetric:
+        scale = _safe(x.abs().amax(dim=-1) / 7.0)
+        return scale, torch.full_like(scale, 8.0)
+    lo, hi = x.amin(dim=-1).clamp(max=0), x.amax(dim=-1).clamp(min=0)
+    scale = _safe((hi - lo) / 15.0)
+    return scale, torch.round(-lo / scale).clamp(0, 15)
+
+
+def codes(x: Tensor, scale: Tensor, zero: Tensor | None, fmt: TensorQuant) -> Tensor:
+    """x quantized with the given (broadcastable) scale / zero: int8 codes, uint4 codes in a uint8,
+    or float8 values."""
+    if fmt.dtype == "int8":
+        return torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+    if fmt.dtype == "fp8_e4m3":
+        return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (torch.round(x / scale) + zero).clamp(0, 15).to(torch.uint8)
+
+
+def decode(c: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
+    """The values codes stand for (fp32)."""
+    v = c.float()
+    return (v - zero.float() if zero is not None else v) * scale
+
+
+def from_codes(c: Tensor, scale: Tensor, zero: Tensor | None, fmt: TensorQuant) -> QuantizedWeight:
+    """Codes [N, K] and per-row/group scale (and zero) [N, G] -> QuantizedWeight."""
+    n, k = c.shape
+    data = pack_int4(c) if fmt.dtype == "int4" else c
+    return QuantizedWeight(fmt, (n, k), data, scale.float().reshape(n if fmt.granularity != "tensor" else 1, -1),
+                           None if zero is None else zero.to(torch.uint8).reshape(scale.shape))
+
+
 def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight") -> QuantizedWeight:
     """Round-to-nearest quantization of one weight [N, K] in format `fmt`."""
     if w.dim() != 2:
@@ -119,30 +157,14 @@ def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight") -> QuantizedWeig
     if fmt.granularity == "token":
         raise QuantizationError("per-token granularity is for activations, not weights")
     if fmt.granularity == "group":
-        x = _grouped(w, fmt.group_size)                                   # [N, G, gs]
-        reduce_dims: tuple[int, ...] = (-1,)
+        x = _grouped(w, fmt.group_size)                                    # [N, G, gs]
     elif fmt.granularity == "channel":
-        x, reduce_dims = w[:, None, :], (-1,)                              # [N, 1, K]
+        x = w[:, None, :]                                                  # [N, 1, K]
     else:
-        x, reduce_dims = w[None, None, :, :].reshape(1, 1, -1), (-1,)      # [1, 1, N*K]
-    if fmt.dtype == "int8":
-        scale = _safe(x.abs().amax(dim=reduce_dims) / 127.0)              # [N, G]
-        q = torch.round(x / scale[..., None]).clamp(-127, 127).to(torch.int8)
-        return QuantizedWeight(fmt, (n, k), _restore(q, fmt, n, k), scale)
-    if fmt.dtype == "fp8_e4m3":
-        scale = _safe(x.abs().amax(dim=reduce_dims) / FP8_MAX)
-        q = (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return QuantizedWeight(fmt, (n, k), _restore(q, fmt, n, k), scale)
-    # int4
-    if fmt.symmetric:
-        scale = _safe(x.abs().amax(dim=reduce_dims) / 7.0)
-        zero = torch.full_like(scale, 8.0)
-    else:
-        lo, hi = x.amin(dim=reduce_dims).clamp(max=0), x.amax(dim=reduce_dims).clamp(min=0)
-        scale = _safe((hi - lo) / 15.0)
-        zero = torch.round(-lo / scale).clamp(0, 15)
-    u = (torch.round(x / scale[..., None]) + zero[..., None]).clamp(0, 15).to(torch.uint8)
-    return QuantizedWeight(fmt, (n, k), pack_int4(_restore(u, fmt, n, k)), scale, zero.to(torch.uint8))
+        x = w.reshape(1, 1, -1)                                            # [1, 1, N*K]
+    scale, zero = params(x, fmt)                                           # [N, G]
+    c = codes(x, scale[..., None], None if zero is None else zero[..., None], fmt)
+    return from_codes(_restore(c, fmt, n, k), scale, zero, fmt)
 
 
 def _restore(q: Tensor, fmt: TensorQuant, n: int, k: int) -> Tensor:

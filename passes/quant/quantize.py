@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from llmc import __version__
 from llmc.arch import parse_arch
 from llmc.checkpoint import INDEX_FILE, WeightStore, read_json
-from llmc.decoder import build_decoder_graph
+from llmc.decoder import EMBED as EMBED_NAME, build_decoder_graph
 from llmc.errors import ConfigError
 from llmc.io import atomic_directory, write_json_atomic
 from llmc.passes.quant.formats import QuantizedWeight, dequantize, quantize
@@ -30,32 +30,132 @@ from llmc.passes.quant.scheme import QuantRecipe, TensorQuant
 from llmc.passes.quant.store import QuantizedEntry, manifest_section
 from llmc.tokenizer import TOKENIZER_FILES
 
-Algorithm = Callable[[torch.Tensor, TensorQuant, str], QuantizedWeight]
+@dataclass
+class InputStats:
+    """What calibration saw at one linear input: sum of x x^T, sum of |x|, and a row sample."""
+    hessian: torch.Tensor | None
+    abs_sum: torch.Tensor
+    sample: list[torch.Tensor]
+    count: int = 0
+    SAMPLE_ROWS = 512
+
+    @classmethod
+    def new(cls, width: int, hessian: bool) -> "InputStats":
+        return cls(torch.zeros(width, width, dtype=torch.float64) if hessian else None, torch.zeros(width), [])
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        if self.hessian is not None:
+            self.hessian += (x.T @ x).double()
+        self.abs_sum += x.abs().sum(dim=0)
+        have = sum(len(t) for t in self.sample)
+        if have < self.SAMPLE_ROWS:
+            self.sample.append(x[: self.SAMPLE_ROWS - have].clone())
+        self.count += len(x)
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.sample)
+
+
+@dataclass
+class LayerWork:
+    """One decoder layer for an algorithm: its float weights (which an algorithm may rescale, e.g.
+    AWQ folding into norms), its linears with their input values, and calibration statistics."""
+    fp: dict[str, torch.Tensor]
+    linears: list[tuple[str, str]]            # (weight name, input value name), graph order
+    producers: dict[str, object]              # value name -> the node producing it (llmc.ir.Node)
+    stats: dict[str, InputStats]              # by input value name
+    fmt: TensorQuant
+    targets: set[str]                         # weights to quantize (not skipped)
+    arch: object
+
+
+LayerAlgorithm = Callable[[LayerWork], dict[str, QuantizedWeight]]
 
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
-    fn: Algorithm
+    fn: LayerAlgorithm
     schemes: tuple[str, ...]             # schemes this algorithm can produce
+    calibrated: bool                     # needs calibration statistics
+    hessian: bool = False
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {}
-PLANNED_ALGORITHMS = ("gptq", "awq", "smoothquant")
+PLANNED_ALGORITHMS = ("smoothquant",)
 
 
-def register_algorithm(name: str, schemes: tuple[str, ...]):
-    def add(fn: Algorithm) -> Algorithm:
+def register_algorithm(name: str, schemes: tuple[str, ...], calibrated: bool, hessian: bool = False):
+    def add(fn: LayerAlgorithm) -> LayerAlgorithm:
         if name in ALGORITHMS:
             raise ValueError(f"algorithm {name!r} is registered twice")
-        ALGORITHMS[name] = AlgorithmSpec(fn, schemes)
+        ALGORITHMS[name] = AlgorithmSpec(fn, schemes, calibrated, hessian)
         return fn
     return add
 
 
-@register_algorithm("rtn", schemes=("w8a16", "w4a16"))
-def rtn(w: torch.Tensor, fmt: TensorQuant, name: str) -> QuantizedWeight:
+@register_algorithm("rtn", schemes=("w8a16", "w4a16"), calibrated=False)
+def rtn(work: LayerWork) -> dict[str, QuantizedWeight]:
     """Round to nearest: each weight on its own, no calibration."""
-    return quantize(w, fmt, name)
+    return {name: quantize(work.fp[name], work.fmt, name) for name, _ in work.linears if name in work.targets}
+
+
+@register_algorithm("gptq", schemes=("w8a16", "w4a16"), calibrated=True, hessian=True)
+def gptq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
+    from llmc.passes.quant.gptq import gptq
+    return {name: gptq(work.fp[name], work.stats[x].hessian, work.fmt, name=name)
+            for name, x in work.linears if name in work.targets}
+
+
+@register_algorithm("awq", schemes=("w8a16", "w4a16"), calibrated=True)
+def awq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
+    """Per shared input, in graph order: search the scales, scale the consumers' columns by s and
+    fold 1/s into the producer (norm weight, or the rows of the linear feeding it); then quantize.
+    Inputs with nowhere to fold 1/s keep s = 1 (plain RTN)."""
+    from llmc.passes.quant.awq import search_scale
+    by_input: dict[str, list[str]] = {}
+    for name, x in work.linears:
+        if name in work.targets:
+            by_input.setdefault(x, []).append(name)
+    for x, names in by_input.items():
+        fold = _fold_target(work, x)
+        if fold is None:
+            continue
+        stats = work.stats[x]
+        s, _, _ = search_scale(stats.rows, stats.absmean, [work.fp[n] for n in names], work.fmt)
+        for n in names:
+            work.fp[n] = work.fp[n] * s
+        kind, target, bias = fold
+        work.fp[target] = work.fp[target] / (s if kind == "norm" else s[:, None])
+        if bias is not None:
+            work.fp[bias] = work.fp[bias] / s
+    return {name: quantize(work.fp[name], work.fmt, name) for name, _ in work.linears if name in work.targets}
+
+
+def _fold_target(work: LayerWork, x: str):
+    """Where 1/s for input x can go: ("norm", weight) for an RMSNorm over the whole width;
+    ("linear", weight, bias) for the up projection feeding silu_mul, or v_proj feeding attention
+    when every head has its own KV head."""
+    p = work.producers.get(x)
+    if p is None:
+        return None
+    if p.op == "rms_norm" and p.attr("group") == work.fp[p.inputs[1]].shape[0] and p.attr("group") == \
+            work.arch.hidden_size:
+        return ("norm", p.inputs[1], None)
+    if p.op == "silu_mul":
+        up = work.producers.get(p.inputs[1])
+    elif p.op == "attention" and p.attr("num_heads") == p.attr("num_kv_heads"):
+        up = work.producers.get(p.inputs[2])
+    else:
+        return None
+    if up is None or up.op != "linear":
+        return None
+    return ("linear", up.inputs[1], up.inputs[2] if len(up.inputs) > 2 else None)
 
 
 def check_recipe(recipe: QuantRecipe) -> AlgorithmSpec:
@@ -81,6 +181,7 @@ class LayerReport:
     sqnr_db_min: float | None           # worst weight's SQNR (dequantized vs original)
     sqnr_db_mean: float | None
     seconds: float
+    output_sqnr_db: float | None = None  # calibrated algorithms: the layer's output, quantized vs float
 
 
 @dataclass(frozen=True)
@@ -94,6 +195,7 @@ class QuantizeResult:
     bytes_in: int
     bytes_out: int
     skipped: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -101,20 +203,24 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float("inf") if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
 
 
-def _linear_weights(arch) -> list[str]:
-    """Weights the decoder reads through `linear` (slot 0), in graph order."""
-    return [n.inputs[1] for n in build_decoder_graph(arch).nodes if n.op == "linear"]
-
-
 def _layer_of(name: str) -> str:
     parts = name.split(".")
     return parts[2] if name.startswith("model.layers.") else "other"
 
 
+def _mean(xs: list[float]) -> float | None:
+    finite = [x for x in xs if x != float("inf")]
+    return sum(finite) / len(finite) if finite else None
+
+
 def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe, force: bool = False,
-                        allow_requantize: bool = False,
+                        allow_requantize: bool = False, calib: Path | str | None = None,
                         on_layer: Callable[[LayerReport, int], None] | None = None) -> QuantizeResult:
+    """Quantize every linear of the decoder (but the scheme's `skip` patterns) with the recipe's
+    algorithm; calibrated algorithms walk the layers in order on the calibration text."""
     from llmc.model import check_path
+    from llmc.passes.quant.calibrate import LayerRunner, layer_nodes, load_calibration
+    from llmc.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     src, out = check_path(model), Path(out)
@@ -128,43 +234,74 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     arch = parse_arch(cfg)
     store = WeightStore.open(src)
     graph = build_decoder_graph(arch)
-    wanted = set(_linear_weights(arch))
-    skip = [n for n in graph.weight_names() if n in wanted and any(fnmatch.fnmatch(n, p) for p in recipe.scheme.skip)]
     missing = [n for n in graph.weight_names() if n not in store]
     if missing:
         raise ConfigError(f"{src}: the checkpoint lacks the tensor {missing[0]!r}")
-    groups: dict[str, list[str]] = {}
-    for name in graph.weight_names():
-        groups.setdefault(_layer_of(name), []).append(name)
+    linear_names = {n.inputs[1] for n in graph.nodes if n.op == "linear"}
+    skip = [n for n in graph.weight_names()
+            if n in linear_names and any(fnmatch.fnmatch(n, p) for p in recipe.scheme.skip)]
+    runner = calibration = hidden = None
+    if spec.calibrated:
+        data = load_calibration(Tokenizer(src), Path(calib) if calib else None, recipe.calib_samples,
+                                recipe.calib_seqlen)
+        calibration = data.provenance
+        runner = LayerRunner(arch, graph, data.samples)
+        hidden = runner.embed(store.get(EMBED_NAME))
+    producers = graph.producers()
     entries: dict[str, QuantizedEntry] = {}
     reports, weight_map = [], {}
+    groups = [str(i) for i in range(arch.num_layers)] + ["other"]
     with atomic_directory(out, overwrite=force) as tmp:
-        for i, (layer, names) in enumerate(groups.items()):
+        for gi, layer in enumerate(groups):
             t1 = time.perf_counter()
+            names = [n for n in graph.weight_names() if _layer_of(n) == layer]
+            nodes = layer_nodes(graph, int(layer)) if layer != "other" else ()
+            original = {n: store.get(n) for n in names}
+            work = LayerWork(fp={n: t.float() for n, t in original.items()},
+                             linears=[(n.inputs[1], n.inputs[0]) for n in nodes if n.op == "linear"],
+                             producers=producers, stats={}, fmt=recipe.scheme.weight,
+                             targets={n for n in names if n in linear_names and n not in skip}, arch=arch)
+            reference_fp = dict(work.fp)
+            out_sqnr = None
+            if runner is not None and nodes:
+                i = int(layer)
+                inputs = tuple(dict.fromkeys(x for _, x in work.linears))
+                work.stats = {x: InputStats.new(_width(work, x), spec.hessian) for x in inputs}
+                fp_out = []
+                for h, caps in runner.run(i, hidden, work.fp.__getitem__, capture=inputs):
+                    fp_out.append(h)
+                    for x in inputs:
+                        work.stats[x].add(caps[x])
+            quantized = spec.fn(work)
+            if runner is not None and nodes:                 # true sequential: the next layer sees these
+                weights = {**work.fp, **quantized}
+                hidden = [h for h, _ in runner.run(i, hidden, weights.__getitem__)]
+                out_sqnr = sqnr_db(torch.cat(fp_out), torch.cat(hidden))
             tensors, sqnrs = {}, []
             for name in names:
-                w = store.get(name)
-                if name in wanted and name not in skip:
-                    qw = spec.fn(w, recipe.scheme.weight, name)
-                    sqnrs.append(sqnr_db(w.float(), dequantize(qw)))
+                if name in quantized:
+                    qw = quantized[name]
+                    sqnrs.append(sqnr_db(work.fp[name], dequantize(qw)))   # vs what was quantized
                     tensors.update(qw.tensors(name))
                     entries[name] = QuantizedEntry(qw.fmt, qw.shape)
+                elif work.fp[name] is reference_fp[name]:
+                    tensors[name] = original[name].contiguous()          # untouched: as stored
                 else:
-                    tensors[name] = w.contiguous()
-            shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                    tensors[name] = work.fp[name].to(original[name].dtype).contiguous()   # rescaled (AWQ)
+            shard = f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors"
             save_file(tensors, str(tmp / shard), metadata={"format": "pt", "producer": f"llmc {__version__}"})
             weight_map.update({k: shard for k in tensors})
-            del tensors
-            finite = [s for s in sqnrs if s != float("inf")]
-            report = LayerReport(layer, len(sqnrs), min(finite) if finite else None,
-                                 sum(finite) / len(finite) if finite else None, time.perf_counter() - t1)
+            del tensors, original, work
+            finite = [x for x in sqnrs if x != float("inf")]
+            report = LayerReport(layer, len(sqnrs), min(finite) if finite else None, _mean(sqnrs),
+                                 time.perf_counter() - t1, out_sqnr)
             reports.append(report)
             if on_layer is not None:
                 on_layer(report, len(groups))
         write_json_atomic(tmp / INDEX_FILE, {"metadata": {"producer": f"llmc {__version__}"},
                                              "weight_map": weight_map})
         qcfg = manifest_section(entries, recipe=recipe.to_dict(), llmc_version=__version__,
-                                source=str(src), skipped=skip)
+                                source=str(src), skipped=skip, calibration=calibration)
         write_json_atomic(tmp / "config.json", {**cfg, "quantization_config": qcfg})
         for name in TOKENIZER_FILES:
             if (src / name).exists():
@@ -173,7 +310,12 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     return QuantizeResult(output=str(out), source=str(src), recipe=recipe.to_dict(), layers=reports,
                           seconds=time.perf_counter() - t0,
                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                          bytes_in=store.nbytes(), bytes_out=bytes_out, skipped=skip)
+                          bytes_in=store.nbytes(), bytes_out=bytes_out, skipped=skip, calibration=calibration)
+
+
+def _width(work: LayerWork, x: str) -> int:
+    name = next(n for n, v in work.linears if v == x)
+    return work.fp[name].shape[1]
 
 
 def result_to_json(r: QuantizeResult) -> str:

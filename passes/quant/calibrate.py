@@ -1,0 +1,125 @@
+"""Calibration: text -> token samples, and a runner that walks the decoder one layer at a time.
+
+True sequential: layer i is calibrated on the hidden states that the already-quantized layers
+0..i-1 produce, and only one layer's weights are in memory at a time. The runner executes each
+layer as a subgraph of the (unfused) decoder graph with the reference kernels, capturing the
+inputs of its linear layers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from llmc.errors import ConfigError
+from llmc.ir import Graph, Node
+from llmc.runtime.batch import RaggedBatch
+from llmc.runtime.executor import Executor
+from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
+
+DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "golden" / "calibration" / "tinystories_calib.txt"
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    samples: list[list[int]]          # token ids, BOS first when the tokenizer has one
+    provenance: dict                  # file, sha256, samples, seqlen, tokens
+
+
+def load_calibration(tokenizer, path: Path | None, samples: int, seqlen: int) -> CalibrationData:
+    """`.txt`: the whole text tokenized and cut into consecutive windows of `seqlen`; `.jsonl`: one
+    sample per record's `text` field, truncated to `seqlen`. Takes the first `samples` windows."""
+    if samples < 1 or seqlen < 2:
+        raise ConfigError(f"need at least 1 calibration sample of at least 2 tokens (got {samples} x {seqlen})")
+    p = Path(path) if path is not None else DEFAULT_CALIBRATION
+    if not p.is_file():
+        raise ConfigError(f"{p}: calibration file not found")
+    try:
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: calibration file is unreadable ({e})") from None
+    tk = tokenizer._need()
+    bos = tokenizer.info.bos_token_id
+    head = [bos] if bos is not None else []
+    width = seqlen - len(head)
+    out: list[list[int]] = []
+    if p.suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                body = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(f"{p}:{i + 1}: each line must be a JSON object with a 'text' field") from None
+            ids = tk.encode(str(body), add_special_tokens=False).ids[:width]
+            if ids:
+                out.append(head + ids)
+            if len(out) == samples:
+                break
+    else:
+        stream = tk.encode(text.replace("\r\n", "\n"), add_special_tokens=False).ids
+        out = [head + stream[i:i + width] for i in range(0, len(stream), width)][:samples]
+        out = [s for s in out if len(s) > len(head)]
+    if not out:
+        raise ConfigError(f"{p}: calibration file is empty")
+    return CalibrationData(out, {"file": str(p), "sha256": hashlib.sha256(raw).hexdigest(), "samples": len(out),
+                                 "seqlen": seqlen, "tokens": sum(map(len, out))})
+
+
+def layer_nodes(graph: Graph, i: int) -> tuple[Node, ...]:
+    """The nodes of decoder layer i of the unfused decoder graph (see llmc.decoder)."""
+    return tuple(n for n in graph.nodes if any(o.startswith(f"l{i}.") or o == f"h{i + 1}" for o in n.outputs))
+
+
+def layer_graph(graph: Graph, i: int) -> Graph:
+    """Layer i as a graph of its own: h{i}, positions -> h{i+1}; its attention uses cache layer 0."""
+    nodes = tuple(replace(n, attrs=tuple((k, 0 if k == "layer" else v) for k, v in n.attrs))
+                  for n in layer_nodes(graph, i))
+    return Graph(nodes=nodes, outputs=(f"h{i + 1}",), inputs=(f"h{i}", "positions"))
+
+
+class LayerRunner:
+    """Runs calibration samples through one decoder layer at a time, in chunks of samples."""
+
+    def __init__(self, arch, graph: Graph, samples: list[list[int]], chunk_tokens: int = 4096) -> None:
+        self.arch, self.graph, self.samples = arch, graph, samples
+        self.chunks: list[list[list[int]]] = []
+        cur: list[list[int]] = []
+        for s in samples:
+            if cur and sum(map(len, cur)) + len(s) > chunk_tokens:
+                self.chunks.append(cur)
+                cur = []
+            cur.append(s)
+        self.chunks.append(cur)
+        self.spec = KVCacheSpec(1, arch.num_kv_heads, arch.head_dim)
+
+    def _batch(self, chunk: list[list[int]]) -> tuple[RaggedBatch, PagedKVCache]:
+        bs, tables, nxt = 16, [], 0
+        for s in chunk:
+            n = -(-len(s) // bs)
+            tables.append(list(range(nxt, nxt + n)))
+            nxt += n
+        batch = RaggedBatch(token_ids=[t for s in chunk for t in s], query_lens=[len(s) for s in chunk],
+                            context_lens=[len(s) for s in chunk], block_tables=tables, block_size=bs)
+        return batch, PagedKVCache(self.spec, max(nxt, 1), bs)
+
+    def embed(self, table: Tensor) -> list[Tensor]:
+        """h0 of every chunk."""
+        return [table.float()[torch.tensor([t for s in c for t in s])] for c in self.chunks]
+
+    def run(self, i: int, hidden: list[Tensor], load_weight: Callable[[str], object],
+            capture: tuple[str, ...] = ()) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """For each chunk: (h{i+1}, captured values) with the weights `load_weight` gives."""
+        ex = Executor(layer_graph(self.graph, i), load_weight, kernels="reference",
+                      input_shapes={f"h{i}": ("T", self.arch.hidden_size)})
+        for chunk, h in zip(self.chunks, hidden):
+            batch, kv = self._batch(chunk)
+            out = ex.run(batch, kv, inputs={f"h{i}": h}, capture=capture)
+            yield out[f"h{i + 1}"], {k: out[k] for k in capture}

@@ -1,0 +1,89 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, spreading each column's rounding
+error over the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs
+(H = 2 X^T X / n). Block-wise lazy updates; dampening; optional act-order with static groups (the
+group parameters are fixed from the unquantized weight in natural order, so the stored layout
+stays the usual group-wise one)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmc.passes.quant.formats import QuantizationError, QuantizedWeight, codes, decode, from_codes, params
+from llmc.passes.quant.scheme import TensorQuant
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig:
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+
+def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQConfig(),
+         name: str = "weight") -> QuantizedWeight:
+    """w [N, K] with H [K, K] (sum of x x^T over calibration tokens, any positive scaling)."""
+    if fmt.granularity not in ("channel", "group"):
+        raise QuantizationError(f"{name}: GPTQ needs per-channel or group-wise weights")
+    W = w.float().clone()
+    n, k = W.shape
+    H = hessian.double().clone()
+    if not torch.isfinite(W).all() or not torch.isfinite(H).all():
+        raise QuantizationError(f"{name}: has NaN or Inf values; refusing to quantize it")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    gs = fmt.group_size if fmt.granularity == "group" else k
+    groups = -(-k // gs)
+    scales = torch.empty(n, groups)
+    zeros = torch.empty(n, groups) if fmt.dtype == "int4" else None
+    static = cfg.act_order or fmt.granularity == "channel"
+    if static:                                        # parameters from the unquantized weight
+        for g in range(groups):
+            s, z = params(W[:, g * gs:min(k, (g + 1) * gs)], fmt)
+            scales[:, g] = s
+            if zeros is not None:
+                zeros[:, g] = z
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    damp = cfg.damp_percent * torch.mean(torch.diag(H))
+    H += damp * torch.eye(k, dtype=H.dtype)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    except RuntimeError:
+        raise QuantizationError(f"{name}: the calibration Hessian is not positive definite; "
+                                "use more calibration samples or a larger dampening") from None
+    C = torch.empty(n, k, dtype=torch.uint8 if fmt.dtype == "int4" else torch.int8)
+    for b0 in range(0, k, cfg.block_size):
+        b1 = min(k, b0 + cfg.block_size)
+        W1, Err = W[:, b0:b1].clone(), torch.zeros(n, b1 - b0)
+        Hinv1 = Hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = int(perm[b0 + i])                    # natural index of this column
+            g = col // gs
+            if not static and col % gs == 0:           # a group's parameters from its updated weights
+                s, z = params(_natural_slab(W, W1, b0, i, gs), fmt)
+                scales[:, g] = s
+                if zeros is not None:
+                    zeros[:, g] = z
+            s = scales[:, g]
+            z = zeros[:, g] if zeros is not None else None
+            c = codes(W1[:, i], s, z, fmt)
+            q = decode(c, s, z)
+            C[:, col] = c
+            err = (W1[:, i] - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
+        W[:, b0:b1] = W1
+    return from_codes(C, scales, zeros, fmt)
+
+
+def _natural_slab(W: Tensor, W1: Tensor, b0: int, i: int, gs: int) -> Tensor:
+    """Without act-order the order is natural: the group starting at column b0+i is the current
+    (error-updated) columns b0+i .. b0+i+gs, partly inside the block buffer W1, partly after it."""
+    inside = W1[:, i:i + gs]
+    rest = gs - inside.shape[1]
+    return torch.cat([inside, W[:, b0 + W1.shape[1]:b0 + W1.shape[1] + rest]], dim=1) if rest > 0 else inside
