@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from llmc import __version__
-from llmc.errors import LlmcError
+from llmc.errors import ConfigError, LlmcError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="llmc: turn a Hugging Face causal LM into a fast engine and run it. "
@@ -151,6 +152,8 @@ def quantize_cmd(
                                          "(a 'text' field per line). Default: golden/calibration/tinystories_calib.txt."),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sample."),
+    fmt: str = typer.Option("llmc", "--format", help="llmc (default) or gptq: the qweight/qzeros/scales/g_idx "
+                            "layout transformers, vLLM and GPTQModel read (scales rounded to fp16)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -180,9 +183,23 @@ def quantize_cmd(
         name = f"layer {report.layer}" if report.layer != "other" else "embeddings/norms/head"
         err.print(f"  {name}: {report.quantized} weights quantized, {sq}, {report.seconds:.2f} s", highlight=False)
 
-    r = quantize_checkpoint(model, output, recipe, force=force, calib=calib, on_layer=progress)
+    if fmt not in ("llmc", "gptq"):
+        raise ConfigError(f"unknown --format {fmt!r}; choose llmc or gptq")
+    if fmt == "gptq" and output.exists() and not force:
+        raise ConfigError(f"{output} already exists", hint="pass --force to replace it")
+    target = output if fmt == "llmc" else output.with_name(f".{output.name}.llmc-tmp")
+    export = None
+    try:
+        r = quantize_checkpoint(model, target, recipe, force=force or fmt == "gptq", calib=calib, on_layer=progress)
+        if fmt == "gptq":
+            from llmc.passes.quant.gptq_format import export_gptq
+            export = export_gptq(target, output, round_scales=True, force=force)
+            r = replace(r, output=str(output), bytes_out=export["bytes"])
+    finally:
+        if fmt == "gptq":
+            shutil.rmtree(target, ignore_errors=True)
     if as_json:
-        _print_json(asdict(r))
+        _print_json({**asdict(r), "format": fmt, **({"gptq_export": export} if export else {})})
         return
     sys.stdout.write(f"wrote {r.output}: {_human_bytes(r.bytes_in)} -> {_human_bytes(r.bytes_out)} "
               f"({r.bytes_in / max(r.bytes_out, 1):.1f}x smaller) in {r.seconds:.1f} s, "

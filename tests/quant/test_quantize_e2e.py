@@ -92,3 +92,21 @@ def test_errors(quantized, tmp_path):
     with pytest.raises(ConfigError, match="unknown algorithm"):
         quantize_checkpoint(STORIES, tmp_path / "x", QuantRecipe(scheme=resolve_scheme("w8a16"), algorithm="magic"))
     assert not list(tmp_path.iterdir())                               # nothing half-written
+
+
+def test_cli_exports_gptq_format(tmp_path, capsys):
+    from llmc.cli import main
+    from tests.helpers import make_checkpoint
+    src, _ = make_checkpoint(tmp_path / "src", "llama", seed=5, intermediate_size=200)
+    out = tmp_path / "gptq"
+    main(["quantize", str(src), "-o", str(out), "--scheme", "w4a16", "--group-size", "32", "--format", "gptq",
+          "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["format"] == "gptq" and r["gptq_export"]["layers"] == 2 * 7
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (cfg["quant_method"], cfg["bits"], cfg["group_size"]) == ("gptq", 4, 32)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]          # temporary removed
+    m = load_model(out)
+    assert isinstance(m.weights.get("model.layers.0.mlp.down_proj.weight"), QuantizedWeight)
+    main(["generate", str(out), "--prompt", "w5 w6 w7", "--max-tokens", "4", "--json"])
+    assert len(json.loads(capsys.readouterr().out)[0]["token_ids"]) == 4
