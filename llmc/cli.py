@@ -141,10 +141,12 @@ def quantize_cmd(
     model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory (not already quantized)."),
     output: Path = typer.Option(..., "-o", "--output", help="Quantized checkpoint directory to write (atomically)."),
     scheme: str = typer.Option(..., "--scheme", help="w8a16: int8 per-channel weights (~4x smaller than fp32); "
-                               "w4a16: int4 group-wise weights (~7x smaller). w8a8 and fp8 are planned."),
-    algo: str = typer.Option("rtn", "--algo", help="rtn (round to nearest, no calibration); gptq (Hessian-guided "
-                             "error compensation) or awq (activation-aware scales), both calibrated. smoothquant "
-                             "is planned."),
+                               "w4a16: int4 group-wise weights (~7x smaller); w8a8: int8 weights and per-token "
+                               "int8 inputs; fp8: e4m3 weights and inputs (static scales; emulated on CPU)."),
+    algo: str = typer.Option("rtn", "--algo", help="rtn (round to nearest); gptq (Hessian-guided error "
+                             "compensation) or awq (activation-aware scales) for w8a16/w4a16; smoothquant "
+                             "(outliers moved into the weights) for w8a8. All but rtn calibrate."),
+    alpha: float = typer.Option(0.5, "--alpha", help="SmoothQuant migration strength in [0, 1]."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="w4a16 group size (default 128)."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="w4a16 with zero points."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="int8|fp8 KV cache (planned)."),
@@ -165,7 +167,8 @@ def quantize_cmd(
     if kv_cache is not None:
         kv = TensorQuant(dtype={"int8": "int8", "fp8": "fp8_e4m3"}.get(kv_cache, kv_cache), granularity="channel")
     recipe = QuantRecipe(scheme=resolve_scheme(scheme, group_size, False if asymmetric else None),
-                         algorithm=algo, kv_cache=kv, calib_samples=calib_samples, calib_seqlen=calib_seqlen)
+                         algorithm=algo, kv_cache=kv, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                         smooth_alpha=alpha)
     check_recipe(recipe)
 
     started = []

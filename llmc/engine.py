@@ -44,7 +44,7 @@ def write_engine(model, out: Path, target: str, extra: dict[str, Any] | None = N
             t = model.weights.get(name)
             if isinstance(t, QuantizedWeight):                     # stays packed
                 tensors.update({k: v.contiguous() for k, v in t.tensors(name).items()})
-                entries[name] = QuantizedEntry(t.fmt, t.shape)
+                entries[name] = QuantizedEntry.of(t)
             else:
                 tensors[name] = (t.to(model.dtype) if t.is_floating_point() else t).contiguous()
         if entries:

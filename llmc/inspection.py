@@ -73,4 +73,7 @@ def _describe(q: dict[str, Any] | None) -> str | None:
     w = r["scheme"]["weight"]
     group = f", g{w['group_size']}" if w.get("group_size") else ""
     sym = "" if w.get("symmetric", True) else " asym"
-    return f"{r['scheme']['name']} {r['algorithm']} ({w['dtype']}/{w['granularity']}{group}{sym})"
+    act = r["scheme"].get("activation")
+    acts = f"; inputs {act['dtype']}/{act['granularity']}" if act else ""
+    emulated = ", emulated on CPU" if "fp8_e4m3" in (w["dtype"], (act or {}).get("dtype")) else ""
+    return f"{r['scheme']['name']} {r['algorithm']} ({w['dtype']}/{w['granularity']}{group}{sym}{acts}{emulated})"

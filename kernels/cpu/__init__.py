@@ -10,6 +10,7 @@ from llmc.kernels import register_kernel
 from llmc.kernels.cpu import native
 from llmc.kernels.cpu.attention import paged_attention
 from llmc.kernels.reference import dense
+from llmc.kernels.reference.quant import fake_quant_fp8_tensor, fake_quant_int8_rowwise
 from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
 from llmc.passes.quant.formats import QuantizedWeight, dequantize
 
@@ -75,13 +76,26 @@ def _linear_int4(x, qw, bias):
     return F.linear(x, dequantize(qw).to(x.dtype), bias)
 
 
+@register_qlinear("int8/channel+int8/token")
+def _linear_w8a8(x, qw, bias):
+    """Per-token dynamic int8 inputs times int8 weights: integer products summed in fp32."""
+    return _linear_int8(fake_quant_int8_rowwise(x), qw, bias)
+
+
+@register_qlinear("fp8_e4m3/channel+fp8_e4m3/tensor")
+def _linear_fp8(x, qw, bias):
+    """fp8 is emulated on CPU: the input goes through e4m3 with its static scale, the weight is
+    widened from e4m3, and the product runs in fp32."""
+    return F.linear(fake_quant_fp8_tensor(x, qw.act_scale), dequantize(qw).to(x.dtype), bias)
+
+
 def linear(x, weight, bias=None):
     """Quantized weights: the kernel registered for their format. Few rows (decode): the native
     streaming kernel; more rows: torch's GEMM."""
     if isinstance(weight, QuantizedWeight):
-        fn = QLINEAR.get(weight.fmt.key)
+        fn = QLINEAR.get(weight.kernel_key)
         if fn is None:
-            raise ConfigError(f"no cpu kernel for weights in format {weight.fmt.key}")
+            raise ConfigError(f"no cpu kernel for weights in format {weight.kernel_key}")
         return fn(x, weight, bias)
     if native.applies(x, weight):
         return native.linear(x, weight, bias)

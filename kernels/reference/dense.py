@@ -24,8 +24,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, group: int) -> Tensor:
 def linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
     """x [T, K] @ weight[N, K].T (+ bias [N]) -> [T, N]. A quantized weight means its dequantized
     values (passes/quant/formats.py)."""
+    from llmc.kernels.reference.quant import quantize_input
     from llmc.passes.quant.formats import QuantizedWeight, dequantize
     if isinstance(weight, QuantizedWeight):
+        if weight.act is not None:
+            x = quantize_input(x, weight.act, weight.act_scale)
         weight = dequantize(weight).to(x.dtype)
     y = x @ weight.t()
     return y if bias is None else y + bias

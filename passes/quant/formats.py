@@ -77,36 +77,51 @@ class QuantizedWeight:
     data: Tensor                        # int8 [N, K] | uint8 packed [N, ceil(K/2)] | float8 [N, K]
     scale: Tensor                       # fp32 [N, 1] (channel), [N, G] (group) or [1, 1] (tensor)
     zero: Tensor | None = None          # uint8 [N, G] zero points (int4 only)
+    act: TensorQuant | None = None      # how the input is quantized at run time (None: it is not)
+    act_scale: Tensor | None = None     # fp32 [1] static per-tensor input scale (calibrated)
 
-    SUFFIXES = ("qdata", "scale", "zero")
+    SUFFIXES = ("qdata", "scale", "zero", "act_scale")
+
+    @property
+    def kernel_key(self) -> str:
+        """The kernel registry key: weight format, and the input's format when it is quantized."""
+        return self.fmt.key if self.act is None else f"{self.fmt.key}+{self.act.key}"
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self).to(dtype)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero, self.act_scale)
+                   if t is not None)
 
     def tensors(self, name: str) -> dict[str, Tensor]:
         out = {f"{name}.qdata": self.data, f"{name}.scale": self.scale}
         if self.zero is not None:
             out[f"{name}.zero"] = self.zero
+        if self.act_scale is not None:
+            out[f"{name}.act_scale"] = self.act_scale
         return out
 
     @classmethod
     def from_tensors(cls, fmt: TensorQuant, shape: tuple[int, int], data: Tensor, scale: Tensor,
-                     zero: Tensor | None) -> "QuantizedWeight":
-        return cls(fmt=fmt, shape=(int(shape[0]), int(shape[1])), data=data, scale=scale.float(), zero=zero)
+                     zero: Tensor | None, act: TensorQuant | None = None,
+                     act_scale: Tensor | None = None) -> "QuantizedWeight":
+        return cls(fmt=fmt, shape=(int(shape[0]), int(shape[1])), data=data, scale=scale.float(), zero=zero,
+                   act=act, act_scale=None if act_scale is None else act_scale.float())
 
     @staticmethod
     def cat_rows(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
-        """Stack weights of one format along N (fused q/k/v or gate/up)."""
-        fmt, k = parts[0].fmt, parts[0].shape[1]
-        if any(p.fmt != fmt or p.shape[1] != k for p in parts) or fmt.granularity == "tensor":
+        """Stack weights of one format along N (fused q/k/v or gate/up: one shared input)."""
+        fmt, k, act = parts[0].fmt, parts[0].shape[1], parts[0].act
+        if any(p.fmt != fmt or p.shape[1] != k or p.act != act for p in parts) or fmt.granularity == "tensor":
             raise ValueError("only channel- or group-wise weights of one format and width stack")
+        act_scale = None
+        if parts[0].act_scale is not None:      # one input, so one scale; take the largest to be safe
+            act_scale = torch.stack([p.act_scale.reshape(()) for p in parts]).amax().reshape(1)
         zero = torch.cat([p.zero for p in parts]) if parts[0].zero is not None else None
         return QuantizedWeight(fmt, (sum(p.shape[0] for p in parts), k), torch.cat([p.data for p in parts]),
-                               torch.cat([p.scale for p in parts]), zero)
+                               torch.cat([p.scale for p in parts]), zero, act, act_scale)
 
 
 def params(x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:

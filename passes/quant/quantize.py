@@ -12,7 +12,7 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,19 +35,22 @@ class InputStats:
     """What calibration saw at one linear input: sum of x x^T, sum of |x|, and a row sample."""
     hessian: torch.Tensor | None
     abs_sum: torch.Tensor
+    abs_max: torch.Tensor
     sample: list[torch.Tensor]
     count: int = 0
     SAMPLE_ROWS = 512
 
     @classmethod
     def new(cls, width: int, hessian: bool) -> "InputStats":
-        return cls(torch.zeros(width, width, dtype=torch.float64) if hessian else None, torch.zeros(width), [])
+        return cls(torch.zeros(width, width, dtype=torch.float64) if hessian else None, torch.zeros(width),
+                   torch.zeros(width), [])
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
         if self.hessian is not None:
             self.hessian += (x.T @ x).double()
         self.abs_sum += x.abs().sum(dim=0)
+        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(dim=0))
         have = sum(len(t) for t in self.sample)
         if have < self.SAMPLE_ROWS:
             self.sample.append(x[: self.SAMPLE_ROWS - have].clone())
@@ -73,6 +76,8 @@ class LayerWork:
     fmt: TensorQuant
     targets: set[str]                         # weights to quantize (not skipped)
     arch: object
+    recipe: QuantRecipe | None = None
+    smooth: dict[str, torch.Tensor] = field(default_factory=dict)   # input -> s: consumers now see x / s
 
 
 LayerAlgorithm = Callable[[LayerWork], dict[str, QuantizedWeight]]
@@ -87,7 +92,7 @@ class AlgorithmSpec:
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {}
-PLANNED_ALGORITHMS = ("smoothquant",)
+PLANNED_ALGORITHMS: tuple[str, ...] = ()
 
 
 def register_algorithm(name: str, schemes: tuple[str, ...], calibrated: bool, hessian: bool = False):
@@ -99,7 +104,7 @@ def register_algorithm(name: str, schemes: tuple[str, ...], calibrated: bool, he
     return add
 
 
-@register_algorithm("rtn", schemes=("w8a16", "w4a16"), calibrated=False)
+@register_algorithm("rtn", schemes=("w8a16", "w4a16", "w8a8", "fp8"), calibrated=False)
 def rtn(work: LayerWork) -> dict[str, QuantizedWeight]:
     """Round to nearest: each weight on its own, no calibration."""
     return {name: quantize(work.fp[name], work.fmt, name) for name, _ in work.linears if name in work.targets}
@@ -112,29 +117,77 @@ def gptq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
             for name, x in work.linears if name in work.targets}
 
 
+def _by_input(work: LayerWork) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name, x in work.linears:
+        if name in work.targets:
+            groups.setdefault(x, []).append(name)
+    return groups
+
+
+def _scale_input(work: LayerWork, x: str, names: list[str], s: torch.Tensor, fold) -> None:
+    """Consumers of x get columns * s; the producer of x gets 1/s (so the layer computes the same)."""
+    for n in names:
+        work.fp[n] = work.fp[n] * s
+    kind, target, bias = fold
+    work.fp[target] = work.fp[target] / (s if kind == "norm" else s[:, None])
+    if bias is not None:
+        work.fp[bias] = work.fp[bias] / s
+    work.smooth[x] = work.smooth.get(x, torch.ones_like(s)) * s
+
+
+def _quantize_targets(work: LayerWork) -> dict[str, QuantizedWeight]:
+    return {name: quantize(work.fp[name], work.fmt, name) for name, _ in work.linears if name in work.targets}
+
+
 @register_algorithm("awq", schemes=("w8a16", "w4a16"), calibrated=True)
 def awq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
     """Per shared input, in graph order: search the scales, scale the consumers' columns by s and
     fold 1/s into the producer (norm weight, or the rows of the linear feeding it); then quantize.
     Inputs with nowhere to fold 1/s keep s = 1 (plain RTN)."""
     from llmc.passes.quant.awq import search_scale
-    by_input: dict[str, list[str]] = {}
-    for name, x in work.linears:
-        if name in work.targets:
-            by_input.setdefault(x, []).append(name)
-    for x, names in by_input.items():
+    for x, names in _by_input(work).items():
+        fold = _fold_target(work, x)
+        if fold is not None:
+            stats = work.stats[x]
+            s, _, _ = search_scale(stats.rows, stats.absmean, [work.fp[n] for n in names], work.fmt)
+            _scale_input(work, x, names, s, fold)
+    return _quantize_targets(work)
+
+
+@register_algorithm("smoothquant", schemes=("w8a8",), calibrated=True)
+def smoothquant_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
+    """SmoothQuant (Xiao et al., 2022): s = max|x|^a / max|w|^(1-a) per input channel moves the
+    activations' outliers into the weights, where per-channel int8 absorbs them; folded like AWQ."""
+    alpha = work.recipe.smooth_alpha if work.recipe is not None else 0.5
+    for x, names in _by_input(work).items():
         fold = _fold_target(work, x)
         if fold is None:
             continue
-        stats = work.stats[x]
-        s, _, _ = search_scale(stats.rows, stats.absmean, [work.fp[n] for n in names], work.fmt)
-        for n in names:
-            work.fp[n] = work.fp[n] * s
-        kind, target, bias = fold
-        work.fp[target] = work.fp[target] / (s if kind == "norm" else s[:, None])
-        if bias is not None:
-            work.fp[bias] = work.fp[bias] / s
-    return {name: quantize(work.fp[name], work.fmt, name) for name, _ in work.linears if name in work.targets}
+        amax_x = work.stats[x].abs_max.clamp(min=1e-5)
+        amax_w = torch.stack([work.fp[n].abs().amax(dim=0) for n in names]).amax(dim=0).clamp(min=1e-5)
+        s = (amax_x.pow(alpha) / amax_w.pow(1 - alpha)).clamp(min=1e-5)
+        _scale_input(work, x, names, s, fold)
+    return _quantize_targets(work)
+
+
+def attach_activation_format(work: LayerWork, quantized: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    """Record how each quantized linear's input is quantized at run time; static (per-tensor)
+    formats get their scale from the calibration maxima of the input (as smoothed)."""
+    act = work.recipe.scheme.activation if work.recipe is not None else None
+    if act is None:
+        return quantized
+    out = {}
+    for name, x in work.linears:
+        if name not in quantized:
+            continue
+        scale = None
+        if act.granularity == "tensor":
+            amax = work.stats[x].abs_max / work.smooth.get(x, 1.0)
+            top = 448.0 if act.dtype == "fp8_e4m3" else 127.0
+            scale = (amax.max() / top).clamp(min=1e-12).reshape(1)
+        out[name] = replace(quantized[name], act=act, act_scale=scale)
+    return out
 
 
 def _fold_target(work: LayerWork, x: str):
@@ -241,7 +294,8 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     skip = [n for n in graph.weight_names()
             if n in linear_names and any(fnmatch.fnmatch(n, p) for p in recipe.scheme.skip)]
     runner = calibration = hidden = None
-    if spec.calibrated:
+    act = recipe.scheme.activation
+    if spec.calibrated or (act is not None and act.granularity == "tensor"):     # static input scales
         data = load_calibration(Tokenizer(src), Path(calib) if calib else None, recipe.calib_samples,
                                 recipe.calib_seqlen)
         calibration = data.provenance
@@ -260,7 +314,8 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
             work = LayerWork(fp={n: t.float() for n, t in original.items()},
                              linears=[(n.inputs[1], n.inputs[0]) for n in nodes if n.op == "linear"],
                              producers=producers, stats={}, fmt=recipe.scheme.weight,
-                             targets={n for n in names if n in linear_names and n not in skip}, arch=arch)
+                             targets={n for n in names if n in linear_names and n not in skip}, arch=arch,
+                             recipe=recipe)
             reference_fp = dict(work.fp)
             out_sqnr = None
             if runner is not None and nodes:
@@ -272,7 +327,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                     fp_out.append(h)
                     for x in inputs:
                         work.stats[x].add(caps[x])
-            quantized = spec.fn(work)
+            quantized = attach_activation_format(work, spec.fn(work))
             if runner is not None and nodes:                 # true sequential: the next layer sees these
                 weights = {**work.fp, **quantized}
                 hidden = [h for h, _ in runner.run(i, hidden, weights.__getitem__)]
@@ -283,7 +338,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                     qw = quantized[name]
                     sqnrs.append(sqnr_db(work.fp[name], dequantize(qw)))   # vs what was quantized
                     tensors.update(qw.tensors(name))
-                    entries[name] = QuantizedEntry(qw.fmt, qw.shape)
+                    entries[name] = QuantizedEntry.of(qw)
                 elif work.fp[name] is reference_fp[name]:
                     tensors[name] = original[name].contiguous()          # untouched: as stored
                 else:

@@ -62,11 +62,17 @@ class QuantRecipe:                                     # how we get there
     kv_cache: TensorQuant | None = None
     calib_samples: int = 128
     calib_seqlen: int = 512
+    smooth_alpha: float = 0.5                          # SmoothQuant's migration strength
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.smooth_alpha <= 1:
+            raise ConfigError(f"the SmoothQuant alpha must be in [0, 1], got {self.smooth_alpha}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme.to_dict(), "algorithm": self.algorithm,
                 "kv_cache": self.kv_cache.to_dict() if self.kv_cache else None,
-                "calib_samples": self.calib_samples, "calib_seqlen": self.calib_seqlen}
+                "calib_samples": self.calib_samples, "calib_seqlen": self.calib_seqlen,
+                "smooth_alpha": self.smooth_alpha}
 
 
 W8A16 = QuantScheme(name="w8a16", weight=TensorQuant(dtype="int8", granularity="channel"))

@@ -25,13 +25,22 @@ FORMAT_VERSION = 1
 class QuantizedEntry:
     fmt: TensorQuant
     shape: tuple[int, int]
+    act: TensorQuant | None = None            # the input's run-time format, when it is quantized
+
+    @classmethod
+    def of(cls, qw: QuantizedWeight) -> "QuantizedEntry":
+        return cls(qw.fmt, qw.shape, qw.act)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.fmt.to_dict(), "shape": list(self.shape)}
+        d = {"format": self.fmt.to_dict(), "shape": list(self.shape)}
+        if self.act is not None:
+            d["activation"] = self.act.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "QuantizedEntry":
-        return cls(TensorQuant(**d["format"]), (int(d["shape"][0]), int(d["shape"][1])))
+        act = TensorQuant(**d["activation"]) if d.get("activation") else None
+        return cls(TensorQuant(**d["format"]), (int(d["shape"][0]), int(d["shape"][1])), act)
 
 
 def entries_from_manifest(section: Mapping[str, Any], where: str) -> dict[str, QuantizedEntry]:
@@ -73,9 +82,11 @@ class QuantizedStore:
         if name not in self.entries:
             return self.base.get(name)
         e = self.entries[name]
-        zero = self.base.get(f"{name}.zero") if f"{name}.zero" in self.base else None
+        def optional(part: str):
+            return self.base.get(f"{name}.{part}") if f"{name}.{part}" in self.base else None
         return QuantizedWeight.from_tensors(e.fmt, e.shape, self.base.get(f"{name}.qdata"),
-                                            self.base.get(f"{name}.scale"), zero)
+                                            self.base.get(f"{name}.scale"), optional("zero"), e.act,
+                                            optional("act_scale"))
 
     def nbytes(self) -> int:
         return self.base.nbytes()

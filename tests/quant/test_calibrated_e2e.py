@@ -63,3 +63,16 @@ def test_calibration_file_errors(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message):
         quantize_checkpoint(STORIES, tmp_path / "out", recipe("gptq"), calib=calib)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheme,algo,bound", [("w8a8", "rtn", 0.01), ("w8a8", "smoothquant", 0.01),
+                                               ("fp8", "rtn", 0.03)])
+def test_activation_schemes_stay_close_to_fp32(tmp_path, scheme, algo, bound):
+    from llmc.inspection import inspect
+    r = QuantRecipe(scheme=resolve_scheme(scheme), algorithm=algo, calib_samples=16, calib_seqlen=256)
+    quantize_checkpoint(STORIES, tmp_path / "q", r)
+    q = quality(tmp_path / "q", STORIES, TEXT, seqlen=256, max_tokens=6000)
+    assert abs(q.perplexity / q.reference_perplexity - 1) < bound
+    assert 0 < q.kl_divergence
+    if scheme == "fp8":
+        assert "emulated on CPU" in inspect(tmp_path / "q").quantization
