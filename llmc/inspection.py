@@ -25,6 +25,7 @@ class InspectReport:
     compute_dtype: str
     bytes_on_disk: int
     kv_cache_bytes_per_token: int
+    kv_cache_dtype: str
     rope: dict[str, Any]
     tie_word_embeddings: bool
     sliding_window: int | None
@@ -57,7 +58,8 @@ def inspect(path: Path | str) -> InspectReport:
         vocab_size=a.vocab_size, max_position_embeddings=a.max_position_embeddings, parameters=params,
         dtype=dtypes.most_common(1)[0][0], compute_dtype=str(m.dtype).removeprefix("torch."),
         bytes_on_disk=sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
-        kv_cache_bytes_per_token=KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, m.dtype).bytes_per_token,
+        kv_cache_bytes_per_token=KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, m.kv_dtype).bytes_per_token,
+        kv_cache_dtype=str(m.kv_dtype).removeprefix("torch."),
         rope=a.to_dict()["rope"], tie_word_embeddings=a.tie_word_embeddings,
         sliding_window=max(windows) if windows else None,
         target=(m.manifest or {}).get("target"), graph_nodes=len(m.graph.nodes),
@@ -75,5 +77,7 @@ def _describe(q: dict[str, Any] | None) -> str | None:
     sym = "" if w.get("symmetric", True) else " asym"
     act = r["scheme"].get("activation")
     acts = f"; inputs {act['dtype']}/{act['granularity']}" if act else ""
-    emulated = ", emulated on CPU" if "fp8_e4m3" in (w["dtype"], (act or {}).get("dtype")) else ""
+    kv = r.get("kv_cache")
+    acts += f"; KV cache {kv['dtype']}" if kv else ""
+    emulated = ", emulated on CPU" if "fp8_e4m3" in (w["dtype"], (act or {}).get("dtype"), (kv or {}).get("dtype")) else ""
     return f"{r['scheme']['name']} {r['algorithm']} ({w['dtype']}/{w['granularity']}{group}{sym}{acts}{emulated})"

@@ -39,6 +39,15 @@ class Model:
         from llmc.runtime.executor import Executor
         return Executor(self.graph, self.weights.get, kernels=kernels, dtype=self.dtype)
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """What the paged KV cache stores: the compute dtype, or the recipe's quantized KV format."""
+        kv = ((self.quantization or {}).get("recipe") or {}).get("kv_cache")
+        if kv is None:
+            return self.dtype
+        from llmc.kernels.reference.kv_quant import KV_DTYPES
+        return KV_DTYPES[kv["dtype"]]
+
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return {w: self.weights.shape(w) for w in self.graph.weight_names()}
 
@@ -88,9 +97,18 @@ def load_checkpoint(p: Path, passes: tuple[str, ...] | None = None) -> Model:
         verify(graph, shapes)
     except GraphError as e:
         raise ModelFormatError(f"{p}: tensor shapes do not match config.json: {e}") from None
-    graph, records = PassManager(DEFAULT_PIPELINE if passes is None else passes).run(graph, shapes)
+    pipeline = tuple(DEFAULT_PIPELINE if passes is None else passes)
+    if ((quantization or {}).get("recipe") or {}).get("kv_cache") and "kv-cache-scales" not in pipeline:
+        pipeline += ("kv-cache-scales",)
+        shapes.update({w: store.shape(w) for i in range(arch.num_layers) for w in _kv_names(i) if w in store})
+    graph, records = PassManager(pipeline).run(graph, shapes)
     return Model(path=p, kind="hf", arch=arch, graph=graph, weights=store, tokenizer=Tokenizer(p),
                  passes=records, quantization=_summary(quantization))
+
+
+def _kv_names(layer: int) -> tuple[str, str]:
+    from llmc.passes.kv_cache import kv_scale_names
+    return kv_scale_names(layer)
 
 
 def _summary(q: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -83,6 +83,7 @@ def _rope(a, v, w):
 def _attention(a, v, w):
     q, k, val = v
     d = a["head_dim"]
+    _need(all(ws == (a["num_kv_heads"],) for ws in w), f"KV-cache scales {w} != ({a['num_kv_heads']},)")
     _need(q[-1] == a["num_heads"] * d, f"q {q} != {a['num_heads']} heads x {d}")
     _need(k[-1] == val[-1] == a["num_kv_heads"] * d, f"k {k} / v {val} != {a['num_kv_heads']} kv heads x {d}")
     _need(a["num_heads"] % a["num_kv_heads"] == 0, "num_heads must be a multiple of num_kv_heads")
@@ -111,9 +112,10 @@ register_op(OpSpec("silu_mul", 2, (), 1, (), _same, "silu(g) * u"))
 register_op(OpSpec("gate_up_silu", 1, ("w_gate", "w_up"), 1, (), _gate_up_silu,
                    "silu(x @ w_gate.T) * (x @ w_up.T), as one matmul"))
 register_op(OpSpec("rope", 3, (), 2, ROPE_ATTRS, _rope, "rotary embedding of q and k (rotate-half layout)"))
-register_op(OpSpec("attention", 3, (), 1,
+register_op(OpSpec("attention", 3, ("k_scale?", "v_scale?"), 1,
                    (("layer", I), ("num_heads", I), ("num_kv_heads", I), ("head_dim", I), ("scale", F),
                     ("sliding_window", OPT_I)),
-                   _attention, "writes k, v into the paged KV cache, then causal attention per sequence"))
+                   _attention, "writes k, v into the paged KV cache (quantized per KV head with the "
+                               "optional scales), then causal attention per sequence"))
 register_op(OpSpec("logits", 1, ("weight",), 1, (), _logits,
                    "h @ weight.T for each sequence's last token (or every token when asked)"))

@@ -64,7 +64,7 @@ CASES = {
     "unknown scheme": (lambda c: ["quantize", str(STORIES), "-o", str(c["root"] / "o4"), "--scheme", "w3a16"],
                        "unknown scheme"),
     "scheme/algo combination": (lambda c: ["quantize", str(STORIES), "-o", str(c["root"] / "o5"), "--scheme",
-                                           "w8a8", "--algo", "rtn"], "does not produce scheme"),
+                                           "w4a16", "--algo", "smoothquant"], "does not produce scheme"),
     "group size on a per-channel scheme": (lambda c: ["quantize", str(STORIES), "-o", str(c["root"] / "o6"),
                                                       "--scheme", "w8a16", "--group-size", "64"], "group-wise"),
     "already quantized": (lambda c: ["quantize", str(c["quantized"]), "-o", str(c["root"] / "o7"), "--scheme",

@@ -168,9 +168,10 @@ def _inv_freq(head_dim, items):
 
 
 @register_kernel("attention", C)
-def _attention(ctx, q, k, v, *, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window):
+def _attention(ctx, q, k, v, k_scale=None, v_scale=None, *, layer, num_heads, num_kv_heads, head_dim, scale,
+               sliding_window):
     return paged_attention(q, k, v, ctx.kv.k[layer], ctx.kv.v[layer], ctx.batch, num_heads, num_kv_heads,
-                           head_dim, scale, sliding_window)
+                           head_dim, scale, sliding_window, k_scale, v_scale)
 
 
 @register_kernel("logits", C)

@@ -56,11 +56,12 @@ def _rope(ctx, q, k, positions, *, head_dim, **params):
 
 
 @register_kernel("attention", R)
-def _attention(ctx, q, k, v, *, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window):
+def _attention(ctx, q, k, v, k_scale=None, v_scale=None, *, layer, num_heads, num_kv_heads, head_dim, scale,
+               sliding_window):
     b = ctx.batch
     return paged_attention(q, k, v, ctx.kv.k[layer], ctx.kv.v[layer], b.slot_mapping, b.query_lens,
                            b.context_lens, b.block_tables, num_heads, num_kv_heads, head_dim, scale,
-                           sliding_window)
+                           sliding_window, k_scale, v_scale)
 
 
 @register_kernel("logits", R)

@@ -55,7 +55,7 @@ class _Scorer:
         a = model.arch
         self.executor = model.executor(kernels)
         self.block = 16
-        self.kv = PagedKVCache(KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, model.dtype),
+        self.kv = PagedKVCache(KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, model.kv_dtype),
                                num_blocks=-(-seqlen // self.block), block_size=self.block)
 
     def logprobs(self, ids: list[int]) -> torch.Tensor:

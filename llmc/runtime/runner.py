@@ -43,7 +43,7 @@ class Runner:
         self.model, self.cfg = model, cfg
         self.executor = model.executor(cfg.kernels)
         arch = model.arch
-        spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim, model.dtype)
+        spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim, model.kv_dtype)
         self.max_model_len = arch.max_position_embeddings
         num_blocks = cfg.num_blocks
         if num_blocks is None:

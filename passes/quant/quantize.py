@@ -222,8 +222,8 @@ def check_recipe(recipe: QuantRecipe) -> AlgorithmSpec:
     if scheme not in spec.schemes:
         raise ConfigError(f"algorithm {algo!r} does not produce scheme {scheme!r}",
                           hint=f"{algo} serves: {', '.join(spec.schemes)}")
-    if recipe.kv_cache is not None:
-        raise ConfigError("KV-cache quantization is not available in this version of llmc")
+    if recipe.kv_cache is not None and recipe.kv_cache.dtype not in ("int8", "fp8_e4m3"):
+        raise ConfigError(f"the KV cache can be int8 or fp8, not {recipe.kv_cache.dtype}")
     return spec
 
 
@@ -272,6 +272,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     """Quantize every linear of the decoder (but the scheme's `skip` patterns) with the recipe's
     algorithm; calibrated algorithms walk the layers in order on the calibration text."""
     from llmc.model import check_path
+    from llmc.passes.kv_cache import kv_scale_names
     from llmc.passes.quant.calibrate import LayerRunner, layer_nodes, load_calibration
     from llmc.tokenizer import Tokenizer
 
@@ -295,7 +296,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
             if n in linear_names and any(fnmatch.fnmatch(n, p) for p in recipe.scheme.skip)]
     runner = calibration = hidden = None
     act = recipe.scheme.activation
-    if spec.calibrated or (act is not None and act.granularity == "tensor"):     # static input scales
+    if spec.calibrated or (act is not None and act.granularity == "tensor") or recipe.kv_cache is not None:
         data = load_calibration(Tokenizer(src), Path(calib) if calib else None, recipe.calib_samples,
                                 recipe.calib_seqlen)
         calibration = data.provenance
@@ -321,18 +322,27 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
             if runner is not None and nodes:
                 i = int(layer)
                 inputs = tuple(dict.fromkeys(x for _, x in work.linears))
+                kv_values = (f"l{i}.kr", f"l{i}.v") if recipe.kv_cache is not None else ()
+                kv_max = [torch.zeros(arch.num_kv_heads), torch.zeros(arch.num_kv_heads)]
                 work.stats = {x: InputStats.new(_width(work, x), spec.hessian) for x in inputs}
                 fp_out = []
-                for h, caps in runner.run(i, hidden, work.fp.__getitem__, capture=inputs):
+                for h, caps in runner.run(i, hidden, work.fp.__getitem__, capture=inputs + kv_values):
                     fp_out.append(h)
                     for x in inputs:
                         work.stats[x].add(caps[x])
+                    for j, v in enumerate(kv_values):       # per KV head absmax of what the cache stores
+                        heads = caps[v].reshape(len(caps[v]), arch.num_kv_heads, arch.head_dim)
+                        kv_max[j] = torch.maximum(kv_max[j], heads.abs().amax(dim=(0, 2)))
             quantized = attach_activation_format(work, spec.fn(work))
             if runner is not None and nodes:                 # true sequential: the next layer sees these
                 weights = {**work.fp, **quantized}
                 hidden = [h for h, _ in runner.run(i, hidden, weights.__getitem__)]
                 out_sqnr = sqnr_db(torch.cat(fp_out), torch.cat(hidden))
             tensors, sqnrs = {}, []
+            if recipe.kv_cache is not None and nodes:
+                top = 127.0 if recipe.kv_cache.dtype == "int8" else 448.0
+                for scale_name, amax in zip(kv_scale_names(i), kv_max):
+                    tensors[scale_name] = (amax / top).clamp(min=1e-8).float()
             for name in names:
                 if name in quantized:
                     qw = quantized[name]

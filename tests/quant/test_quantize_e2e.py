@@ -84,11 +84,11 @@ def test_errors(quantized, tmp_path):
     path, _ = quantized["w8a16"]
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_checkpoint(path, tmp_path / "x", recipe("w8a16"))
-    with pytest.raises(ConfigError, match="not available"):
-        quantize_checkpoint(STORIES, tmp_path / "x", QuantRecipe(scheme=resolve_scheme("w8a8"),
+    with pytest.raises(ConfigError, match="does not produce scheme 'w4a16'"):
+        quantize_checkpoint(STORIES, tmp_path / "x", QuantRecipe(scheme=resolve_scheme("w4a16"),
                                                                  algorithm="smoothquant"))
-    with pytest.raises(ConfigError, match="does not produce scheme 'w8a8'"):
-        quantize_checkpoint(STORIES, tmp_path / "x", QuantRecipe(scheme=resolve_scheme("w8a8")))
+    with pytest.raises(ConfigError, match="does not produce scheme 'fp8'"):
+        quantize_checkpoint(STORIES, tmp_path / "x", QuantRecipe(scheme=resolve_scheme("fp8"), algorithm="gptq"))
     with pytest.raises(ConfigError, match="unknown algorithm"):
         quantize_checkpoint(STORIES, tmp_path / "x", QuantRecipe(scheme=resolve_scheme("w8a16"), algorithm="magic"))
     assert not list(tmp_path.iterdir())                               # nothing half-written
