@@ -157,6 +157,8 @@ def quantize_cmd(
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sample."),
     fmt: str = typer.Option("llmc", "--format", help="llmc (default) or gptq: the qweight/qzeros/scales/g_idx "
                             "layout transformers, vLLM and GPTQModel read (scales rounded to fp16)."),
+    requantize: bool = typer.Option(False, "--requantize", help="Accept an already-quantized MODEL: its weights "
+                                    "are dequantized first (errors compound; prefer the original)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -196,7 +198,8 @@ def quantize_cmd(
     target = output if fmt == "llmc" else output.with_name(f".{output.name}.llmc-tmp")
     export = None
     try:
-        r = quantize_checkpoint(model, target, recipe, force=force or fmt == "gptq", calib=calib, on_layer=progress)
+        r = quantize_checkpoint(model, target, recipe, force=force or fmt == "gptq", calib=calib,
+                                allow_requantize=requantize, on_layer=progress)
         if fmt == "gptq":
             from llmc.passes.quant.gptq_format import export_gptq
             export = export_gptq(target, output, round_scales=True, force=force)

@@ -40,6 +40,8 @@ def broken(tmp_path_factory):
     quantized = root / "q8"
     assert llmc("quantize", str(STORIES), "-o", str(quantized), "--scheme", "w8a16").returncode == 0
     cases["quantized"] = quantized
+    (root / "empty.txt").write_text("")
+    cases["empty_calib"] = root / "empty.txt"
     cases["root"] = root
     return cases
 
@@ -67,6 +69,11 @@ CASES = {
                                            "w4a16", "--algo", "smoothquant"], "does not produce scheme"),
     "group size on a per-channel scheme": (lambda c: ["quantize", str(STORIES), "-o", str(c["root"] / "o6"),
                                                       "--scheme", "w8a16", "--group-size", "64"], "group-wise"),
+    "calibration file missing": (lambda c: ["quantize", str(STORIES), "-o", str(c["root"] / "o8"), "--scheme",
+                                            "w4a16", "--algo", "gptq", "--calib", str(c["root"] / "nope.txt")],
+                                 "calibration file not found"),
+    "calibration file empty": (lambda c: ["quantize", str(STORIES), "-o", str(c["root"] / "o9"), "--scheme",
+                                          "w4a16", "--algo", "awq", "--calib", str(c["empty_calib"])], "is empty"),
     "already quantized": (lambda c: ["quantize", str(c["quantized"]), "-o", str(c["root"] / "o7"), "--scheme",
                                      "w4a16"], "already quantized"),
 }

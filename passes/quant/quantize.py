@@ -282,11 +282,15 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     cfg = read_json(src / "config.json", "config.json")
     if "quantization_config" in cfg and not allow_requantize:
         raise ConfigError(f"{src} is already quantized ({cfg['quantization_config'].get('quant_method')})",
-                          hint="quantize the original checkpoint")
+                          hint="quantize the original checkpoint, or pass --requantize")
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists", hint="pass --force to replace it")
     arch = parse_arch(cfg)
     store = WeightStore.open(src)
+    if "quantization_config" in cfg:               # asked explicitly: start from the dequantized weights
+        from llmc.model import load_checkpoint
+        store = DequantizedView(load_checkpoint(src, passes=()).weights)
+        cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
     graph = build_decoder_graph(arch)
     missing = [n for n in graph.weight_names() if n not in store]
     if missing:
@@ -376,6 +380,23 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                           seconds=time.perf_counter() - t0,
                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                           bytes_in=store.nbytes(), bytes_out=bytes_out, skipped=skip, calibration=calibration)
+
+
+class DequantizedView:
+    """A quantized checkpoint's weights, dequantized to fp32 on read (re-quantization)."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.store
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.store.get(name)
+        return dequantize(t) if isinstance(t, QuantizedWeight) else t
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
 
 
 def _width(work: LayerWork, x: str) -> int:

@@ -80,6 +80,14 @@ def test_checkpoint_engine_and_kernel_sets_agree(quantized, tmp_path):
         generate(engine, [PROMPT], p, RuntimeConfig(kernels="reference")).completions[0].token_ids
 
 
+def test_requantize_when_asked(quantized, tmp_path):
+    path, _ = quantized["w8a16"]
+    res = quantize_checkpoint(path, tmp_path / "again", recipe("w4a16", group_size=32), allow_requantize=True)
+    assert res.layers[0].quantized == 7
+    text = generate(tmp_path / "again", [PROMPT], SamplingParams(max_tokens=8)).completions[0].text
+    assert text.startswith(", there was")
+
+
 def test_errors(quantized, tmp_path):
     path, _ = quantized["w8a16"]
     with pytest.raises(ConfigError, match="already quantized"):
