@@ -1,0 +1,41 @@
+"""The second golden model (stdlib-llama, 5M parameters, trained by golden/make_stdlib_llama.py)."""
+from __future__ import annotations
+
+import pytest
+
+from llmc.bench.quality import quality
+from llmc.model import load_model
+from llmc.passes.quant.formats import QuantizedWeight
+from llmc.passes.quant.quantize import quantize_checkpoint
+from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
+from tests.helpers import GOLDEN
+
+MODEL = GOLDEN / "stdlib-llama"
+TEXT = MODEL / "validation.txt"
+
+
+def test_documented_validation_perplexity():
+    """TRAINING.json records 51.7111 over the first 16,384 tokens of validation.txt (256-token windows)."""
+    r = quality(MODEL, MODEL, TEXT, seqlen=257, max_tokens=16384)
+    assert r.tokens == 16384 and r.perplexity == pytest.approx(51.7111, abs=5e-4)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stdlib")
+    for algo in ("rtn", "gptq", "awq"):
+        recipe = QuantRecipe(scheme=resolve_scheme("w4a16", group_size=128), algorithm=algo, calib_samples=16,
+                             calib_seqlen=256)
+        quantize_checkpoint(MODEL, root / algo, recipe, calib=MODEL / "calibration.txt")
+    return root
+
+
+def test_group_128_with_a_partial_last_group(quantized):
+    down = load_model(quantized / "rtn").weights.get("model.layers.0.mlp.down_proj.weight")
+    assert isinstance(down, QuantizedWeight) and down.shape == (256, 688) and down.scale.shape == (256, 6)
+
+
+def test_gptq_and_awq_beat_rtn_at_group_128(quantized):
+    q = {a: quality(quantized / a, MODEL, TEXT, seqlen=256, max_tokens=4096) for a in ("rtn", "gptq", "awq")}
+    assert q["gptq"].perplexity < q["rtn"].perplexity and q["awq"].perplexity < q["rtn"].perplexity
+    assert q["gptq"].kl_divergence < q["rtn"].kl_divergence and q["awq"].kl_divergence < q["rtn"].kl_divergence
