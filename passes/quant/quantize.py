@@ -322,41 +322,20 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                              targets={n for n in names if n in linear_names and n not in skip}, arch=arch,
                              recipe=recipe)
             reference_fp = dict(work.fp)
-            out_sqnr = None
+            out_sqnr, kv_max = None, None
             if runner is not None and nodes:
-                i = int(layer)
-                inputs = tuple(dict.fromkeys(x for _, x in work.linears))
-                kv_values = (f"l{i}.kr", f"l{i}.v") if recipe.kv_cache is not None else ()
-                kv_max = [torch.zeros(arch.num_kv_heads), torch.zeros(arch.num_kv_heads)]
-                work.stats = {x: InputStats.new(_width(work, x), spec.hessian) for x in inputs}
-                fp_out = []
-                for h, caps in runner.run(i, hidden, work.fp.__getitem__, capture=inputs + kv_values):
-                    fp_out.append(h)
-                    for x in inputs:
-                        work.stats[x].add(caps[x])
-                    for j, v in enumerate(kv_values):       # per KV head absmax of what the cache stores
-                        heads = caps[v].reshape(len(caps[v]), arch.num_kv_heads, arch.head_dim)
-                        kv_max[j] = torch.maximum(kv_max[j], heads.abs().amax(dim=(0, 2)))
+                fp_out, kv_max = _calibrate_layer(runner, int(layer), hidden, work, spec,
+                                                  recipe.kv_cache is not None)
             quantized = attach_activation_format(work, spec.fn(work))
             if runner is not None and nodes:                 # true sequential: the next layer sees these
                 weights = {**work.fp, **quantized}
-                hidden = [h for h, _ in runner.run(i, hidden, weights.__getitem__)]
+                hidden = [h for h, _ in runner.run(int(layer), hidden, weights.__getitem__)]
                 out_sqnr = sqnr_db(torch.cat(fp_out), torch.cat(hidden))
-            tensors, sqnrs = {}, []
-            if recipe.kv_cache is not None and nodes:
+            tensors, sqnrs = _layer_tensors(names, original, reference_fp, work, quantized, entries)
+            if kv_max is not None:
                 top = 127.0 if recipe.kv_cache.dtype == "int8" else 448.0
-                for scale_name, amax in zip(kv_scale_names(i), kv_max):
+                for scale_name, amax in zip(kv_scale_names(int(layer)), kv_max):
                     tensors[scale_name] = (amax / top).clamp(min=1e-8).float()
-            for name in names:
-                if name in quantized:
-                    qw = quantized[name]
-                    sqnrs.append(sqnr_db(work.fp[name], dequantize(qw)))   # vs what was quantized
-                    tensors.update(qw.tensors(name))
-                    entries[name] = QuantizedEntry.of(qw)
-                elif work.fp[name] is reference_fp[name]:
-                    tensors[name] = original[name].contiguous()          # untouched: as stored
-                else:
-                    tensors[name] = work.fp[name].to(original[name].dtype).contiguous()   # rescaled (AWQ)
             shard = f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors"
             save_file(tensors, str(tmp / shard), metadata={"format": "pt", "producer": f"llmc {__version__}"})
             weight_map.update({k: shard for k in tensors})
@@ -397,6 +376,45 @@ class DequantizedView:
 
     def nbytes(self) -> int:
         return self.store.nbytes()
+
+
+def _calibrate_layer(runner, i: int, hidden: list[torch.Tensor], work: LayerWork, spec: AlgorithmSpec,
+                     kv: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Run layer i in float on the calibration states: fill work.stats for its linears' inputs;
+    return its float outputs and, for a quantized KV cache, the per-KV-head absmax of k and v."""
+    arch = work.arch
+    inputs = tuple(dict.fromkeys(x for _, x in work.linears))
+    kv_values = (f"l{i}.kr", f"l{i}.v") if kv else ()          # what the cache stores: k after rope, v
+    kv_max = [torch.zeros(arch.num_kv_heads), torch.zeros(arch.num_kv_heads)]
+    work.stats = {x: InputStats.new(_width(work, x), spec.hessian) for x in inputs}
+    fp_out = []
+    for h, caps in runner.run(i, hidden, work.fp.__getitem__, capture=inputs + kv_values):
+        fp_out.append(h)
+        for x in inputs:
+            work.stats[x].add(caps[x])
+        for j, v in enumerate(kv_values):
+            heads = caps[v].reshape(len(caps[v]), arch.num_kv_heads, arch.head_dim)
+            kv_max[j] = torch.maximum(kv_max[j], heads.abs().amax(dim=(0, 2)))
+    return fp_out, (kv_max if kv else None)
+
+
+def _layer_tensors(names: list[str], original: dict[str, torch.Tensor], reference_fp: dict[str, torch.Tensor],
+                   work: LayerWork, quantized: dict[str, QuantizedWeight],
+                   entries: dict[str, QuantizedEntry]) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The tensors of one shard: quantized weights packed, rescaled ones (AWQ, SmoothQuant) in their
+    stored dtype, untouched ones as stored; and each quantized weight's SQNR."""
+    tensors, sqnrs = {}, []
+    for name in names:
+        if name in quantized:
+            qw = quantized[name]
+            sqnrs.append(sqnr_db(work.fp[name], dequantize(qw)))       # vs what was quantized
+            tensors.update(qw.tensors(name))
+            entries[name] = QuantizedEntry.of(qw)
+        elif work.fp[name] is reference_fp[name]:
+            tensors[name] = original[name].contiguous()
+        else:
+            tensors[name] = work.fp[name].to(original[name].dtype).contiguous()
+    return tensors, sqnrs
 
 
 def _width(work: LayerWork, x: str) -> int:
