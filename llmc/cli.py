@@ -147,6 +147,8 @@ def quantize_cmd(
                              "compensation) or awq (activation-aware scales) for w8a16/w4a16; smoothquant "
                              "(outliers moved into the weights) for w8a8. All but rtn calibrate."),
     alpha: float = typer.Option(0.5, "--alpha", help="SmoothQuant migration strength in [0, 1]."),
+    awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: also search each group's "
+                                  "clipping range (default on)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="w4a16 group size (default 128)."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="w4a16 with zero points."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="int8 or fp8: store the KV cache quantized with "
@@ -173,7 +175,7 @@ def quantize_cmd(
         kv = TensorQuant(dtype={"int8": "int8", "fp8": "fp8_e4m3"}[kv_cache], granularity="channel")
     recipe = QuantRecipe(scheme=resolve_scheme(scheme, group_size, False if asymmetric else None),
                          algorithm=algo, kv_cache=kv, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                         smooth_alpha=alpha)
+                         smooth_alpha=alpha, awq_clip=awq_clip)
     check_recipe(recipe)
 
     started = []

@@ -145,13 +145,19 @@ def awq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
     """Per shared input, in graph order: search the scales, scale the consumers' columns by s and
     fold 1/s into the producer (norm weight, or the rows of the linear feeding it); then quantize.
     Inputs with nowhere to fold 1/s keep s = 1 (plain RTN)."""
-    from llmc.passes.quant.awq import search_scale
+    from llmc.passes.quant.awq import AWQConfig, clip_weight, search_scale
+    cfg = AWQConfig(clip=work.recipe.awq_clip if work.recipe is not None else True)
     for x, names in _by_input(work).items():
         fold = _fold_target(work, x)
         if fold is not None:
             stats = work.stats[x]
-            s, _, _ = search_scale(stats.rows, stats.absmean, [work.fp[n] for n in names], work.fmt)
+            s, _, _ = search_scale(stats.rows, stats.absmean, [work.fp[n] for n in names], work.fmt, cfg)
             _scale_input(work, x, names, s, fold)
+    if cfg.clip:                                             # shrink each group's range where that helps
+        for name, x in work.linears:
+            if name in work.targets:
+                work.fp[name] = clip_weight(work.fp[name], work.stats[x].rows / work.smooth.get(x, 1.0),
+                                            work.fmt, cfg)
     return _quantize_targets(work)
 
 

@@ -63,6 +63,7 @@ class QuantRecipe:                                     # how we get there
     calib_samples: int = 128
     calib_seqlen: int = 512
     smooth_alpha: float = 0.5                          # SmoothQuant's migration strength
+    awq_clip: bool = True                              # AWQ: also search each group's clipping range
 
     def __post_init__(self) -> None:
         if not 0 <= self.smooth_alpha <= 1:
@@ -72,7 +73,7 @@ class QuantRecipe:                                     # how we get there
         return {"scheme": self.scheme.to_dict(), "algorithm": self.algorithm,
                 "kv_cache": self.kv_cache.to_dict() if self.kv_cache else None,
                 "calib_samples": self.calib_samples, "calib_seqlen": self.calib_seqlen,
-                "smooth_alpha": self.smooth_alpha}
+                "smooth_alpha": self.smooth_alpha, "awq_clip": self.awq_clip}
 
 
 W8A16 = QuantScheme(name="w8a16", weight=TensorQuant(dtype="int8", granularity="channel"))
