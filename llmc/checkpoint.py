@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from llmc.errors import ModelFormatError
 
@@ -29,8 +28,23 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _check_layout(path: Path) -> None:
-    """Check the header parses and every tensor's data lies inside the file (catches truncation)."""
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+          "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int                       # absolute byte offsets in the file
+    end: int
+
+
+def _read_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse a safetensors header and check every tensor's data lies inside the file (catches
+    truncation here, naming the file, rather than mid-generation)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -41,26 +55,36 @@ def _check_layout(path: Path) -> None:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ModelFormatError(f"{path}: corrupt safetensors header") from None
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
-    need = 8 + n + max(ends, default=0)
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path}: corrupt safetensors header")
+    entries = {}
+    try:
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            b, e = (int(x) for x in t["data_offsets"])
+            entries[name] = TensorEntry(str(t["dtype"]), tuple(int(d) for d in t["shape"]), 8 + n + b, 8 + n + e)
+    except (KeyError, TypeError, ValueError):
+        raise ModelFormatError(f"{path}: corrupt safetensors header") from None
+    need = max((t.end for t in entries.values()), default=8 + n)
     if need > size:
         raise ModelFormatError(f"{path}: truncated safetensors file ({size} bytes, its header needs {need})")
-
-
-def _open(path: Path) -> Any:
-    _check_layout(path)
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    for name, t in entries.items():
+        if t.dtype not in DTYPES:
+            raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
+    return entries
 
 
 @dataclass
 class WeightStore:
-    """name -> tensor, read lazily from one or more safetensors files."""
+    """name -> tensor, read one at a time from one or more safetensors files.
+
+    Tensors are read with plain file reads at the offsets the header gives, not through a memory
+    map, so a tensor's bytes stay in the process only while something holds the tensor: walking
+    a model larger than RAM layer by layer keeps one layer resident."""
 
     files: dict[str, Path]          # tensor name -> file holding it
-    _handles: dict[Path, Any]
+    _entries: dict[Path, dict[str, TensorEntry]]
 
     @classmethod
     def open(cls, directory: Path) -> "WeightStore":
@@ -82,26 +106,26 @@ class WeightStore:
 
     @classmethod
     def open_files(cls, directory: Path, shards: list[Path]) -> "WeightStore":
-        files, handles = {}, {}
+        files, entries = {}, {}
         for shard in shards:
             if not shard.exists():
                 raise ModelFormatError(f"{shard}: weight file is missing")
-            handles[shard] = _open(shard)
-            files.update({name: shard for name in handles[shard].keys()})
-        return cls(files=files, _handles=handles)
+            entries[shard] = _read_header(shard)
+            files.update({name: shard for name in entries[shard]})
+        return cls(files=files, _entries=entries)
 
     @classmethod
     def _from_map(cls, files: dict[str, Path]) -> "WeightStore":
         """A sharded checkpoint: the index names the file of every tensor."""
-        handles = {}
+        entries = {}
         for path in sorted(set(files.values())):
             if not path.exists():
                 raise ModelFormatError(f"{path}: weight file named in the index is missing")
-            handles[path] = _open(path)
+            entries[path] = _read_header(path)
         for name, path in files.items():
-            if name not in handles[path].keys():
+            if name not in entries[path]:
                 raise ModelFormatError(f"{path}: the index says it holds {name!r} but it does not")
-        return cls(files=files, _handles=handles)
+        return cls(files=files, _entries=entries)
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -109,19 +133,37 @@ class WeightStore:
     def names(self) -> Iterator[str]:
         return iter(self.files)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.files[name]].get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> str:
-        return self._handles[self.files[name]].get_slice(name).get_dtype()
-
-    def get(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> TensorEntry:
         if name not in self.files:
             raise ModelFormatError(f"weight {name!r} is missing from the checkpoint")
+        return self._entries[self.files[name]][name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> str:
+        return self._entry(name).dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self._entry(name)
+        dtype = DTYPES[e.dtype]
+        numel = 1
+        for d in e.shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if e.end - e.begin != nbytes:
+            raise ModelFormatError(f"{self.files[name]}: {name!r} holds {e.end - e.begin} bytes, its shape "
+                                   f"{list(e.shape)} of {e.dtype} needs {nbytes}")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         try:
-            return self._handles[self.files[name]].get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ModelFormatError(f"{self.files[name]}: cannot read {name!r} ({e})") from None
+            with open(self.files[name], "rb") as f:
+                f.seek(e.begin)
+                got = f.readinto(memoryview(buf.numpy()))
+        except OSError as err:
+            raise ModelFormatError(f"{self.files[name]}: cannot read {name!r} ({err})") from None
+        if got != nbytes:
+            raise ModelFormatError(f"{self.files[name]}: truncated while reading {name!r}")
+        return buf.view(dtype).reshape(e.shape)
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.files.values()))
