@@ -88,7 +88,7 @@ def layer_graph(graph: Graph, i: int) -> Graph:
 class LayerRunner:
     """Runs calibration samples through one decoder layer at a time, in chunks of samples."""
 
-    def __init__(self, arch, graph: Graph, samples: list[list[int]], chunk_tokens: int = 4096) -> None:
+    def __init__(self, arch, graph: Graph, samples: list[list[int]], chunk_tokens: int = 2048) -> None:
         self.arch, self.graph, self.samples = arch, graph, samples
         self.chunks: list[list[list[int]]] = []
         cur: list[list[int]] = []
@@ -122,4 +122,6 @@ class LayerRunner:
         for chunk, h in zip(self.chunks, hidden):
             batch, kv = self._batch(chunk)
             out = ex.run(batch, kv, inputs={f"h{i}": h}, capture=capture)
-            yield out[f"h{i + 1}"], {k: out[k] for k in capture}
+            h_next = out.pop(f"h{i + 1}")
+            yield h_next, out
+            del out, h_next                 # before the next chunk runs: its captures are the peak

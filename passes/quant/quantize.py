@@ -25,6 +25,7 @@ from llmc.checkpoint import INDEX_FILE, WeightStore, read_json
 from llmc.decoder import EMBED as EMBED_NAME, build_decoder_graph
 from llmc.errors import ConfigError
 from llmc.io import atomic_directory, write_json_atomic
+from llmc.memory import return_large_blocks_to_system
 from llmc.passes.quant.formats import QuantizedWeight, dequantize, quantize
 from llmc.passes.quant.scheme import QuantRecipe, TensorQuant
 from llmc.passes.quant.store import QuantizedEntry, manifest_section
@@ -42,15 +43,17 @@ class InputStats:
 
     @classmethod
     def new(cls, width: int, hessian: bool) -> "InputStats":
-        return cls(torch.zeros(width, width, dtype=torch.float64) if hessian else None, torch.zeros(width),
+        return cls(torch.zeros(width, width) if hessian else None, torch.zeros(width),
                    torch.zeros(width), [])
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
         if self.hessian is not None:
-            self.hessian += (x.T @ x).double()
-        self.abs_sum += x.abs().sum(dim=0)
-        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(dim=0))
+            self.hessian.addmm_(x.T, x)              # in place: no [K, K] temporary
+        a = x.abs()
+        self.abs_sum += a.sum(dim=0)
+        self.abs_max = torch.maximum(self.abs_max, a.amax(dim=0))
+        del a
         have = sum(len(t) for t in self.sample)
         if have < self.SAMPLE_ROWS:
             self.sample.append(x[: self.SAMPLE_ROWS - have].clone())
@@ -283,6 +286,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     from llmc.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
+    return_large_blocks_to_system()               # calibration frees many large blocks (llmc.memory)
     src, out = check_path(model), Path(out)
     spec = check_recipe(recipe)
     cfg = read_json(src / "config.json", "config.json")
@@ -401,6 +405,7 @@ def _calibrate_layer(runner, i: int, hidden: list[torch.Tensor], work: LayerWork
         for j, v in enumerate(kv_values):
             heads = caps[v].reshape(len(caps[v]), arch.num_kv_heads, arch.head_dim)
             kv_max[j] = torch.maximum(kv_max[j], heads.abs().amax(dim=(0, 2)))
+        del caps, h
     return fp_out, (kv_max if kv else None)
 
 
