@@ -149,6 +149,13 @@ def quantize_cmd(
     alpha: float = typer.Option(0.5, "--alpha", help="SmoothQuant migration strength in [0, 1]."),
     awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: also search each group's "
                                   "clipping range (default on)."),
+    observer: str = typer.Option("minmax", "--observer", help="The range weight scales cover: minmax (all of it), "
+                                 "mse (the shrunk range with the least squared error) or percentile. rtn, gptq, "
+                                 "smoothquant."),
+    act_observer: str = typer.Option("minmax", "--act-observer", help="The same for calibrated scales: fp8 inputs "
+                                     "and the KV cache (minmax, percentile or mse)."),
+    percentile: float = typer.Option(99.99, "--percentile", help="For the percentile observers: the percentile "
+                                     "of |x| a scale covers."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="w4a16 group size (default 128)."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="w4a16 with zero points."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="int8 or fp8: store the KV cache quantized with "
@@ -175,7 +182,8 @@ def quantize_cmd(
         kv = TensorQuant(dtype={"int8": "int8", "fp8": "fp8_e4m3"}[kv_cache], granularity="channel")
     recipe = QuantRecipe(scheme=resolve_scheme(scheme, group_size, False if asymmetric else None),
                          algorithm=algo, kv_cache=kv, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                         smooth_alpha=alpha, awq_clip=awq_clip)
+                         smooth_alpha=alpha, awq_clip=awq_clip, weight_observer=observer,
+                         act_observer=act_observer, percentile=percentile)
     check_recipe(recipe)
 
     started = []

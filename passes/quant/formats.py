@@ -126,14 +126,21 @@ class QuantizedWeight:
 
 def params(x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:
     """Scale (and int4 zero point) of the values along x's last dim -> shapes x.shape[:-1]."""
+    return params_from_range(x.amin(dim=-1), x.amax(dim=-1), fmt)
+
+
+def params_from_range(lo: Tensor, hi: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:
+    """Scale (and int4 zero point) that represent the range [lo, hi] (elementwise, lo <= hi):
+    symmetric formats cover +-max(|lo|, |hi|); asymmetric int4 covers [min(lo, 0), max(hi, 0)]."""
+    absmax = torch.maximum(lo.abs(), hi.abs())
     if fmt.dtype == "int8":
-        return _safe(x.abs().amax(dim=-1) / 127.0), None
+        return _safe(absmax / 127.0), None
     if fmt.dtype == "fp8_e4m3":
-        return _safe(x.abs().amax(dim=-1) / FP8_MAX), None
+        return _safe(absmax / FP8_MAX), None
     if fmt.symmetric:
-        scale = _safe(x.abs().amax(dim=-1) / 7.0)
+        scale = _safe(absmax / 7.0)
         return scale, torch.full_like(scale, 8.0)
-    lo, hi = x.amin(dim=-1).clamp(max=0), x.amax(dim=-1).clamp(min=0)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = _safe((hi - lo) / 15.0)
     return scale, torch.round(-lo / scale).clamp(0, 15)
 
@@ -162,8 +169,9 @@ def from_codes(c: Tensor, scale: Tensor, zero: Tensor | None, fmt: TensorQuant) 
                            None if zero is None else zero.to(torch.uint8).reshape(scale.shape))
 
 
-def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight") -> QuantizedWeight:
-    """Round-to-nearest quantization of one weight [N, K] in format `fmt`."""
+def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight", observer=None) -> QuantizedWeight:
+    """Round-to-nearest quantization of one weight [N, K] in format `fmt`; the scales cover each
+    row's or group's min/max, or the range `observer` (llmc.passes.quant.observers) chooses."""
     if w.dim() != 2:
         raise QuantizationError(f"{name}: only 2-D weights are quantized, got shape {tuple(w.shape)}")
     w = w.float()
@@ -177,7 +185,7 @@ def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight") -> QuantizedWeig
         x = w[:, None, :]                                                  # [N, 1, K]
     else:
         x = w.reshape(1, 1, -1)                                            # [1, 1, N*K]
-    scale, zero = params(x, fmt)                                           # [N, G]
+    scale, zero = (params if observer is None else observer.params)(x, fmt)   # [N, G]
     c = codes(x, scale[..., None], None if zero is None else zero[..., None], fmt)
     return from_codes(_restore(c, fmt, n, k), scale, zero, fmt)
 

@@ -22,8 +22,9 @@ class GPTQConfig:
 
 
 def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQConfig(),
-         name: str = "weight") -> QuantizedWeight:
-    """w [N, K] with H [K, K] (sum of x x^T over calibration tokens, any positive scaling)."""
+         name: str = "weight", observer=None) -> QuantizedWeight:
+    """w [N, K] with H [K, K] (sum of x x^T over calibration tokens, any positive scaling). Group
+    (or channel) scales cover min/max, or the range `observer` (llmc.passes.quant.observers) picks."""
     if fmt.granularity not in ("channel", "group"):
         raise QuantizationError(f"{name}: GPTQ needs per-channel or group-wise weights")
     W = w.float().clone()
@@ -40,10 +41,11 @@ def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQCon
     groups = -(-k // gs)
     scales = torch.empty(n, groups)
     zeros = torch.empty(n, groups) if fmt.dtype == "int4" else None
+    group_params = params if observer is None else observer.params
     static = cfg.act_order or fmt.granularity == "channel"
     if static:                                        # parameters from the unquantized weight
         for g in range(groups):
-            s, z = params(W[:, g * gs:min(k, (g + 1) * gs)], fmt)
+            s, z = group_params(W[:, g * gs:min(k, (g + 1) * gs)], fmt)
             scales[:, g] = s
             if zeros is not None:
                 zeros[:, g] = z
@@ -71,7 +73,7 @@ def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQCon
             col = int(perm[b0 + i])                    # natural index of this column
             g = col // gs
             if not static and col % gs == 0:           # a group's parameters from its updated weights
-                s, z = params(_natural_slab(W, W1, b0, i, gs), fmt)
+                s, z = group_params(_natural_slab(W, W1, b0, i, gs), fmt)
                 scales[:, g] = s
                 if zeros is not None:
                     zeros[:, g] = z

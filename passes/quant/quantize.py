@@ -26,19 +26,23 @@ from llmc.decoder import EMBED as EMBED_NAME, build_decoder_graph
 from llmc.errors import ConfigError
 from llmc.io import atomic_directory, write_json_atomic
 from llmc.memory import return_large_blocks_to_system
-from llmc.passes.quant.formats import QuantizedWeight, dequantize, quantize
+from llmc.passes.quant.formats import QuantizedWeight, dequantize, params_from_range, quantize
+from llmc.passes.quant.observers import Observer
 from llmc.passes.quant.scheme import QuantRecipe, TensorQuant
 from llmc.passes.quant.store import QuantizedEntry, manifest_section
 from llmc.tokenizer import TOKENIZER_FILES
 
 @dataclass
 class InputStats:
-    """What calibration saw at one linear input: sum of x x^T, sum of |x|, and a row sample."""
+    """What calibration saw at one linear input: sum of x x^T, sum and max of |x|, and a sample of
+    rows spread evenly over all of it: the rows whose index is a multiple of `stride`, the stride
+    doubling whenever the sample would pass SAMPLE_ROWS (so it ends with 256 to 512 rows)."""
     hessian: torch.Tensor | None
     abs_sum: torch.Tensor
     abs_max: torch.Tensor
     sample: list[torch.Tensor]
     count: int = 0
+    stride: int = 1
     SAMPLE_ROWS = 512
 
     @classmethod
@@ -54,10 +58,11 @@ class InputStats:
         self.abs_sum += a.sum(dim=0)
         self.abs_max = torch.maximum(self.abs_max, a.amax(dim=0))
         del a
-        have = sum(len(t) for t in self.sample)
-        if have < self.SAMPLE_ROWS:
-            self.sample.append(x[: self.SAMPLE_ROWS - have].clone())
+        self.sample.append(x[(-self.count) % self.stride::self.stride].clone())
         self.count += len(x)
+        while sum(len(t) for t in self.sample) > self.SAMPLE_ROWS:
+            self.sample = [self.rows[::2]]           # keeps the multiples of the doubled stride
+            self.stride *= 2
 
     @property
     def absmean(self) -> torch.Tensor:
@@ -82,6 +87,14 @@ class LayerWork:
     recipe: QuantRecipe | None = None
     smooth: dict[str, torch.Tensor] = field(default_factory=dict)   # input -> s: consumers now see x / s
 
+    @property
+    def weight_observer(self) -> Observer | None:
+        return None if self.recipe is None else Observer(self.recipe.weight_observer, self.recipe.percentile)
+
+    @property
+    def act_observer(self) -> Observer:
+        return Observer() if self.recipe is None else Observer(self.recipe.act_observer, self.recipe.percentile)
+
 
 LayerAlgorithm = Callable[[LayerWork], dict[str, QuantizedWeight]]
 
@@ -92,17 +105,19 @@ class AlgorithmSpec:
     schemes: tuple[str, ...]             # schemes this algorithm can produce
     calibrated: bool                     # needs calibration statistics
     hessian: bool = False
+    observes_weights: bool = True        # its weight scales come from the recipe's weight observer
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {}
 PLANNED_ALGORITHMS: tuple[str, ...] = ()
 
 
-def register_algorithm(name: str, schemes: tuple[str, ...], calibrated: bool, hessian: bool = False):
+def register_algorithm(name: str, schemes: tuple[str, ...], calibrated: bool, hessian: bool = False,
+                       observes_weights: bool = True):
     def add(fn: LayerAlgorithm) -> LayerAlgorithm:
         if name in ALGORITHMS:
             raise ValueError(f"algorithm {name!r} is registered twice")
-        ALGORITHMS[name] = AlgorithmSpec(fn, schemes, calibrated, hessian)
+        ALGORITHMS[name] = AlgorithmSpec(fn, schemes, calibrated, hessian, observes_weights)
         return fn
     return add
 
@@ -110,13 +125,13 @@ def register_algorithm(name: str, schemes: tuple[str, ...], calibrated: bool, he
 @register_algorithm("rtn", schemes=("w8a16", "w4a16", "w8a8", "fp8"), calibrated=False)
 def rtn(work: LayerWork) -> dict[str, QuantizedWeight]:
     """Round to nearest: each weight on its own, no calibration."""
-    return {name: quantize(work.fp[name], work.fmt, name) for name, _ in work.linears if name in work.targets}
+    return _quantize_targets(work)
 
 
 @register_algorithm("gptq", schemes=("w8a16", "w4a16"), calibrated=True, hessian=True)
 def gptq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
     from llmc.passes.quant.gptq import gptq
-    return {name: gptq(work.fp[name], work.stats[x].hessian, work.fmt, name=name)
+    return {name: gptq(work.fp[name], work.stats[x].hessian, work.fmt, name=name, observer=work.weight_observer)
             for name, x in work.linears if name in work.targets}
 
 
@@ -140,10 +155,11 @@ def _scale_input(work: LayerWork, x: str, names: list[str], s: torch.Tensor, fol
 
 
 def _quantize_targets(work: LayerWork) -> dict[str, QuantizedWeight]:
-    return {name: quantize(work.fp[name], work.fmt, name) for name, _ in work.linears if name in work.targets}
+    return {name: quantize(work.fp[name], work.fmt, name, work.weight_observer)
+            for name, _ in work.linears if name in work.targets}
 
 
-@register_algorithm("awq", schemes=("w8a16", "w4a16"), calibrated=True)
+@register_algorithm("awq", schemes=("w8a16", "w4a16"), calibrated=True, observes_weights=False)
 def awq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
     """Per shared input, in graph order: search the scales, scale the consumers' columns by s and
     fold 1/s into the producer (norm weight, or the rows of the linear feeding it); then quantize.
@@ -182,7 +198,8 @@ def smoothquant_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
 
 def attach_activation_format(work: LayerWork, quantized: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
     """Record how each quantized linear's input is quantized at run time; static (per-tensor)
-    formats get their scale from the calibration maxima of the input (as smoothed)."""
+    formats get their scale from the input as smoothed, over the range the activation observer
+    chooses (minmax: the maximum over every calibration token)."""
     act = work.recipe.scheme.activation if work.recipe is not None else None
     if act is None:
         return quantized
@@ -192,9 +209,10 @@ def attach_activation_format(work: LayerWork, quantized: dict[str, QuantizedWeig
             continue
         scale = None
         if act.granularity == "tensor":
-            amax = work.stats[x].abs_max / work.smooth.get(x, 1.0)
-            top = 448.0 if act.dtype == "fp8_e4m3" else 127.0
-            scale = (amax.max() / top).clamp(min=1e-12).reshape(1)
+            stats, s = work.stats[x], work.smooth.get(x, 1.0)
+            amax = work.act_observer.absmax((stats.abs_max / s).max(), (stats.rows / s).reshape(-1), act)
+            scale, _ = params_from_range(-amax, amax, act)
+            scale = scale.clamp(min=1e-12).reshape(1)
         out[name] = replace(quantized[name], act=act, act_scale=scale)
     return out
 
@@ -233,6 +251,11 @@ def check_recipe(recipe: QuantRecipe) -> AlgorithmSpec:
                           hint=f"{algo} serves: {', '.join(spec.schemes)}")
     if recipe.kv_cache is not None and recipe.kv_cache.dtype not in ("int8", "fp8_e4m3"):
         raise ConfigError(f"the KV cache can be int8 or fp8, not {recipe.kv_cache.dtype}")
+    for name in (recipe.weight_observer, recipe.act_observer):
+        Observer(name, recipe.percentile)                      # raises on an unknown name or percentile
+    if recipe.weight_observer != "minmax" and not spec.observes_weights:
+        raise ConfigError(f"algorithm {algo!r} chooses its own weight ranges; drop --observer "
+                          f"{recipe.weight_observer}", hint="awq searches each group's clipping (--awq-clip)")
     return spec
 
 
@@ -332,20 +355,20 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                              targets={n for n in names if n in linear_names and n not in skip}, arch=arch,
                              recipe=recipe)
             reference_fp = dict(work.fp)
-            out_sqnr, kv_max = None, None
+            out_sqnr, kv_stats = None, None
             if runner is not None and nodes:
-                fp_out, kv_max = _calibrate_layer(runner, int(layer), hidden, work, spec,
-                                                  recipe.kv_cache is not None)
+                fp_out, kv_stats = _calibrate_layer(runner, int(layer), hidden, work, spec,
+                                                    recipe.kv_cache is not None)
             quantized = attach_activation_format(work, spec.fn(work))
             if runner is not None and nodes:                 # true sequential: the next layer sees these
                 weights = {**work.fp, **quantized}
                 hidden = [h for h, _ in runner.run(int(layer), hidden, weights.__getitem__)]
                 out_sqnr = sqnr_db(torch.cat(fp_out), torch.cat(hidden))
             tensors, sqnrs = _layer_tensors(names, original, reference_fp, work, quantized, entries)
-            if kv_max is not None:
-                top = 127.0 if recipe.kv_cache.dtype == "int8" else 448.0
-                for scale_name, amax in zip(kv_scale_names(int(layer)), kv_max):
-                    tensors[scale_name] = (amax / top).clamp(min=1e-8).float()
+            if kv_stats is not None:
+                for scale_name, stats in zip(kv_scale_names(int(layer)), kv_stats):
+                    tensors[scale_name] = kv_head_scales(stats, arch.num_kv_heads, recipe.kv_cache,
+                                                         work.act_observer)
             shard = f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors"
             save_file(tensors, str(tmp / shard), metadata={"format": "pt", "producer": f"llmc {__version__}"})
             weight_map.update({k: shard for k in tensors})
@@ -389,24 +412,33 @@ class DequantizedView:
 
 
 def _calibrate_layer(runner, i: int, hidden: list[torch.Tensor], work: LayerWork, spec: AlgorithmSpec,
-                     kv: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+                     kv: bool) -> tuple[list[torch.Tensor], list[InputStats] | None]:
     """Run layer i in float on the calibration states: fill work.stats for its linears' inputs;
-    return its float outputs and, for a quantized KV cache, the per-KV-head absmax of k and v."""
-    arch = work.arch
+    return its float outputs and, for a quantized KV cache, the statistics of what the cache stores
+    (k after rope, and v)."""
     inputs = tuple(dict.fromkeys(x for _, x in work.linears))
-    kv_values = (f"l{i}.kr", f"l{i}.v") if kv else ()          # what the cache stores: k after rope, v
-    kv_max = [torch.zeros(arch.num_kv_heads), torch.zeros(arch.num_kv_heads)]
+    kv_values = (f"l{i}.kr", f"l{i}.v") if kv else ()
     work.stats = {x: InputStats.new(_width(work, x), spec.hessian) for x in inputs}
+    kv_stats = [InputStats.new(work.arch.num_kv_heads * work.arch.head_dim, False) for _ in kv_values]
     fp_out = []
     for h, caps in runner.run(i, hidden, work.fp.__getitem__, capture=inputs + kv_values):
         fp_out.append(h)
         for x in inputs:
             work.stats[x].add(caps[x])
-        for j, v in enumerate(kv_values):
-            heads = caps[v].reshape(len(caps[v]), arch.num_kv_heads, arch.head_dim)
-            kv_max[j] = torch.maximum(kv_max[j], heads.abs().amax(dim=(0, 2)))
+        for stats, v in zip(kv_stats, kv_values):
+            stats.add(caps[v])
         del caps, h
-    return fp_out, (kv_max if kv else None)
+    return fp_out, (kv_stats if kv else None)
+
+
+def kv_head_scales(stats: InputStats, heads: int, fmt: TensorQuant, observer: Observer) -> torch.Tensor:
+    """Per KV head: the scale of the cache's format for the range the observer picks from the
+    head's calibrated values ([heads] fp32)."""
+    sample = stats.rows.reshape(-1, heads, stats.rows.shape[1] // heads).transpose(0, 1).reshape(heads, -1)
+    running = stats.abs_max.reshape(heads, -1).amax(dim=1)
+    amax = observer.absmax(running, sample, fmt)
+    scale, _ = params_from_range(-amax, amax, fmt)
+    return scale.clamp(min=1e-8).float()
 
 
 def _layer_tensors(names: list[str], original: dict[str, torch.Tensor], reference_fp: dict[str, torch.Tensor],

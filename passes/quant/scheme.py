@@ -64,6 +64,9 @@ class QuantRecipe:                                     # how we get there
     calib_seqlen: int = 512
     smooth_alpha: float = 0.5                          # SmoothQuant's migration strength
     awq_clip: bool = True                              # AWQ: also search each group's clipping range
+    weight_observer: str = "minmax"                    # the range weight scales cover (observers.py)
+    act_observer: str = "minmax"                       # ... static input scales and KV-cache scales cover
+    percentile: float = 99.99                          # for the percentile observer
 
     def __post_init__(self) -> None:
         if not 0 <= self.smooth_alpha <= 1:
@@ -73,7 +76,9 @@ class QuantRecipe:                                     # how we get there
         return {"scheme": self.scheme.to_dict(), "algorithm": self.algorithm,
                 "kv_cache": self.kv_cache.to_dict() if self.kv_cache else None,
                 "calib_samples": self.calib_samples, "calib_seqlen": self.calib_seqlen,
-                "smooth_alpha": self.smooth_alpha, "awq_clip": self.awq_clip}
+                "smooth_alpha": self.smooth_alpha, "awq_clip": self.awq_clip,
+                "weight_observer": self.weight_observer, "act_observer": self.act_observer,
+                "percentile": self.percentile}
 
 
 W8A16 = QuantScheme(name="w8a16", weight=TensorQuant(dtype="int8", granularity="channel"))

@@ -1,0 +1,103 @@
+"""Observers: which range of observed values a scale must cover.
+
+An observer looks at values along the last dim (a weight row or group, a sample of a linear's input,
+a KV head's keys) and returns the range [lo, hi] the quantization parameters are made for
+(`formats.params_from_range`); values outside it saturate.
+
+- `minmax`: the whole range. Nothing saturates; one outlier stretches the scale for everyone.
+- `percentile`: |x| up to its `percentile`-th percentile (symmetric formats), or the low and high
+  percentiles (asymmetric int4). Saturates the rarest values.
+- `mse`: the range max * r, for the shrink ratio r in {1, 1 - MSE_MAX_SHRINK / MSE_GRID, ...,
+  1 - MSE_MAX_SHRINK} whose quantize-dequantize squared error is least (r = 1 is minmax, so
+  `mse` is never worse than `minmax` on what it observed).
+
+Weights are observed whole; static activation scales (fp8 inputs) and KV-cache scales by the
+calibration: `minmax` takes the maximum over every calibration token, the others work on the
+sample of rows calibration keeps (`InputStats.SAMPLE_ROWS`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from llmc.errors import ConfigError
+from llmc.passes.quant.formats import codes, decode, params_from_range
+from llmc.passes.quant.scheme import TensorQuant
+
+RangeFn = Callable[[Tensor, TensorQuant, "Observer"], tuple[Tensor, Tensor]]
+OBSERVERS: dict[str, RangeFn] = {}
+MSE_GRID = 40
+MSE_MAX_SHRINK = 0.8
+
+
+def register_observer(name: str):
+    def add(fn: RangeFn) -> RangeFn:
+        if name in OBSERVERS:
+            raise ValueError(f"observer {name!r} is registered twice")
+        OBSERVERS[name] = fn
+        return fn
+    return add
+
+
+@dataclass(frozen=True)
+class Observer:
+    name: str = "minmax"
+    percentile: float = 99.99                 # for `percentile`
+
+    def __post_init__(self) -> None:
+        if self.name not in OBSERVERS:
+            raise ConfigError(f"unknown observer {self.name!r}; known: {', '.join(OBSERVERS)}")
+        if not 50 < self.percentile <= 100:
+            raise ConfigError(f"the percentile must be in (50, 100], got {self.percentile}")
+
+    def range(self, x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor]:
+        """[lo, hi] for the values along x's last dim -> two tensors of shape x.shape[:-1]."""
+        return OBSERVERS[self.name](x.float(), fmt, self)
+
+    def params(self, x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:
+        """Scale (and int4 zero point) along x's last dim, as `formats.params` for the chosen range."""
+        return params_from_range(*self.range(x, fmt), fmt)
+
+    def absmax(self, running_max: Tensor, sample: Tensor, fmt: TensorQuant) -> Tensor:
+        """The symmetric bound for calibrated values: `running_max` is the exact max |x| over every
+        calibration token (what `minmax` uses), `sample` [..., M] a sample of the values."""
+        if self.name == "minmax":
+            return running_max
+        lo, hi = self.range(sample, fmt)
+        return torch.maximum(lo.abs(), hi.abs())
+
+
+@register_observer("minmax")
+def _minmax(x: Tensor, fmt: TensorQuant, obs: Observer) -> tuple[Tensor, Tensor]:
+    return x.amin(dim=-1), x.amax(dim=-1)
+
+
+@register_observer("percentile")
+def _percentile(x: Tensor, fmt: TensorQuant, obs: Observer) -> tuple[Tensor, Tensor]:
+    m = x.shape[-1]
+    k = min(m, max(1, math.ceil(obs.percentile * m / 100 - 1e-9)))   # the k-th smallest is the percentile
+    if fmt.symmetric:
+        a = x.abs().kthvalue(k, dim=-1).values
+        return -a, a
+    return x.kthvalue(m - k + 1, dim=-1).values, x.kthvalue(k, dim=-1).values
+
+
+@register_observer("mse")
+def _mse(x: Tensor, fmt: TensorQuant, obs: Observer) -> tuple[Tensor, Tensor]:
+    lo0, hi0 = x.amin(dim=-1), x.amax(dim=-1)
+    best_lo, best_hi = lo0, hi0
+    best = torch.full(lo0.shape, float("inf"))
+    for j in range(MSE_GRID + 1):
+        r = 1 - MSE_MAX_SHRINK * j / MSE_GRID
+        lo, hi = lo0 * r, hi0 * r
+        scale, zero = params_from_range(lo, hi, fmt)
+        z = None if zero is None else zero[..., None]
+        err = (decode(codes(x, scale[..., None], z, fmt), scale[..., None], z) - x).pow(2).sum(dim=-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
