@@ -34,9 +34,10 @@ MODELS = {  # name: (directory, evaluation text, group size that is meaningful f
 
 
 def recipes(group: int, samples: int, seqlen: int) -> dict[str, QuantRecipe | None]:
-    def r(scheme, algo="rtn", kv=None, **kw):
+    def r(scheme, algo="rtn", kv=None, weight_observer="minmax", **kw):
         return QuantRecipe(scheme=resolve_scheme(scheme, **kw), algorithm=algo, calib_samples=samples,
-                           calib_seqlen=seqlen, kv_cache=TensorQuant(dtype=kv) if kv else None)
+                           calib_seqlen=seqlen, kv_cache=TensorQuant(dtype=kv) if kv else None,
+                           weight_observer=weight_observer)
     return {
         "fp32": None,
         "w8a16 rtn": r("w8a16"),
@@ -44,6 +45,8 @@ def recipes(group: int, samples: int, seqlen: int) -> dict[str, QuantRecipe | No
         f"w4a16 rtn g{group}": r("w4a16", group_size=group),
         f"w4a16 gptq g{group}": r("w4a16", "gptq", group_size=group),
         f"w4a16 awq g{group}": r("w4a16", "awq", group_size=group),
+        f"w4a16 rtn g{group}, mse observer": r("w4a16", group_size=group, weight_observer="mse"),
+        f"w4a16 gptq g{group}, mse observer": r("w4a16", "gptq", group_size=group, weight_observer="mse"),
         "w8a8 rtn": r("w8a8"),
         "w8a8 smoothquant": r("w8a8", "smoothquant"),
         "fp8 rtn": r("fp8"),
