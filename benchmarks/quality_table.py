@@ -5,6 +5,7 @@ For each golden model and each recipe, quantize (into a temporary directory), th
 divergence per token, top-1 agreement, size on disk and KV-cache bytes per token.
 
     .venv/bin/python benchmarks/quality_table.py [--json out.json] [--markdown table.md] [--max-tokens N]
+                                                 [--text MODEL=FILE ...]
 
 Models whose directory is missing are skipped with a note. Progress goes to stderr; the Markdown
 table to stdout (and --markdown FILE).
@@ -103,13 +104,22 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16352, help="Scored tokens of each evaluation text.")
     ap.add_argument("--calib-samples", type=int, default=64, help="Calibration samples (default text).")
     ap.add_argument("--models", nargs="*", default=list(MODELS), help="Which golden models.")
+    ap.add_argument("--text", action="append", default=[], metavar="MODEL=FILE",
+                    help="Evaluate MODEL on FILE instead of its own evaluation text (repeatable).")
     ap.add_argument("--json", type=Path, help="Write every row as JSON here.")
     ap.add_argument("--markdown", type=Path, help="Write the Markdown table here.")
     args = ap.parse_args()
+    texts = {}
+    for item in args.text:
+        model, sep, file = item.partition("=")
+        if not sep or model not in MODELS or not Path(file).is_file():
+            ap.error(f"--text {item!r}: expected MODEL=FILE with MODEL in {', '.join(MODELS)} and an existing FILE")
+        texts[model] = Path(file)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="llmc-quality-") as tmp:
         for name in args.models:
             path, text, group, seqlen = MODELS[name]
+            text = texts.get(name, text)
             if not path.exists():
                 print(f"[quality_table] {name}: {path} is missing, skipped", file=sys.stderr)
                 continue
