@@ -39,3 +39,25 @@ def test_gptq_and_awq_beat_rtn_at_group_128(quantized):
     q = {a: quality(quantized / a, MODEL, TEXT, seqlen=256, max_tokens=4096) for a in ("rtn", "gptq", "awq")}
     assert q["gptq"].perplexity < q["rtn"].perplexity and q["awq"].perplexity < q["rtn"].perplexity
     assert q["gptq"].kl_divergence < q["rtn"].kl_divergence and q["awq"].kl_divergence < q["rtn"].kl_divergence
+
+
+@pytest.mark.parametrize("scheme,algo,bound", [("w8a16", "rtn", 0.01), ("w8a8", "smoothquant", 0.01),
+                                               ("fp8", "rtn", 0.03)])
+def test_schemes_stay_close_to_fp32(tmp_path, scheme, algo, bound):
+    r = QuantRecipe(scheme=resolve_scheme(scheme), algorithm=algo, calib_samples=16, calib_seqlen=256)
+    quantize_checkpoint(MODEL, tmp_path / "q", r, calib=MODEL / "calibration.txt")
+    q = quality(tmp_path / "q", MODEL, TEXT, seqlen=256, max_tokens=4096)
+    assert abs(q.perplexity / q.reference_perplexity - 1) < bound and 0 < q.kl_divergence
+
+
+def test_kv_int8_adds_less_kl_than_w4a16_rtn(quantized, tmp_path):
+    from llmc.passes.quant.scheme import TensorQuant
+    r = QuantRecipe(scheme=resolve_scheme("w8a16"), kv_cache=TensorQuant(dtype="int8"), calib_samples=16,
+                    calib_seqlen=256)
+    quantize_checkpoint(MODEL, tmp_path / "kv", r, calib=MODEL / "calibration.txt")
+    w8 = QuantRecipe(scheme=resolve_scheme("w8a16"))
+    quantize_checkpoint(MODEL, tmp_path / "w8", w8)
+    kv, w8, w4 = (quality(p, MODEL, TEXT, seqlen=256, max_tokens=4096)
+                  for p in (tmp_path / "kv", tmp_path / "w8", quantized / "rtn"))
+    assert kv.kl_divergence - w8.kl_divergence < w4.kl_divergence, (kv.kl_divergence, w8.kl_divergence,
+                                                                     w4.kl_divergence)
