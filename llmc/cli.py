@@ -247,7 +247,7 @@ def bench_quality_cmd(
         r = quality(path, reference, text, seqlen=seqlen, max_tokens=max_tokens, kernels=kernels,
                     on_window=lambda w, n: status.update(f"scoring: {w} windows, {n:,} tokens"))
     if json_path is not None:
-        write_json_atomic(json_path, {"env": _env(), "result": asdict(r)})
+        write_json_atomic(json_path, {**asdict(r), "env": _env()})       # the metrics at the top level
     t = Table(*(Column(c, justify="right") for c in ("tokens", "perplexity", "reference ppl", "Δ ppl",
                                                       "KL (nats/token)", "top-1 agree")),
               title=f"llmc bench quality · {path} vs {reference}")
