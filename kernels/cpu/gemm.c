@@ -77,56 +77,172 @@ void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y
             for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
 }
 
-/* ---- weight-only quantized linears: the weight stays packed in memory and is widened one row at
- * a time into a per-thread float buffer, so memory traffic is the packed size.
+/* ---- weight-only quantized linears: the weight stays packed in memory and each 16-value piece is
+ * widened to floats in registers, once for up to 4 input rows, so memory traffic is the packed size
+ * and no float copy of a row is written.
  * Reference: kernels/reference/dense.py linear over passes/quant/formats.py dequantize. */
 #include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* 16 int8 -> 16 floats (the compilers scalarise __builtin_convertvector from bytes, hence intrinsics) */
+static inline vf widen_i8(const int8_t *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    __m256 h[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+    vf r;
+    memcpy(&r, h, sizeof r);
+    return r;
+#else
+    vf r;
+    for (int i = 0; i < VL; i++) r[i] = (float)p[i];
+    return r;
+#endif
+}
+
+/* 16 bytes of packed uint4 -> their 16 low nibbles and 16 high nibbles as floats */
+static inline void widen_u4(const uint8_t *p, vf *lo, vf *hi) {
+#if defined(__AVX512F__)
+    __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *lo = (vf)_mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(15)));
+    *hi = (vf)_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 4));
+#elif defined(__AVX2__)
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    __m256i w0 = _mm256_cvtepu8_epi32(b), w1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), m = _mm256_set1_epi32(15);
+    __m256 l[2] = {_mm256_cvtepi32_ps(_mm256_and_si256(w0, m)), _mm256_cvtepi32_ps(_mm256_and_si256(w1, m))};
+    __m256 h[2] = {_mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 4))};
+    memcpy(lo, l, sizeof *lo);
+    memcpy(hi, h, sizeof *hi);
+#else
+    for (int i = 0; i < VL; i++) { (*lo)[i] = (float)(p[i] & 15); (*hi)[i] = (float)(p[i] >> 4); }
+#endif
+}
 
 /* q int8 [N, K], scale [N]: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] */
+#define DEFINE_I8(MB)                                                                              \
+static void i8_rows_##MB(const float *x, int64_t K, const int8_t *qn, float *out, int64_t ostride) { \
+    vf acc[MB] = {{0}};                                                                            \
+    int64_t kv = K - K % VL;                                                                       \
+    for (int64_t k = 0; k < kv; k += VL) {                                                         \
+        vf w = widen_i8(qn + k);                                                                   \
+        for (int i = 0; i < MB; i++) acc[i] += *(const vf *)(x + i * K + k) * w;                   \
+    }                                                                                              \
+    for (int i = 0; i < MB; i++) {                                                                 \
+        float s = hsum(acc[i]);                                                                    \
+        for (int64_t k = kv; k < K; k++) s += x[i * K + k] * (float)qn[k];                         \
+        out[i * ostride] = s;                                                                      \
+    }                                                                                              \
+}
+DEFINE_I8(1)
+DEFINE_I8(2)
+DEFINE_I8(3)
+DEFINE_I8(4)
+
 void llmc_linear_i8(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
                     int64_t M, int64_t N, int64_t K, int nthreads)
 {
-    #pragma omp parallel num_threads(nthreads)
-    {
-        float *row = malloc(sizeof(float) * (size_t)K);
-        #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const int8_t *qn = q + n * K;
-            #pragma omp simd
-            for (int64_t k = 0; k < K; k++) row[k] = (float)qn[k];
-            for (int64_t m = 0; m < M; m++)
-                y[m * N + n] = dot(x + m * K, row, K) * scale[n] + (bias ? bias[n] : 0.0f);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *qn = q + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const float *xm = x + m0 * K;
+            float *out = y + m0 * N + n;
+            switch (M - m0 < 4 ? M - m0 : 4) {
+                case 4: i8_rows_4(xm, K, qn, out, N); break;
+                case 3: i8_rows_3(xm, K, qn, out, N); break;
+                case 2: i8_rows_2(xm, K, qn, out, N); break;
+                default: i8_rows_1(xm, K, qn, out, N); break;
+            }
         }
-        free(row);
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = y[m * N + n] * scale[n] + (bias ? bias[n] : 0.0f);
     }
 }
 
-/* packed uint4 [N, ceil(K/2)] (low nibble first), scale and zero [N, G], groups of gs along K:
- * y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * (u[n, k] - zero[n, g]) */
+/* packed uint4 [N, ceil(K/2)] (element 2i in the low nibble of byte i), scale and zero [N, G], groups
+ * of gs along K:  y[m, n] = sum_g scale[n, g] * (sum_{k in g} x[m, k] * u[n, k] - zero[n, g] * xs[m, g])
+ * with xs[m, g] = sum_{k in g} x[m, k]. Inside each group, pieces of 32 values (16 bytes) give their
+ * even values from the low nibbles and their odd values from the high nibbles; the input is
+ * de-interleaved to match once per call (xd: per piece, its 16 even values then its 16 odd ones).
+ * The rest of a group (and every value when gs is odd, so pieces would not start on a byte) is
+ * taken one value at a time. */
+static inline float nibble(const uint8_t *p, int64_t k) { return (float)((p[k >> 1] >> ((k & 1) * 4)) & 15); }
+
+static inline int64_t pieces(int64_t len, int64_t gs) { return gs % 2 ? 0 : len / 32; }
+
+#define DEFINE_I4(MB)                                                                              \
+static void i4_rows_##MB(const float *xd, const float *xs, int64_t K, int64_t G, int64_t gs,       \
+                         const uint8_t *pn, const float *sn, const uint8_t *zn, float *out,        \
+                         int64_t ostride) {                                                        \
+    vf tot[MB] = {{0}};                                                                            \
+    float rest[MB] = {0};                                                                          \
+    for (int64_t g = 0; g < G; g++) {                                                              \
+        int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K, np = pieces(k1 - k0, gs);             \
+        vf acc[MB] = {{0}};                                                                        \
+        for (int64_t j = 0; j < np; j++) {                                                         \
+            int64_t kb = k0 + 32 * j;                                                              \
+            vf lo, hi;                                                                             \
+            widen_u4(pn + kb / 2, &lo, &hi);                                                       \
+            for (int i = 0; i < MB; i++)                                                           \
+                acc[i] += *(const vf *)(xd + i * K + kb) * lo + *(const vf *)(xd + i * K + kb + 16) * hi; \
+        }                                                                                          \
+        float s = sn[g], z = (float)zn[g];                                                         \
+        for (int i = 0; i < MB; i++) {                                                             \
+            float t = 0.0f;                                                                        \
+            for (int64_t k = k0 + 32 * np; k < k1; k++) t += xd[i * K + k] * nibble(pn, k);        \
+            tot[i] += s * acc[i];                                                                  \
+            rest[i] += s * (t - z * xs[i * G + g]);                                                \
+        }                                                                                          \
+    }                                                                                              \
+    for (int i = 0; i < MB; i++) out[i * ostride] = hsum(tot[i]) + rest[i];                        \
+}
+DEFINE_I4(1)
+DEFINE_I4(2)
+DEFINE_I4(3)
+DEFINE_I4(4)
+
 void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads)
 {
     int64_t G = (K + gs - 1) / gs, kb = (K + 1) / 2;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        float *row = malloc(sizeof(float) * (size_t)(K + 1));
-        #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint8_t *pn = packed + n * kb;
-            #pragma omp simd
-            for (int64_t i = 0; i < kb; i++) {
-                row[2 * i] = (float)(pn[i] & 15);
-                row[2 * i + 1] = (float)(pn[i] >> 4);
-            }
-            for (int64_t g = 0; g < G; g++) {                  /* (u - z) * s, widened in place */
-                int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
-                float z = (float)zero[n * G + g], s = scale[n * G + g];
-                #pragma omp simd
-                for (int64_t k = k0; k < k1; k++) row[k] = (row[k] - z) * s;
-            }
-            for (int64_t m = 0; m < M; m++)
-                y[m * N + n] = dot(x + m * K, row, K) + (bias ? bias[n] : 0.0f);
+    float *xd = malloc(sizeof(float) * (size_t)(M * K)), *xs = malloc(sizeof(float) * (size_t)(M * G));
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float *dm = xd + m * K;
+        for (int64_t g = 0; g < G; g++) {
+            int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K, np = pieces(k1 - k0, gs);
+            float sum = 0.0f;
+            for (int64_t k = k0; k < k1; k++) { sum += xm[k]; dm[k] = xm[k]; }
+            for (int64_t j = 0; j < np; j++)
+                for (int i = 0; i < 16; i++) {
+                    int64_t b = k0 + 32 * j;
+                    dm[b + i] = xm[b + 2 * i];
+                    dm[b + 16 + i] = xm[b + 2 * i + 1];
+                }
+            xs[m * G + g] = sum;
         }
-        free(row);
     }
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const float *d = xd + m0 * K, *s = xs + m0 * G;
+            const uint8_t *pn = packed + n * kb, *zn = zero + n * G;
+            const float *sn = scale + n * G;
+            float *out = y + m0 * N + n;
+            switch (M - m0 < 4 ? M - m0 : 4) {
+                case 4: i4_rows_4(d, s, K, G, gs, pn, sn, zn, out, N); break;
+                case 3: i4_rows_3(d, s, K, G, gs, pn, sn, zn, out, N); break;
+                case 2: i4_rows_2(d, s, K, G, gs, pn, sn, zn, out, N); break;
+                default: i4_rows_1(d, s, K, G, gs, pn, sn, zn, out, N); break;
+            }
+        }
+        if (bias)
+            for (int64_t m = 0; m < M; m++) y[m * N + n] += bias[n];
+    }
+    free(xd);
+    free(xs);
 }

@@ -12,7 +12,9 @@ from llmc.passes.quant.scheme import TensorQuant
 
 FORMATS = [TensorQuant(dtype="int8", granularity="channel"),
            TensorQuant(dtype="int4", granularity="group", group_size=32),
-           TensorQuant(dtype="int4", granularity="group", group_size=128, symmetric=False)]
+           TensorQuant(dtype="int4", granularity="group", group_size=128, symmetric=False),
+           TensorQuant(dtype="int4", granularity="group", group_size=48),      # pieces of 32 + a 16 tail
+           TensorQuant(dtype="int4", granularity="group", group_size=7, symmetric=False)]   # odd: value by value
 
 
 def call(op, impl, values, weights):
@@ -23,7 +25,7 @@ def call(op, impl, values, weights):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.key)
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])                 # 9 and 40 rows take the prefill path
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 40])       # 9 and 40 rows take the prefill path
 @pytest.mark.parametrize("k", [64, 172, 301])                    # partial groups; odd widths
 def test_linear(fmt, m, k):
     g = torch.Generator().manual_seed(m + k)
