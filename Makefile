@@ -26,7 +26,7 @@ demo: setup
 	$(LLMC) generate $(ENGINE) --prompt "Once upon a time" --prompt "Tom and his dog" --max-tokens 120
 
 bench: setup
-	$(PY) benchmarks/decode_cpu.py
+	$(PY) benchmarks/decode_cpu.py --scheme w8a16 --scheme w4a16
 
 clean:
 	rm -rf build $(VENV) *.egg-info

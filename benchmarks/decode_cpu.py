@@ -10,6 +10,8 @@ What it measures
   llmc          Runner(kernels="cpu"), all requests added at once. The first step() runs every prefill
                 and samples the first token (prefill time); every later step decodes the whole batch.
                 decode tok/s = B * (gen_len - 1) / (time of the later steps)
+  llmc SCHEME   (with --scheme w8a16 / w4a16) the same on the checkpoint quantized by `llmc quantize`
+                (RTN; w4a16 in groups of 128): the weight-only int8 / int4 CPU kernels.
   transformers  AutoModelForCausalLM(dtype=float32, attn_implementation="eager").generate(...).
                 Prefill time is a separate generate(max_new_tokens=1) call, so decode is an estimate:
                 decode tok/s = B * (gen_len - 1) / (generate time - prefill time)
@@ -21,6 +23,7 @@ What it measures
 
 How to run
   .venv/bin/python benchmarks/decode_cpu.py [--json out.json]
+  .venv/bin/python benchmarks/decode_cpu.py --scheme w8a16 --scheme w4a16      # quantized engines too
   .venv/bin/python benchmarks/decode_cpu.py --model-dir /tmp/smollm135m-random --quick     # smoke run
 
 The table goes to stdout, progress to stderr; --json writes the environment, configuration and every
@@ -56,7 +59,6 @@ MODEL_SHAPE: dict[str, Any] = dict(
     intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
     rope_theta=10000.0, rms_norm_eps=1e-5,
 )
-ENGINES = ("llmc", "transformers")
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -140,8 +142,12 @@ class Report:
     def result(self, engine: str, batch: int) -> BenchResult:
         return next(r for r in self.results if r.engine == engine and r.batch == batch)
 
-    def ratio(self, batch: int) -> float:
-        return self.result("llmc", batch).decode_tok_s.median / self.result("transformers", batch).decode_tok_s.median
+    @property
+    def engines(self) -> list[str]:
+        return list(dict.fromkeys(r.engine for r in self.results))
+
+    def ratio(self, batch: int, engine: str = "llmc") -> float:
+        return self.result(engine, batch).decode_tok_s.median / self.result("transformers", batch).decode_tok_s.median
 
     def row0_consistent(self, engine: str) -> bool:
         """Whether the first sequence's greedy tokens are the same at every batch size."""
@@ -152,8 +158,10 @@ class Report:
         batches = sorted({r.batch for r in self.results})
         return {"env": self.env, "config": self.config, "results": [r.to_json() for r in self.results],
                 "decode_ratio_llmc_over_transformers": {str(b): self.ratio(b) for b in batches},
+                "decode_ratio_over_transformers": {e: {str(b): self.ratio(b, e) for b in batches}
+                                                   for e in self.engines if e != "transformers"},
                 "token_check": asdict(self.check),
-                "row0_tokens_same_at_every_batch": {e: self.row0_consistent(e) for e in ENGINES}}
+                "row0_tokens_same_at_every_batch": {e: self.row0_consistent(e) for e in self.engines}}
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -288,7 +296,8 @@ def llmc_once(runner, prompts: list[list[int]], gen_len: int) -> tuple[Sample, l
     return sample, list(reqs[0].output_ids)
 
 
-def bench_llmc(model, prompts: list[list[int]], gen_len: int, warmup: int, repeats: int) -> BenchResult:
+def bench_llmc(model, prompts: list[list[int]], gen_len: int, warmup: int, repeats: int,
+               engine: str = "llmc") -> BenchResult:
     b = len(prompts)
     with timer() as setup:
         runner = llmc_runner(model, b, len(prompts[0]), gen_len)     # one Runner (and KV cache) per batch size
@@ -296,10 +305,10 @@ def bench_llmc(model, prompts: list[list[int]], gen_len: int, warmup: int, repea
     for i in range(warmup + repeats):
         sample, tokens = llmc_once(runner, prompts, gen_len)
         kind = "warm-up" if i < warmup else f"run {i - warmup + 1}/{repeats}"
-        log(f"llmc B={b} {kind}: prefill {sample.prefill_s * 1e3:.0f} ms, decode {sample.decode_tok_s:.1f} tok/s")
+        log(f"{engine} B={b} {kind}: prefill {sample.prefill_s * 1e3:.0f} ms, decode {sample.decode_tok_s:.1f} tok/s")
         if i >= warmup:
             samples.append(sample)
-    return BenchResult("llmc", b, tuple(samples), tuple(tokens), setup[0])
+    return BenchResult(engine, b, tuple(samples), tuple(tokens), setup[0])
 
 
 # ------------------------------------------------------------------------------------ transformers
@@ -366,6 +375,21 @@ def check_batch1(llmc_model, hf_model, prompt: list[int], results: list[BenchRes
     return compare_tokens(got["llmc"], got["transformers"], n)
 
 
+SCHEMES = ("w8a16", "w4a16")
+SCHEME_GROUP = {"w4a16": 128}
+
+
+def quantize_for_bench(model_dir: Path, scheme: str, work: Path):
+    """The checkpoint quantized with `scheme` (RTN) under `work`, loaded."""
+    from llmc.model import load_model
+    from llmc.passes.quant.quantize import quantize_checkpoint
+    from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
+    out = work / f"{model_dir.name}-{scheme}"
+    quantize_checkpoint(model_dir, out, QuantRecipe(scheme=resolve_scheme(scheme, SCHEME_GROUP.get(scheme))),
+                        force=True)
+    return load_model(out)
+
+
 def run(args: argparse.Namespace, model_dir: Path) -> Report:
     from llmc.model import load_model
     torch.set_num_threads(args.threads)
@@ -384,9 +408,18 @@ def run(args: argparse.Namespace, model_dir: Path) -> Report:
         hf_model = load_hf(model_dir)
     log(f"loaded: llmc {t_llmc[0]:.1f} s, transformers {t_hf[0]:.1f} s")
 
+    quantized, quantize_s = {}, {}
+    for scheme in args.scheme:
+        with timer() as t_q:
+            quantized[f"llmc {scheme}"] = quantize_for_bench(model_dir, scheme, Path(args.work_dir))
+        quantize_s[scheme] = t_q[0]
+        log(f"quantized to {scheme} (rtn) in {t_q[0]:.1f} s")
+
     results: list[BenchResult] = []
     for b in batches:
         results.append(bench_llmc(llmc_model, prompts[:b], args.gen_len, args.warmup, args.repeats))
+        for engine, model in quantized.items():
+            results.append(bench_llmc(model, prompts[:b], args.gen_len, args.warmup, args.repeats, engine))
         results.append(bench_hf(hf_model, prompts[:b], args.gen_len, args.warmup, args.repeats))
     check = check_batch1(llmc_model, hf_model, prompts[0], results, min(CHECK_TOKENS, args.gen_len))
 
@@ -395,6 +428,8 @@ def run(args: argparse.Namespace, model_dir: Path) -> Report:
               "model_dir": str(model_dir), "batches": batches, "prompt_len": args.prompt_len,
               "gen_len": args.gen_len, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
               "llmc": {"kernels": "cpu", "block_size": BLOCK_SIZE, "load_s": t_llmc[0]},
+              "schemes": {s: {"algorithm": "rtn", "group_size": SCHEME_GROUP.get(s), "quantize_s": quantize_s[s]}
+                          for s in args.scheme},
               "transformers": {"attn_implementation": "eager", "load_s": t_hf[0],
                                "decode_estimate": "B*(gen_len-1) / (generate time - generate(max_new_tokens=1) time)"}}
     return Report(env, config, tuple(results), check)
@@ -421,8 +456,9 @@ def render(report: Report) -> None:
     table.add_column("decode tok/s median (min–max)", justify="right")
     table.add_column("e2e tok/s", justify="right")
     table.add_column("llmc/HF decode", justify="right")
-    for r in sorted(report.results, key=lambda r: (r.batch, ENGINES.index(r.engine))):
-        ratio = f"{report.ratio(r.batch):.2f}×" if r.engine == "llmc" else ""
+    order = report.engines
+    for r in sorted(report.results, key=lambda r: (r.batch, r.engine == "transformers", order.index(r.engine))):
+        ratio = f"{report.ratio(r.batch, r.engine):.2f}×" if r.engine != "transformers" else ""
         table.add_row(r.engine, str(r.batch), f"{r.prefill_ms.median:.0f}", fmt_stat(r.decode_tok_s),
                       f"{r.e2e_tok_s.median:.1f}", ratio)
     console = Console()
@@ -454,6 +490,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"timed runs per engine and batch size (default: 3, or {QUICK_REPEATS} with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (default: 1)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both engines (default: 2)")
+    p.add_argument("--scheme", action="append", default=[], choices=SCHEMES,
+                   help="also measure llmc on the checkpoint quantized to this scheme (RTN); repeatable")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: --gen-len {QUICK_GEN_LEN} and --repeats {QUICK_REPEATS} unless given")
     p.add_argument("--json", type=Path, default=None, metavar="FILE",
@@ -476,11 +514,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.model_dir is not None:
-        report = run(args, ensure_checkpoint(args.model_dir))
-    else:
-        with tempfile.TemporaryDirectory(prefix="decode_cpu-") as tmp:
-            report = run(args, ensure_checkpoint(Path(tmp) / "smollm135m-random"))
+    with tempfile.TemporaryDirectory(prefix="decode_cpu-") as tmp:
+        args.work_dir = tmp                                   # quantized checkpoints go here
+        model_dir = args.model_dir if args.model_dir is not None else Path(tmp) / "smollm135m-random"
+        report = run(args, ensure_checkpoint(model_dir))
     render(report)
     if args.json is not None:
         write_json_atomic(args.json, report.to_json())
