@@ -73,6 +73,9 @@ def _linear_int8(x, qw, bias):
 def _linear_int4(x, qw, bias):
     if _few_rows(x):
         return native.linear_int4(x, qw.data, qw.scale, qw.zero, qw.fmt.group_size, bias)
+    if native.library() is not None:                  # prefill: one (native) dequantize, then BLAS
+        w = native.dequantize_int4(qw.data, qw.scale, qw.zero, qw.shape[1], qw.fmt.group_size)
+        return F.linear(x, w.to(x.dtype), bias)
     return F.linear(x, dequantize(qw).to(x.dtype), bias)
 
 

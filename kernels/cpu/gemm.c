@@ -246,3 +246,21 @@ void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, 
     free(xd);
     free(xs);
 }
+
+/* packed uint4 [N, ceil(K/2)], scale and zero [N, G] -> w [N, K] fp32: (u - zero) * scale, exactly as
+ * passes/quant/formats.py dequantize computes it (prefill: dequantize once, then a GEMM). */
+void llmc_dequant_i4g(const uint8_t *packed, const float *scale, const uint8_t *zero, float *w,
+                      int64_t N, int64_t K, int64_t gs, int nthreads)
+{
+    int64_t G = (K + gs - 1) / gs, kb = (K + 1) / 2;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *pn = packed + n * kb;
+        float *wn = w + n * K;
+        for (int64_t g = 0; g < G; g++) {
+            int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
+            float s = scale[n * G + g], z = (float)zero[n * G + g];
+            for (int64_t k = k0; k < k1; k++) wn[k] = (nibble(pn, k) - z) * s;
+        }
+    }
+}

@@ -69,6 +69,8 @@ def library() -> ctypes.CDLL | None:
     lib.llmc_linear_i8.restype = None
     lib.llmc_linear_i4g.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     lib.llmc_linear_i4g.restype = None
+    lib.llmc_dequant_i4g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.llmc_dequant_i4g.restype = None
     return lib
 
 
@@ -120,3 +122,12 @@ def linear_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     library().llmc_linear_i4g(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), _ptr(bias),
                               y.data_ptr(), m, n, k, group_size, torch.get_num_threads())
     return y
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, k: int, group_size: int) -> Tensor:
+    """Packed int4 group-wise [N, ceil(K/2)] -> fp32 [N, K], the same values as formats.dequantize."""
+    n = packed.shape[0]
+    w = torch.empty(n, k, dtype=torch.float32)
+    library().llmc_dequant_i4g(packed.contiguous().data_ptr(), scale.contiguous().data_ptr(),
+                               zero.contiguous().data_ptr(), w.data_ptr(), n, k, group_size, torch.get_num_threads())
+    return w

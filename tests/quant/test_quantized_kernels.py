@@ -45,3 +45,15 @@ def test_fused_linears(fmt):
     for op, weights in (("qkv_linear", ws), ("gate_up_silu", ws[1:])):
         for a, b in zip(call(op, "reference", [x], weights), call(op, "cpu", [x], weights)):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f.dtype == "int4"], ids=lambda f: f.key)
+@pytest.mark.parametrize("k", [64, 172, 301])
+def test_native_int4_dequantize_is_exact(fmt, k):
+    """The prefill path's native dequantize computes (u - z) * s like the reference: bit for bit."""
+    from llmc.kernels.cpu import native
+    from llmc.passes.quant.formats import dequantize
+    if native.library() is None:
+        pytest.skip(f"native CPU kernels unavailable: {native.status()['error']}")
+    qw = quantize(torch.randn(37, k, generator=torch.Generator().manual_seed(k)), fmt)
+    assert torch.equal(native.dequantize_int4(qw.data, qw.scale, qw.zero, k, fmt.group_size), dequantize(qw))
