@@ -75,17 +75,23 @@ def inspect_cmd(
 def compile_cmd(
     model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory."),
     output: Path = typer.Option(..., "-o", "--output", help="Engine directory to write (atomically)."),
-    target: str = typer.Option("cpu", "--target", help="cpu (default); onnx, tensorrt and triton are planned."),
+    target: Optional[str] = typer.Option(None, "--target", help="cpu (default); onnx, tensorrt and triton are "
+                                         "planned."),
     passes: Optional[str] = typer.Option(None, "--passes", help="Comma-separated pass list replacing the default "
                                          "pipeline, e.g. fuse-qkv,dce ('' for none)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="A named recipe (profiles/NAME.toml) or a .toml "
+                                          "file: its [compile] table sets the defaults of --target and --passes."),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the graph after each pass here."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Compile a checkpoint into an engine: graph, fusion passes, packed weights, manifest."""
     from llmc.compiler import compile
+    from llmc.profiles import resolve_options
 
-    names = None if passes is None else [p.strip() for p in passes.split(",") if p.strip()]
+    given = None if passes is None else [p.strip() for p in passes.split(",") if p.strip()]
+    o = resolve_options("compile", dict(target=target, passes=given), dict(target="cpu"), profile)
+    target, names = o["target"], o["passes"]
     with err.status(f"compiling {model} for {target}"):
         r = compile(model, output, target=target, passes=names, dump_ir=dump_ir, force=force)
     if as_json:
@@ -140,32 +146,39 @@ def generate_cmd(
 def quantize_cmd(
     model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory (not already quantized)."),
     output: Path = typer.Option(..., "-o", "--output", help="Quantized checkpoint directory to write (atomically)."),
-    scheme: str = typer.Option(..., "--scheme", help="w8a16: int8 per-channel weights (~4x smaller than fp32); "
-                               "w4a16: int4 group-wise weights (~7x smaller); w8a8: int8 weights and per-token "
-                               "int8 inputs; fp8: e4m3 weights and inputs (static scales; emulated on CPU)."),
-    algo: str = typer.Option("rtn", "--algo", help="rtn (round to nearest); gptq (Hessian-guided error "
-                             "compensation) or awq (activation-aware scales) for w8a16/w4a16; smoothquant "
-                             "(outliers moved into the weights) for w8a8. All but rtn calibrate."),
-    alpha: float = typer.Option(0.5, "--alpha", help="SmoothQuant migration strength in [0, 1]."),
-    awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip", help="AWQ: also search each group's "
-                                  "clipping range (default on)."),
-    observer: str = typer.Option("minmax", "--observer", help="The range weight scales cover: minmax (all of it), "
-                                 "mse (the shrunk range with the least squared error) or percentile. rtn, gptq, "
-                                 "smoothquant."),
-    act_observer: str = typer.Option("minmax", "--act-observer", help="The same for calibrated scales: fp8 inputs "
-                                     "and the KV cache (minmax, percentile or mse)."),
-    percentile: float = typer.Option(99.99, "--percentile", help="For the percentile observers: the percentile "
-                                     "of |x| a scale covers."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="w8a16: int8 per-channel weights (~4x smaller "
+                                         "than fp32); w4a16: int4 group-wise weights (~7x smaller); w8a8: int8 "
+                                         "weights and per-token int8 inputs; fp8: e4m3 weights and inputs (static "
+                                         "scales; emulated on CPU). Required unless the profile sets it."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="A named recipe (profiles/NAME.toml) or a .toml "
+                                          "file: its [quantize] table sets the defaults of these options."),
+    algo: Optional[str] = typer.Option(None, "--algo", help="rtn (round to nearest; the default); gptq "
+                                       "(Hessian-guided error compensation) or awq (activation-aware scales) for "
+                                       "w8a16/w4a16; smoothquant (outliers moved into the weights) for w8a8. All "
+                                       "but rtn calibrate."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant migration strength in [0, 1] "
+                                          "(default 0.5)."),
+    awq_clip: Optional[bool] = typer.Option(None, "--awq-clip/--no-awq-clip", help="AWQ: also search each "
+                                            "group's clipping range (default on)."),
+    observer: Optional[str] = typer.Option(None, "--observer", help="The range weight scales cover: minmax (all "
+                                           "of it; the default), mse (the shrunk range with the least squared "
+                                           "error) or percentile. rtn, gptq, smoothquant."),
+    act_observer: Optional[str] = typer.Option(None, "--act-observer", help="The same for calibrated scales: fp8 "
+                                               "inputs and the KV cache (minmax, percentile or mse)."),
+    percentile: Optional[float] = typer.Option(None, "--percentile", help="For the percentile observers: the "
+                                               "percentile of |x| a scale covers (default 99.99)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="w4a16 group size (default 128)."),
-    asymmetric: bool = typer.Option(False, "--asymmetric", help="w4a16 with zero points."),
+    asymmetric: Optional[bool] = typer.Option(None, "--asymmetric/--symmetric", help="w4a16 with zero points "
+                                              "(default symmetric)."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="int8 or fp8: store the KV cache quantized with "
                                            "calibrated per-head scales (4x fewer bytes per token than fp32)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: .txt (cut into windows) or .jsonl "
                                          "(a 'text' field per line). Default: golden/calibration/tinystories_calib.txt."),
-    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples."),
-    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sample."),
-    fmt: str = typer.Option("llmc", "--format", help="llmc (default) or gptq: the qweight/qzeros/scales/g_idx "
-                            "layout transformers, vLLM and GPTQModel read (scales rounded to fp16)."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration samples (default 128)."),
+    calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="Tokens per calibration sample "
+                                               "(default 512)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="llmc (default) or gptq: the qweight/qzeros/scales/"
+                                      "g_idx layout transformers, vLLM and GPTQModel read (scales rounded to fp16)."),
     requantize: bool = typer.Option(False, "--requantize", help="Accept an already-quantized MODEL: its weights "
                                     "are dequantized first (errors compound; prefer the original)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
@@ -173,17 +186,16 @@ def quantize_cmd(
 ) -> None:
     """Quantize a checkpoint's linear weights; the result runs with inspect, generate and compile."""
     from llmc.passes.quant.quantize import check_recipe, quantize_checkpoint
-    from llmc.passes.quant.scheme import QuantRecipe, TensorQuant, resolve_scheme
+    from llmc.passes.quant.scheme import QUANTIZE_OPTION_DEFAULTS, recipe_from_options
+    from llmc.profiles import resolve_options
 
-    kv = None
-    if kv_cache is not None:
-        if kv_cache not in ("int8", "fp8"):
-            raise ConfigError(f"unknown --kv-cache {kv_cache!r}; choose int8 or fp8")
-        kv = TensorQuant(dtype={"int8": "int8", "fp8": "fp8_e4m3"}[kv_cache], granularity="channel")
-    recipe = QuantRecipe(scheme=resolve_scheme(scheme, group_size, False if asymmetric else None),
-                         algorithm=algo, kv_cache=kv, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                         smooth_alpha=alpha, awq_clip=awq_clip, weight_observer=observer,
-                         act_observer=act_observer, percentile=percentile)
+    o = resolve_options("quantize", dict(
+        scheme=scheme, algo=algo, alpha=alpha, awq_clip=awq_clip, observer=observer, act_observer=act_observer,
+        percentile=percentile, group_size=group_size, asymmetric=asymmetric, kv_cache=kv_cache, calib=calib,
+        calib_samples=calib_samples, calib_seqlen=calib_seqlen, format=fmt),
+        {**QUANTIZE_OPTION_DEFAULTS, "format": "llmc"}, profile)
+    calib, fmt = (Path(o["calib"]) if o["calib"] is not None else None), o["format"]
+    recipe = recipe_from_options(**{k: v for k, v in o.items() if k not in ("calib", "format")})
     check_recipe(recipe)
 
     started = []
@@ -218,7 +230,8 @@ def quantize_cmd(
         if fmt == "gptq":
             shutil.rmtree(target, ignore_errors=True)
     if as_json:
-        _print_json({**asdict(r), "format": fmt, **({"gptq_export": export} if export else {})})
+        _print_json({**asdict(r), "format": fmt, "profile": profile,
+                     **({"gptq_export": export} if export else {})})
         return
     sys.stdout.write(f"wrote {r.output}: {_human_bytes(r.bytes_in)} -> {_human_bytes(r.bytes_out)} "
               f"({r.bytes_in / max(r.bytes_out, 1):.1f}x smaller) in {r.seconds:.1f} s, "

@@ -103,3 +103,30 @@ def resolve_scheme(name: str, group_size: int | None = None, symmetric: bool | N
     if symmetric is not None:
         w = replace(w, symmetric=symmetric)
     return replace(scheme, weight=w)
+
+
+QUANTIZE_OPTION_DEFAULTS: dict[str, Any] = dict(
+    algo="rtn", group_size=None, asymmetric=False, kv_cache=None, calib_samples=128, calib_seqlen=512, alpha=0.5,
+    awq_clip=True, observer="minmax", act_observer="minmax", percentile=99.99)
+KV_CACHE_DTYPES = {"int8": "int8", "fp8": "fp8_e4m3"}
+
+
+def recipe_from_options(scheme: str | None, **options: Any) -> QuantRecipe:
+    """A recipe from `llmc quantize`'s option names (as a profile's [quantize] table spells them);
+    options left out or None take QUANTIZE_OPTION_DEFAULTS."""
+    o = {**QUANTIZE_OPTION_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    unknown = set(o) - set(QUANTIZE_OPTION_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
+    if scheme is None:
+        raise ConfigError("missing --scheme", hint="give --scheme w8a16|w4a16|w8a8|fp8, or a --profile that sets it")
+    kv = None
+    if o["kv_cache"] is not None:
+        if o["kv_cache"] not in KV_CACHE_DTYPES:
+            raise ConfigError(f"unknown --kv-cache {o['kv_cache']!r}; choose int8 or fp8")
+        kv = TensorQuant(dtype=KV_CACHE_DTYPES[o["kv_cache"]], granularity="channel")
+    return QuantRecipe(scheme=resolve_scheme(scheme, o["group_size"], False if o["asymmetric"] else None),
+                       algorithm=o["algo"], kv_cache=kv, calib_samples=o["calib_samples"],
+                       calib_seqlen=o["calib_seqlen"], smooth_alpha=float(o["alpha"]), awq_clip=o["awq_clip"],
+                       weight_observer=o["observer"], act_observer=o["act_observer"],
+                       percentile=float(o["percentile"]))
