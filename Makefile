@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 LLMC := $(VENV)/bin/llmc
 STAMP := $(VENV)/.llmc-installed
 ENGINE := build/stories260K.engine
+QUANT := build/stories260K-w4a16
+QENGINE := build/stories260K-w4a16.engine
 
 .PHONY: setup test demo bench clean
 
@@ -24,6 +26,10 @@ demo: setup
 	$(LLMC) inspect golden/stories260K
 	$(LLMC) compile golden/stories260K -o $(ENGINE) --force
 	$(LLMC) generate $(ENGINE) --prompt "Once upon a time" --prompt "Tom and his dog" --max-tokens 120
+	$(LLMC) quantize golden/stories260K -o $(QUANT) --profile int4-gptq --group-size 32 --calib-samples 64 --force
+	$(LLMC) bench quality $(QUANT) --reference golden/stories260K --text golden/tinystories_valid_head.txt
+	$(LLMC) compile $(QUANT) -o $(QENGINE) --force
+	$(LLMC) generate $(QENGINE) --prompt "Once upon a time" --max-tokens 60
 
 bench: setup
 	$(PY) benchmarks/decode_cpu.py --scheme w8a16 --scheme w4a16
