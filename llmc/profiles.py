@@ -79,9 +79,10 @@ def load_profile(name: str) -> Profile:
             types = SECTIONS[verb].get(key)
             if types is None:
                 raise ConfigError(f"{p}: [{verb}] has no option {key!r}; known: {', '.join(SECTIONS[verb])}")
-            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-                raise ConfigError(f"{p}: [{verb}] {key} must be {' or '.join(t.__name__ for t in types)}, "
-                                  f"got {value!r}")
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)) or \
+                    (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
+                kind = "a list of strings" if list in types else " or ".join(t.__name__ for t in types)
+                raise ConfigError(f"{p}: [{verb}] {key} must be {kind}, got {value!r}")
         sections[verb] = dict(table)
     calib = sections.get("quantize", {}).get("calib")
     if calib is not None and not Path(calib).is_absolute():       # relative to the profile file

@@ -37,6 +37,7 @@ def test_precedence_command_line_then_profile_then_default():
     ("[quantize]\ngroup_size = '128'\n", "[quantize] group_size must be int"),
     ("[quantize]\nasymmetric = 1\n", "[quantize] asymmetric must be bool"),
     ("[serve]\nport = 1\n", "unknown table [serve]"),
+    ("[compile]\npasses = ['dce', 3]\n", "[compile] passes must be a list of strings"),
     ("[quantize\n", "not valid TOML"),
 ])
 def test_bad_profiles(tmp_path, text, message):
