@@ -48,6 +48,8 @@ from typing import Any, Iterator
 
 import torch
 
+from llmc.io import atomic_directory, write_json_atomic
+
 SEED = 1234
 PROMPT_SEED = 4321
 BLOCK_SIZE = 16
@@ -197,23 +199,6 @@ def environment(threads: int) -> dict[str, Any]:
             "loadavg_start": list(os.getloadavg())}
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path = path.resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)                   # mkstemp makes it 0600; give it a normal file's mode
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # -------------------------------------------------------------------------------------- checkpoint
 
 def shape_mismatches(model_dir: Path) -> list[str]:
@@ -242,18 +227,9 @@ def ensure_checkpoint(model_dir: Path) -> Path:
         return model_dir
     if model_dir.exists() and any(model_dir.iterdir()):
         raise SystemExit(f"{model_dir}: exists, is not empty and holds no config.json; pass another --model-dir")
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}.tmp-"))
     log(f"building random SmolLM-135M-shaped checkpoint in {model_dir}")
-    try:
+    with atomic_directory(model_dir, overwrite=True) as tmp:       # replaces an empty model_dir (checked above)
         build_checkpoint(tmp)
-        if model_dir.exists():
-            model_dir.rmdir()                   # empty (checked above)
-        os.replace(tmp, model_dir)
-    except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return model_dir
 
 

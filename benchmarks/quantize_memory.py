@@ -37,7 +37,6 @@ import os
 import platform
 import random
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from llmc.io import atomic_directory, write_json_atomic as _write_json_atomic
 
 SEED = 1234
 TEXT_SEED = 4321
@@ -221,21 +222,12 @@ def ensure_checkpoint(model_dir: Path, shape: dict[str, Any]) -> float:
             log(f"reusing checkpoint {model_dir}")
             return 0.0
         raise SystemExit(f"{model_dir}: not reusable ({why}); delete it or pass another --model-dir")
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}.tmp-"))
     log(f"building random {shape['num_hidden_layers']}-layer TinyLlama-shaped fp32 checkpoint in {model_dir} "
         "(separate process)")
     t0 = time.perf_counter()
-    try:
+    with atomic_directory(model_dir, overwrite=True) as tmp:       # replaces an empty model_dir (checked above)
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_build", str(tmp),
                         json.dumps(shape)], check=True)
-        if model_dir.exists():
-            model_dir.rmdir()                           # empty (checked above)
-        os.chmod(tmp, 0o755)                            # mkdtemp makes it 0700
-        os.replace(tmp, model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return time.perf_counter() - t0
 
 
@@ -476,8 +468,7 @@ def render(report: dict[str, Any]) -> None:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """llmc's atomic JSON writer, after turning paths and other objects into strings."""
-    from llmc.io import write_json_atomic as write
-    write(path, json.loads(json.dumps(data, default=str)))
+    _write_json_atomic(path, json.loads(json.dumps(data, default=str)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
