@@ -36,7 +36,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from typing import Any, Iterator
 
 import torch
 
+from llmc.bench.environment import environment as machine_environment
 from llmc.io import atomic_directory, write_json_atomic
 
 SEED = 1234
@@ -180,23 +180,9 @@ def timer() -> Iterator[list[float]]:
     out.append(time.perf_counter() - t0)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment(threads: int) -> dict[str, Any]:
     import transformers
-    import llmc
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "llmc": llmc.__version__, "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "threads": threads, "platform": platform.platform(),
-            "loadavg_start": list(os.getloadavg())}
+    return {**machine_environment(threads), "transformers": transformers.__version__}
 
 
 # -------------------------------------------------------------------------------------- checkpoint

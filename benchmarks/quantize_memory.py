@@ -34,7 +34,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.bench.environment import environment as machine_environment, package_version
 from llmc.io import atomic_directory, write_json_atomic as _write_json_atomic
 
 SEED = 1234
@@ -348,33 +348,15 @@ def run_child(spec: dict[str, Any]) -> ChildRun:
 
 # ------------------------------------------------------------------------------------------ report
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def environment() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def v(pkg: str) -> str | None:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return None
+def environment(threads: int | None) -> dict[str, Any]:
+    """threads: what --threads asked for (None: torch's default)."""
     mem = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
         k, _, rest = line.partition(":")
         if k in ("MemTotal", "MemAvailable"):
             mem[k] = int(rest.split()[0]) * 1024
-    return {"python": platform.python_version(), "torch": v("torch"), "safetensors": v("safetensors"),
-            "llmc": v("llmc"), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "mem_total": mem.get("MemTotal"), "mem_available_start": mem.get("MemAvailable"),
-            "loadavg_start": list(os.getloadavg())}
+    return {**machine_environment(threads), "safetensors": package_version("safetensors"),
+            "mem_total": mem.get("MemTotal"), "mem_available_start": mem.get("MemAvailable")}
 
 
 def summarize(run: ChildRun, fp32_bytes: int) -> dict[str, Any]:
@@ -505,7 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shape = shape_for(args.small)
-    env = environment()
+    env = environment(args.threads)
     if env["loadavg_start"][0] > 1.2:
         log(f"warning: the machine is busy (1-min load {env['loadavg_start'][0]:.2f}); times will be inflated")
     build_s = ensure_checkpoint(args.model_dir, shape)

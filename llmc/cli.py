@@ -271,11 +271,10 @@ def bench_quality_cmd(
 
 
 def _env() -> dict:
-    import platform
-
     import torch
-    return {"llmc": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+    from llmc.bench.environment import environment
+    return environment(threads=torch.get_num_threads())
 
 
 @app.command("version")
