@@ -62,13 +62,15 @@ class Observer:
         """Scale (and int4 zero point) along x's last dim, as `formats.params` for the chosen range."""
         return params_from_range(*self.range(x, fmt), fmt)
 
-    def absmax(self, running_max: Tensor, sample: Tensor, fmt: TensorQuant) -> Tensor:
-        """The symmetric bound for calibrated values: `running_max` is the exact max |x| over every
-        calibration token (what `minmax` uses), `sample` [..., M] a sample of the values."""
+    def static_scale(self, running_max: Tensor, sample: Tensor, fmt: TensorQuant) -> Tensor:
+        """The scale of a symmetric format for calibrated values: `running_max` is the exact max |x|
+        over every calibration token (what `minmax` uses), `sample` [..., M] a sample of the values."""
         if self.name == "minmax":
-            return running_max
-        lo, hi = self.range(sample, fmt)
-        return torch.maximum(lo.abs(), hi.abs())
+            amax = running_max
+        else:
+            lo, hi = self.range(sample, fmt)
+            amax = torch.maximum(lo.abs(), hi.abs())
+        return params_from_range(-amax, amax, fmt)[0]
 
 
 @register_observer("minmax")
@@ -88,7 +90,7 @@ def _percentile(x: Tensor, fmt: TensorQuant, obs: Observer) -> tuple[Tensor, Ten
 
 @register_observer("mse")
 def _mse(x: Tensor, fmt: TensorQuant, obs: Observer) -> tuple[Tensor, Tensor]:
-    lo0, hi0 = x.amin(dim=-1), x.amax(dim=-1)
+    lo0, hi0 = _minmax(x, fmt, obs)
     best_lo, best_hi = lo0, hi0
     best = torch.full(lo0.shape, float("inf"))
     for j in range(MSE_GRID + 1):

@@ -26,7 +26,7 @@ from llmc.decoder import EMBED as EMBED_NAME, build_decoder_graph
 from llmc.errors import ConfigError
 from llmc.io import atomic_directory, write_json_atomic
 from llmc.memory import return_large_blocks_to_system
-from llmc.passes.quant.formats import QuantizedWeight, dequantize, params_from_range, quantize
+from llmc.passes.quant.formats import QuantizedWeight, dequantize, quantize
 from llmc.passes.quant.observers import Observer
 from llmc.passes.quant.scheme import QuantRecipe, TensorQuant
 from llmc.passes.quant.store import QuantizedEntry, manifest_section
@@ -210,8 +210,7 @@ def attach_activation_format(work: LayerWork, quantized: dict[str, QuantizedWeig
         scale = None
         if act.granularity == "tensor":
             stats, s = work.stats[x], work.smooth.get(x, 1.0)
-            amax = work.act_observer.absmax((stats.abs_max / s).max(), (stats.rows / s).reshape(-1), act)
-            scale, _ = params_from_range(-amax, amax, act)
+            scale = work.act_observer.static_scale((stats.abs_max / s).max(), (stats.rows / s).reshape(-1), act)
             scale = scale.clamp(min=1e-12).reshape(1)
         out[name] = replace(quantized[name], act=act, act_scale=scale)
     return out
@@ -436,9 +435,7 @@ def kv_head_scales(stats: InputStats, heads: int, fmt: TensorQuant, observer: Ob
     head's calibrated values ([heads] fp32)."""
     sample = stats.rows.reshape(-1, heads, stats.rows.shape[1] // heads).transpose(0, 1).reshape(heads, -1)
     running = stats.abs_max.reshape(heads, -1).amax(dim=1)
-    amax = observer.absmax(running, sample, fmt)
-    scale, _ = params_from_range(-amax, amax, fmt)
-    return scale.clamp(min=1e-8).float()
+    return observer.static_scale(running, sample, fmt).clamp(min=1e-8).float()
 
 
 def _layer_tensors(names: list[str], original: dict[str, torch.Tensor], reference_fp: dict[str, torch.Tensor],
