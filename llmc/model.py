@@ -42,7 +42,7 @@ class Model:
     @property
     def kv_dtype(self) -> torch.dtype:
         """What the paged KV cache stores: the compute dtype, or the recipe's quantized KV format."""
-        kv = ((self.quantization or {}).get("recipe") or {}).get("kv_cache")
+        kv = kv_cache_format(self.quantization)
         if kv is None:
             return self.dtype
         from llmc.kernels.reference.kv_quant import KV_DTYPES
@@ -98,17 +98,18 @@ def load_checkpoint(p: Path, passes: tuple[str, ...] | None = None) -> Model:
     except GraphError as e:
         raise ModelFormatError(f"{p}: tensor shapes do not match config.json: {e}") from None
     pipeline = tuple(DEFAULT_PIPELINE if passes is None else passes)
-    if ((quantization or {}).get("recipe") or {}).get("kv_cache") and "kv-cache-scales" not in pipeline:
+    if kv_cache_format(quantization) and "kv-cache-scales" not in pipeline:
+        from llmc.passes.kv_cache import kv_scale_names
         pipeline += ("kv-cache-scales",)
-        shapes.update({w: store.shape(w) for i in range(arch.num_layers) for w in _kv_names(i) if w in store})
+        shapes.update({w: store.shape(w) for i in range(arch.num_layers) for w in kv_scale_names(i) if w in store})
     graph, records = PassManager(pipeline).run(graph, shapes)
     return Model(path=p, kind="hf", arch=arch, graph=graph, weights=store, tokenizer=Tokenizer(p),
                  passes=records, quantization=_summary(quantization))
 
 
-def _kv_names(layer: int) -> tuple[str, str]:
-    from llmc.passes.kv_cache import kv_scale_names
-    return kv_scale_names(layer)
+def kv_cache_format(quantization: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The recipe's quantized KV-cache format (TensorQuant as a dict), or None."""
+    return ((quantization or {}).get("recipe") or {}).get("kv_cache")
 
 
 def _summary(q: dict[str, Any] | None) -> dict[str, Any] | None:
