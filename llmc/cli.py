@@ -186,14 +186,13 @@ def quantize_cmd(
 ) -> None:
     """Quantize a checkpoint's linear weights; the result runs with inspect, generate and compile."""
     from llmc.passes.quant.quantize import check_recipe, quantize_checkpoint
-    from llmc.passes.quant.scheme import QUANTIZE_OPTION_DEFAULTS, recipe_from_options
+    from llmc.passes.quant.scheme import recipe_from_options
     from llmc.profiles import resolve_options
 
-    o = resolve_options("quantize", dict(
+    o = resolve_options("quantize", dict(                      # the recipe's own defaults fill in the rest
         scheme=scheme, algo=algo, alpha=alpha, awq_clip=awq_clip, observer=observer, act_observer=act_observer,
         percentile=percentile, group_size=group_size, asymmetric=asymmetric, kv_cache=kv_cache, calib=calib,
-        calib_samples=calib_samples, calib_seqlen=calib_seqlen, format=fmt),
-        {**QUANTIZE_OPTION_DEFAULTS, "format": "llmc"}, profile)
+        calib_samples=calib_samples, calib_seqlen=calib_seqlen, format=fmt), {"format": "llmc"}, profile)
     calib, fmt = (Path(o["calib"]) if o["calib"] is not None else None), o["format"]
     recipe = recipe_from_options(**{k: v for k, v in o.items() if k not in ("calib", "format")})
     check_recipe(recipe)
