@@ -8,6 +8,12 @@
  */
 #include <stdint.h>
 
+/* The interface version llmc checks after loading this library (native.ABI_VERSION): bump both
+ * when an exported function is added, removed or changes its signature. */
+#define LLMC_ABI_VERSION 1
+
+int llmc_abi_version(void) { return LLMC_ABI_VERSION; }
+
 typedef float vf __attribute__((vector_size(64), aligned(4)));   /* 16 floats, unaligned access */
 #define VL 16
 #define NB 4
