@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import sys
-import shutil
-from dataclasses import asdict, replace
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import click
 import typer
@@ -18,12 +18,43 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from llmc import __version__
-from llmc.errors import ConfigError, LlmcError
+from llmc.errors import ConfigError, LlmcError, OptionError
+from llmc.signals import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="llmc: turn a Hugging Face causal LM into a fast engine and run it. "
                        "Add --debug to any command for a traceback on error.")
 out, err = Console(), Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"llmc {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the llmc version and exit.")) -> None:
+    """llmc: turn a Hugging Face causal LM into a fast engine and run it. Add --debug to any command for a
+    traceback on error."""
+
+
+def flag(option: str) -> str:
+    """A library option name as the command line spells it: group_size -> --group-size."""
+    return "--" + option.replace("_", "-")
+
+
+@contextmanager
+def options_named(origins: dict[str, str] | None = None) -> Iterator[None]:
+    """Report a bad option value (OptionError) by its flag and, when it did not come from the
+    command line, where it came from: `--group-size (from profile int4-gptq): ...`."""
+    try:
+        yield
+    except OptionError as e:
+        origin = (origins or {}).get(e.option, "command line")
+        where = "" if origin == "command line" else f" (from {origin})"
+        raise ConfigError(f"{flag(e.option)}{where}: {e.reason}", hint=e.hint) from None
 
 
 def _print_json(obj) -> None:
@@ -81,18 +112,21 @@ def compile_cmd(
                                          "pipeline, e.g. fuse-qkv,dce ('' for none)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="A named recipe (profiles/NAME.toml) or a .toml "
                                           "file: its [compile] table sets the defaults of --target and --passes."),
-    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the graph after each pass here."),
-    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the graph after each pass into this "
+                                           "directory (a new one, or one llmc wrote, with --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT (and the --dump-ir directory) if llmc wrote "
+                               "it; never a directory holding other files."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Compile a checkpoint into an engine: graph, fusion passes, packed weights, manifest."""
     from llmc.compiler import compile
-    from llmc.profiles import resolve_options
+    from llmc.profiles import option_origins, resolve_options
 
     given = None if passes is None else [p.strip() for p in passes.split(",") if p.strip()]
-    o = resolve_options("compile", dict(target=target, passes=given), dict(target="cpu"), profile)
+    options = dict(target=target, passes=given)
+    o = resolve_options("compile", options, dict(target="cpu"), profile)
     target, names = o["target"], o["passes"]
-    with err.status(f"compiling {model} for {target}"):
+    with options_named(option_origins("compile", options, profile)), err.status(f"compiling {model} for {target}"):
         r = compile(model, output, target=target, passes=names, dump_ir=dump_ir, force=force)
     if as_json:
         _print_json({**asdict(r), "bytes": r.bytes})
@@ -120,13 +154,15 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: prompt, text, token_ids, finish_reason."),
 ) -> None:
     """Generate from one or more prompts, batched together (in-flight batching)."""
-    from llmc.generate import generate
+    from llmc.generation import generate
     from llmc.model import load_model
     from llmc.runtime.runner import RuntimeConfig
     from llmc.runtime.sampler import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    runtime = RuntimeConfig(kernels=kernels, max_num_seqs=max_num_seqs)
+    with options_named():
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed)
+        runtime = RuntimeConfig(kernels=kernels, max_num_seqs=max_num_seqs)
     with err.status(f"loading {path}"):
         model = load_model(path)
     with err.status(f"generating for {len(prompt)} prompt(s)"):
@@ -185,17 +221,27 @@ def quantize_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Quantize a checkpoint's linear weights; the result runs with inspect, generate and compile."""
-    from llmc.passes.quant.quantize import check_recipe, quantize_checkpoint
+    from llmc.passes.quant.quantize import applicable_options, check_recipe, quantize
     from llmc.passes.quant.scheme import recipe_from_options
-    from llmc.profiles import resolve_options
+    from llmc.profiles import option_origins, resolve_options
 
-    o = resolve_options("quantize", dict(                      # the recipe's own defaults fill in the rest
-        scheme=scheme, algo=algo, alpha=alpha, awq_clip=awq_clip, observer=observer, act_observer=act_observer,
-        percentile=percentile, group_size=group_size, asymmetric=asymmetric, kv_cache=kv_cache, calib=calib,
-        calib_samples=calib_samples, calib_seqlen=calib_seqlen, format=fmt), {"format": "llmc"}, profile)
+    given = dict(scheme=scheme, algo=algo, alpha=alpha, awq_clip=awq_clip, observer=observer,
+                 act_observer=act_observer, percentile=percentile, group_size=group_size, asymmetric=asymmetric,
+                 kv_cache=kv_cache, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, format=fmt)
+    o = resolve_options("quantize", given, {"format": "llmc"}, profile)   # the recipe's defaults fill in the rest
+    origins = option_origins("quantize", given, profile)
+    with options_named(origins):
+        recipe = recipe_from_options(**{k: v for k, v in o.items() if k not in ("calib", "format")})
+        check_recipe(recipe)
+        recipe = _fit_default_seqlen(model, recipe, origins)
+        for option in sorted(k for k, v in o.items() if v is not None and k not in applicable_options(recipe)):
+            if origins[option] == "command line":
+                raise OptionError(option, f"has no effect on {recipe.scheme.name} with {recipe.algorithm}",
+                                  hint="drop it")
+            if origins[option] != "default":
+                err.print(f"note: {flag(option)} from {origins[option]} has no effect on {recipe.scheme.name} with "
+                          f"{recipe.algorithm}; ignored", highlight=False, soft_wrap=True)
     calib, fmt = (Path(o["calib"]) if o["calib"] is not None else None), o["format"]
-    recipe = recipe_from_options(**{k: v for k, v in o.items() if k not in ("calib", "format")})
-    check_recipe(recipe)
 
     started = []
 
@@ -204,30 +250,17 @@ def quantize_cmd(
             started.append(True)
             w = recipe.scheme.weight
             err.print(f"quantizing {model} -> {output}: {recipe.scheme.name} ({w.key}"
-                      f"{', g' + str(w.group_size) if w.group_size else ''}), {recipe.algorithm}", highlight=False)
+                      f"{', g' + str(w.group_size) if w.group_size else ''}), {recipe.algorithm}", highlight=False, soft_wrap=True)
         sq = f"weight SQNR min {report.sqnr_db_min:.1f} dB, mean {report.sqnr_db_mean:.1f} dB" \
             if report.sqnr_db_min is not None else "kept in full precision"
         if report.output_sqnr_db is not None:
             sq += f", output SQNR {report.output_sqnr_db:.1f} dB"
         name = f"layer {report.layer}" if report.layer != "other" else "embeddings/norms/head"
-        err.print(f"  {name}: {report.quantized} weights quantized, {sq}, {report.seconds:.2f} s", highlight=False)
+        err.print(f"  {name}: {report.quantized} weights quantized, {sq}, {report.seconds:.2f} s", highlight=False, soft_wrap=True)
 
-    if fmt not in ("llmc", "gptq"):
-        raise ConfigError(f"unknown --format {fmt!r}; choose llmc or gptq")
-    if fmt == "gptq" and output.exists() and not force:
-        raise ConfigError(f"{output} already exists", hint="pass --force to replace it")
-    target = output if fmt == "llmc" else output.with_name(f".{output.name}.llmc-tmp")
-    export = None
-    try:
-        r = quantize_checkpoint(model, target, recipe, force=force or fmt == "gptq", calib=calib,
-                                allow_requantize=requantize, on_layer=progress)
-        if fmt == "gptq":
-            from llmc.passes.quant.gptq_format import export_gptq
-            export = export_gptq(target, output, round_scales=True, force=force)
-            r = replace(r, output=str(output), bytes_out=export["bytes"])
-    finally:
-        if fmt == "gptq":
-            shutil.rmtree(target, ignore_errors=True)
+    with options_named(origins):
+        r, export = quantize(model, output, recipe, format=fmt, force=force, calib=calib,
+                             allow_requantize=requantize, on_layer=progress)
     if as_json:
         _print_json({**asdict(r), "format": fmt, "profile": profile,
                      **({"gptq_export": export} if export else {})})
@@ -237,7 +270,7 @@ def quantize_cmd(
               f"peak memory {_human_bytes(r.peak_rss_bytes)}\n")
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality (throughput and serve are planned).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality (throughput and serve are not built yet).")
 app.add_typer(bench_app, name="bench")
 
 
@@ -249,17 +282,26 @@ def bench_quality_cmd(
     seqlen: int = typer.Option(512, "--seqlen", help="Window length in tokens (BOS included)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N tokens of the text."),
     kernels: str = typer.Option("cpu", "--kernels", help="Kernel set: cpu or reference."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON to this file "
+                                            "('-': to stdout, instead of the table). An existing file is replaced "
+                                            "only if llmc wrote it."),
 ) -> None:
     """Perplexity, KL divergence from the reference and top-1 agreement, over non-overlapping windows."""
     from llmc.bench.quality import quality
-    from llmc.io import write_json_atomic
+    from llmc.io import check_output, stamp_json, write_result_json
 
+    inputs = [path, reference, text]
+    if json_path not in (None, "-"):
+        check_output(json_path, inputs, force=True, directory=False, what="result file")   # before the work
     with err.status("scoring") as status:
         r = quality(path, reference, text, seqlen=seqlen, max_tokens=max_tokens, kernels=kernels,
                     on_window=lambda w, n: status.update(f"scoring: {w} windows, {n:,} tokens"))
+    result = {**asdict(r), "env": _env()}                               # the metrics at the top level
+    if json_path == "-":
+        _print_json(stamp_json(result))
+        return
     if json_path is not None:
-        write_json_atomic(json_path, {**asdict(r), "env": _env()})       # the metrics at the top level
+        write_result_json(Path(json_path), result, inputs)
     t = Table(*(Column(c, justify="right") for c in ("tokens", "perplexity", "reference ppl", "Δ ppl",
                                                       "KL (nats/token)", "top-1 agree")),
               title=f"llmc bench quality · {path} vs {reference}")
@@ -276,6 +318,53 @@ def _env() -> dict:
     return environment(threads=torch.get_num_threads())
 
 
+def _not_built(verb: str, issue: str) -> None:
+    raise ConfigError(f"'llmc {verb}' is not built yet in llmc {__version__}", hint=issue)
+
+
+@app.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def serve_cmd(ctx: typer.Context) -> None:
+    """(not built yet) An OpenAI-compatible server over an engine."""
+    _not_built("serve", "generate with 'llmc generate' meanwhile")
+
+
+@bench_app.command("throughput", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def bench_throughput_cmd(ctx: typer.Context) -> None:
+    """(not built yet) Offline throughput over a sweep of batch sizes."""
+    _not_built("bench throughput", "benchmarks/decode_cpu.py measures decode speed meanwhile")
+
+
+@bench_app.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def bench_serve_cmd(ctx: typer.Context) -> None:
+    """(not built yet) Online load against a server."""
+    _not_built("bench serve", "it needs 'llmc serve', which is not built yet either")
+
+
+@app.command("gate", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def gate_cmd(ctx: typer.Context) -> None:
+    """(not built yet) Compare bench results with a baseline; exit 1 on a regression."""
+    _not_built("gate", "compare 'llmc bench quality --json' results yourself meanwhile")
+
+
+def _fit_default_seqlen(model: Path, recipe, origins: dict[str, str]):
+    """--calib-seqlen left at its default is capped by the model's context (with a note); a value
+    the user or a profile gave is checked by the library instead."""
+    from dataclasses import replace as _replace
+
+    from llmc.arch import parse_arch
+    from llmc.checkpoint import read_json
+    from llmc.passes.quant.quantize import calibrates
+
+    if origins.get("calib_seqlen") != "default" or not calibrates(recipe) or not (Path(model) / "config.json").is_file():
+        return recipe
+    context = parse_arch(read_json(Path(model) / "config.json", "config.json")).max_position_embeddings
+    if recipe.calib_seqlen <= context:
+        return recipe
+    err.print(f"note: --calib-seqlen {recipe.calib_seqlen} (the default) is capped at the model's context, "
+              f"{context}", highlight=False, soft_wrap=True)
+    return _replace(recipe, calib_seqlen=context)
+
+
 @app.command("version")
 def version_cmd() -> None:
     """Print the llmc version."""
@@ -287,18 +376,27 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command line. Exit codes: 0 success, 2 a user error (one line on stderr), 130 / 143
+    interrupted by SIGINT / SIGTERM (one line), 1 an internal error (a bug: one line, or the
+    traceback with --debug)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"] or ["--help"]
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="llmc", standalone_mode=False)
+        rv = command.main(args=args, prog_name="llmc", standalone_mode=False)
+    except Interrupted as e:                 # SIGINT / SIGTERM (llmc.signals): outputs were unwound
+        sys.stderr.write(f"{e.message}\n")
+        sys.exit(e.exit_code)
     except (typer.Exit, click.exceptions.Exit) as e:
         sys.exit(e.exit_code)
     except (typer.Abort, click.exceptions.Abort):
-        sys.stderr.write("aborted\n")
+        sys.stderr.write("interrupted\n")
         sys.exit(130)
     except (click.exceptions.ClickException, typer.TyperException) as e:   # bad option or argument
+        if type(e).__name__ == "NoArgsIsHelpError" and getattr(e, "ctx", None) is not None:
+            sys.stdout.write(e.ctx.get_help() + "\n")        # `llmc bench`: its help, as for `llmc`
+            sys.exit(0)
         if debug:
             raise
         message = e.format_message() if hasattr(e, "format_message") else str(e)
@@ -309,12 +407,19 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"error: {e.one_line()}\n")
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    except OSError as e:                     # the machine said no: a file, a permission, a full disk
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"error: {where}{e.strerror or _one_line(str(e))}\n")
+        sys.exit(2)
     except Exception as e:  # a bug in llmc: still one line, unless --debug
         if debug:
             raise
         sys.stderr.write(f"error: internal error: {type(e).__name__}: {_one_line(str(e))} "
-                         f"(rerun with --debug for a traceback)\n")
+                         f"(rerun with --debug for a traceback, and report it with that traceback)\n")
         sys.exit(1)
+    if isinstance(rv, int) and rv:           # typer returns 130 for a KeyboardInterrupt it caught
+        if rv == 130:
+            sys.stderr.write("interrupted\n")
+        sys.exit(rv)

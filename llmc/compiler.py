@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.errors import ConfigError
+from llmc.io import atomic_directory, check_output
 from llmc.ir import format_graph
 
 
@@ -38,15 +39,15 @@ def compile(model: Path | str, out: Path | str, target: str = "cpu", passes: lis
     tgt = get_target(target)
     if (src / ENGINE_FILE).exists():
         raise ConfigError(f"{src} is already an engine", hint="compile the checkpoint it was made from")
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists", hint="pass --force to replace it")
-    if out.resolve() == src.resolve():
-        raise ConfigError("the engine directory must differ from the checkpoint directory")
+    check_output(out, [src], force=force, what="engine directory")
+    if dump_ir is not None:
+        dump_ir = check_output(dump_ir, [src, out], force=force, what="IR dump directory")
     m = load_checkpoint(src, tuple(passes) if passes is not None else None)
     if dump_ir is not None:      # re-run the same pipeline, writing each stage
         from llmc.decoder import build_decoder_graph
-        PassManager([r.name for r in m.passes]).run(build_decoder_graph(m.arch), m.weight_shapes(), Path(dump_ir))
-        (Path(dump_ir) / "final.txt").write_text(format_graph(m.graph))
-    manifest = write_engine(m, out, tgt.name, extra={"kernels": tgt.kernels}, overwrite=force)
+        with atomic_directory(dump_ir, overwrite=force, inputs=[src, out]) as tmp:
+            PassManager([r.name for r in m.passes]).run(build_decoder_graph(m.arch), m.weight_shapes(), tmp)
+            (tmp / "final.txt").write_text(format_graph(m.graph))
+    manifest = write_engine(m, out, tgt.name, extra={"kernels": tgt.kernels}, overwrite=force, inputs=[src])
     return CompileResult(engine=str(out), target=tgt.name, source=str(src), seconds=time.perf_counter() - t0,
                          nodes=len(m.graph.nodes), passes=manifest["passes"], files=manifest["files"])

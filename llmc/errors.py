@@ -22,6 +22,15 @@ class ConfigError(LlmcError):
     """An option, profile or config value is invalid."""
 
 
+class OptionError(ConfigError):
+    """A bad value of one named option. `option` is its Python name (`group_size`); the library
+    says `group_size=...`, the CLI names it as typed (`--group-size`) and where the value came from."""
+
+    def __init__(self, option: str, reason: str, hint: str | None = None) -> None:
+        super().__init__(f"{option}: {reason}", hint)
+        self.option, self.reason = option, reason
+
+
 class ModelFormatError(LlmcError):
     """A checkpoint directory or file cannot be read as a model."""
 

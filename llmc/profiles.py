@@ -94,3 +94,10 @@ def resolve_options(verb: str, given: dict[str, Any], defaults: dict[str, Any], 
     """The options of `verb`: what the command line gave (not None), else the profile's, else the default."""
     table = load_profile(profile).section(verb) if profile else {}
     return {k: given[k] if given.get(k) is not None else table.get(k, defaults.get(k)) for k in given}
+
+
+def option_origins(verb: str, given: dict[str, Any], profile: str | None) -> dict[str, str]:
+    """Where each option's value comes from: "command line", "profile NAME" or "default"."""
+    table = load_profile(profile).section(verb) if profile else {}
+    return {k: "command line" if given.get(k) is not None else f"profile {profile}" if k in table else "default"
+            for k in given}

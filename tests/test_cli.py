@@ -24,7 +24,7 @@ def test_compile_json_dump_ir_and_generate(capsys, tmp_path):
     engine, dump = tmp_path / "e", tmp_path / "ir"
     r = json.loads(run(capsys, "compile", str(STORIES), "-o", str(engine), "--dump-ir", str(dump), "--json").out)
     assert r["target"] == "cpu" and r["nodes"] == 43 and r["bytes"] > 1_000_000
-    assert sorted(p.name for p in dump.iterdir()) == ["00-input.txt", "01-fuse-qkv.txt", "02-fuse-gate-up-silu.txt",
+    assert sorted(p.name for p in dump.iterdir()) == [".llmc-output.json", "00-input.txt", "01-fuse-qkv.txt", "02-fuse-gate-up-silu.txt",
                                                      "03-fuse-add-rms-norm.txt", "04-dce.txt", "final.txt"]
     out = json.loads(run(capsys, "generate", str(engine), "-p", "Once upon a time", "-p", "Tom",
                          "--max-tokens", "5", "--json").out)

@@ -56,7 +56,7 @@ CASES = {
     "corrupt safetensors": (lambda c: ["inspect", str(c["corrupt"])], "not a safetensors file"),
     "altered engine": (lambda c: ["generate", str(c["altered_engine"]), "-p", "x"], "weights.safetensors: altered"),
     "bad option value": (lambda c: ["generate", str(STORIES), "-p", "x", "--max-tokens", "many"], "--max-tokens"),
-    "bad sampling value": (lambda c: ["generate", str(STORIES), "-p", "x", "--top-p", "1.5"], "top_p"),
+    "bad sampling value": (lambda c: ["generate", str(STORIES), "-p", "x", "--top-p", "1.5"], "--top-p: must be in (0, 1]"),
     "unknown kernels": (lambda c: ["generate", str(STORIES), "-p", "x", "--kernels", "gpu"], "kernel set"),
     "unknown target": (lambda c: ["compile", str(STORIES), "-o", str(c["root"] / "o2"), "--target", "tpu"],
                        "unknown target"),

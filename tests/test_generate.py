@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmc.generate import generate
+from llmc.generation import generate
 from llmc.model import load_model
 from llmc.runtime.runner import RuntimeConfig
 from llmc.runtime.sampler import SamplingParams, filter_logits

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmc.compiler import compile
-from llmc.generate import generate
+from llmc.generation import generate
 from llmc.model import load_model
 from llmc.runtime.runner import RuntimeConfig
 from llmc.runtime.sampler import SamplingParams

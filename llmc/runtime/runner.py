@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmc.errors import ConfigError
+from llmc.errors import ConfigError, OptionError
 from llmc.runtime.batch import RaggedBatch
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 from llmc.runtime.sampler import SamplingParams, sample
@@ -26,9 +26,9 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
         if self.num_blocks is not None and self.num_blocks < 1:
-            raise ConfigError(f"num_blocks must be at least 1, got {self.num_blocks}")
+            raise OptionError("num_blocks", f"must be at least 1, got {self.num_blocks}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmc.errors import ConfigError
+from llmc.errors import OptionError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,13 +20,15 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+            raise OptionError("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.temperature < float("inf"):
+            raise OptionError("temperature", f"must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise OptionError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k must be at least 1, got {self.top_k}")
+            raise OptionError("top_k", f"must be at least 1, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise OptionError("seed", f"must be in [0, 2**63), got {self.seed}")
 
     def make_generator(self) -> torch.Generator | None:
         if self.temperature == 0:

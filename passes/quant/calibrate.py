@@ -18,6 +18,7 @@ from torch import Tensor
 
 from llmc.errors import ConfigError
 from llmc.ir import Graph, Node
+from llmc.paths import check_regular
 from llmc.runtime.batch import RaggedBatch
 from llmc.runtime.executor import Executor
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
@@ -31,14 +32,16 @@ class CalibrationData:
     provenance: dict                  # file, sha256, samples, seqlen, tokens
 
 
-def load_calibration(tokenizer, path: Path | None, samples: int, seqlen: int) -> CalibrationData:
+def load_calibration(tokenizer, path: Path | None, samples: int, seqlen: int,
+                     vocab_size: int | None = None) -> CalibrationData:
     """`.txt`: the whole text tokenized and cut into consecutive windows of `seqlen`; `.jsonl`: one
     sample per record's `text` field, truncated to `seqlen`. Takes the first `samples` windows."""
     if samples < 1 or seqlen < 2:
         raise ConfigError(f"need at least 1 calibration sample of at least 2 tokens (got {samples} x {seqlen})")
     p = Path(path) if path is not None else DEFAULT_CALIBRATION
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"{p}: calibration file not found")
+    check_regular(p, "calibration file", ConfigError)
     try:
         raw = p.read_bytes()
         text = raw.decode("utf-8")
@@ -69,6 +72,11 @@ def load_calibration(tokenizer, path: Path | None, samples: int, seqlen: int) ->
         out = [s for s in out if len(s) > len(head)]
     if not out:
         raise ConfigError(f"{p}: calibration file is empty")
+    top = max(max(s) for s in out)
+    if vocab_size is not None and (top >= vocab_size or min(min(s) for s in out) < 0):
+        raise ConfigError(f"{tokenizer.directory}: the tokenizer gives token id {top}, outside the model's "
+                          f"vocabulary (vocab_size {vocab_size} in config.json)",
+                          hint="the tokenizer does not belong to this model")
     return CalibrationData(out, {"file": str(p), "sha256": hashlib.sha256(raw).hexdigest(), "samples": len(out),
                                  "seqlen": seqlen, "tokens": sum(map(len, out))})
 

@@ -18,7 +18,6 @@ ever skipped silently.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -29,7 +28,8 @@ from torch import Tensor
 from llmc import __version__
 from llmc.checkpoint import INDEX_FILE, WeightStore, read_json
 from llmc.errors import ConfigError, LlmcError, ModelFormatError, UnsupportedModelError
-from llmc.io import atomic_directory, write_json_atomic
+from llmc.io import atomic_directory, check_output, write_json_atomic
+from llmc.paths import copy_model_file
 from llmc.passes.quant.formats import QuantizedWeight, pack_int4, unpack_int4
 from llmc.passes.quant.scheme import TensorQuant
 from llmc.tokenizer import TOKENIZER_FILES
@@ -206,9 +206,48 @@ def _layer_key(layer: str) -> tuple[int, int]:
     return (-1, 0) if layer == "other" else (0, int(layer)) if layer.isdigit() else (1, 0)
 
 
-def _list(problems: list[str], limit: int = 24) -> str:
+def _list(problems: list[str], limit: int = 3) -> str:
     more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
     return "; ".join(problems[:limit]) + more
+
+
+def _bits(fmt) -> int | None:
+    """The GPTQ bit width of a weight format, or None when the layout cannot hold it."""
+    if fmt.dtype == "int4" and fmt.granularity == "group":
+        return 4
+    if fmt.dtype == "int8" and fmt.granularity == "channel":
+        return 8
+    return None
+
+
+def _layout_problems(shapes: Mapping[str, tuple[int, ...]], bits: int) -> list[str]:
+    pack = 32 // bits
+    out = []
+    for name, (n, k) in shapes.items():
+        bad = [f"{what} = {v} is not a multiple of {pack}"
+               for what, v in (("in features K", k), ("out features N", n)) if v % pack]
+        if bad:
+            out.append(f"{name.removesuffix('.weight')} ({', '.join(bad)})")
+    return out
+
+
+def _layout_error(problems: list[str], bits: int) -> GptqExportError:
+    pack = 32 // bits
+    return GptqExportError(f"cannot express in the GPTQ layout ({bits}-bit values pack {pack} per int32 word, so "
+                           f"both widths must be multiples of {pack}): {_list(problems)}",
+                           hint="GPTQ cannot hold these layers; keep the llmc checkpoint for this model")
+
+
+def check_exportable(fmt, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Before quantizing for `--format gptq`: the weight format and the shapes of the linears to
+    quantize fit the layout (what only the quantized values can tell is checked at export)."""
+    bits = _bits(fmt)
+    if bits is None:
+        raise GptqExportError(f"weights in format {fmt.key} have no GPTQ layout",
+                              hint="GPTQ holds int4 group-wise (w4a16) or int8 per-channel (w8a16) weights")
+    problems = _layout_problems(shapes, bits)
+    if problems:
+        raise _layout_error(problems, bits)
 
 
 def _check_scales(p: str, scale: Tensor) -> tuple[Tensor, float, str | None]:
@@ -252,10 +291,7 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
     if qsection.get("quant_method") == QUANT_METHOD:
         raise ConfigError(f"{src} is already a GPTQ checkpoint")
     entries = entries_from_manifest(qsection, f"{src / 'config.json'}")
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists", hint="pass --force to replace it")
-    if out.resolve() == src.resolve():
-        raise ConfigError(f"{out}: the output must not be the source checkpoint")
+    check_output(out, [src], force=force)
     if not entries:
         raise GptqExportError(f"{src}: has no quantized weights to export")
     fmts = {e.fmt for e in entries.values()}
@@ -263,14 +299,9 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
         raise GptqExportError(f"{src}: weights in several formats ({', '.join(sorted(f.key for f in fmts))}); "
                               "a GPTQ checkpoint has one bit width and group size")
     fmt = next(iter(fmts))
-    if fmt.dtype == "int4" and fmt.granularity == "group":
-        bits, group_size = 4, fmt.group_size
-    elif fmt.dtype == "int8" and fmt.granularity == "channel":
-        bits, group_size = 8, -1
-    else:
-        raise GptqExportError(f"{src}: weights in format {fmt.key} have no GPTQ layout",
-                              hint="GPTQ holds int4 group-wise (w4a16) or int8 per-channel (w8a16) weights")
-    pack = 32 // bits
+    check_exportable(fmt, {})
+    bits = _bits(fmt)
+    group_size = fmt.group_size if bits == 4 else -1
     skipped = [n for n in qsection.get("skipped", []) if n.startswith("model.layers.")]
     if skipped:
         raise GptqExportError(f"{src}: linear weights of decoder layers are left unquantized ({_list(skipped)}); "
@@ -279,16 +310,13 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
     store = QuantizedStore(WeightStore.open(src), entries)
 
     # Pass 1 (reads scales and zeros only): everything the layout cannot express, all layers at once.
-    layout, zeros, ranges, scales16, inexact = [], [], [], {}, []
+    layout = _layout_problems({name: e.shape for name, e in entries.items()}, bits)
+    if layout:
+        raise _layout_error(layout, bits)
+    zeros, ranges, scales16, inexact = [], [], {}, []
     worst = (0.0, None)
     for name, e in entries.items():
         p = name.removesuffix(".weight")
-        n, k = e.shape
-        bad = [f"{what} = {v} is not a multiple of {pack}"
-               for what, v in (("in features K", k), ("out features N", n)) if v % pack]
-        if bad:
-            layout.append(f"{p} ({', '.join(bad)})")
-            continue
         if fmt.dtype == "int4":
             zero = store.base.get(f"{name}.zero")
             if bool((zero == 0).any()):
@@ -301,10 +329,6 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
             inexact.append(f"{p} (largest relative change {rel:.3g})")
             if rel > worst[0]:
                 worst = (rel, p)
-    if layout:
-        raise GptqExportError(f"cannot express in the GPTQ layout ({bits}-bit values pack {pack} per int32 word, "
-                              f"so both widths must be multiples of {pack}): {_list(layout)}",
-                              hint="GPTQ cannot hold these layers; keep the llmc checkpoint for this model")
     if zeros:
         raise GptqExportError("zero point 0 cannot be stored in the GPTQ v1 layout (it keeps zero - 1): "
                               f"{_list(zeros)}",
@@ -313,8 +337,8 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
         raise GptqExportError(f"scales that float16, which GPTQ stores, cannot hold even rounded: {_list(ranges)}")
     if inexact and not round_scales:
         raise GptqExportError(f"scales not exactly representable in float16, which GPTQ stores: {_list(inexact)}",
-                              hint="pass round_scales=True (--round-scales) to round them and change the weights "
-                                   "by the relative amounts shown")
+                              hint="pass round_scales=True to round them (llmc quantize --format gptq always "
+                                   "does), changing the weights by the relative amounts shown")
 
     src_cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
     provenance = {"recipe": qsection.get("recipe"), "llmc_version": qsection.get("llmc_version"),
@@ -329,7 +353,7 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
         groups.setdefault(_layer_of(name), []).append(name)
     order = sorted(groups, key=_layer_key)
     weight_map: dict[str, str] = {}
-    with atomic_directory(out, overwrite=force) as tmp:
+    with atomic_directory(out, overwrite=force, inputs=[src]) as tmp:
         for i, layer in enumerate(order):
             tensors: dict[str, Tensor] = {}
             for name in groups[layer]:
@@ -345,8 +369,7 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
                                              "weight_map": weight_map})
         write_json_atomic(tmp / "config.json", {**src_cfg, "quantization_config": qcfg})
         for fname in TOKENIZER_FILES:
-            if (src / fname).exists():
-                shutil.copyfile(src / fname, tmp / fname)
+            copy_model_file(src, fname, tmp)
     return {"output": str(out), "source": str(src), "layers": len(entries), "bits": bits,
             "group_size": group_size, "sym": fmt.symmetric,
             "bytes": sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors"),

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from llmc.errors import ConfigError
+from llmc.errors import OptionError
 from llmc.passes.quant.formats import codes, decode, params_from_range
 from llmc.passes.quant.scheme import TensorQuant
 
@@ -50,9 +50,9 @@ class Observer:
 
     def __post_init__(self) -> None:
         if self.name not in OBSERVERS:
-            raise ConfigError(f"unknown observer {self.name!r}; known: {', '.join(OBSERVERS)}")
+            raise OptionError("observer", f"unknown observer {self.name!r}; known: {', '.join(OBSERVERS)}")
         if not 50 < self.percentile <= 100:
-            raise ConfigError(f"the percentile must be in (50, 100], got {self.percentile}")
+            raise OptionError("percentile", f"must be in (50, 100], got {self.percentile}")
 
     def range(self, x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor]:
         """[lo, hi] for the values along x's last dim -> two tensors of shape x.shape[:-1]."""

@@ -8,7 +8,6 @@ the per-layer error (SQNR of the dequantized weights) is reported.
 from __future__ import annotations
 
 import fnmatch
-import json
 import resource
 import shutil
 import time
@@ -23,10 +22,11 @@ from llmc import __version__
 from llmc.arch import parse_arch
 from llmc.checkpoint import INDEX_FILE, WeightStore, read_json
 from llmc.decoder import EMBED as EMBED_NAME, build_decoder_graph
-from llmc.errors import ConfigError
-from llmc.io import atomic_directory, write_json_atomic
+from llmc.errors import ConfigError, OptionError
+from llmc.io import atomic_directory, check_output, temp_path, write_json_atomic
 from llmc.memory import return_large_blocks_to_system
-from llmc.passes.quant.formats import QuantizedWeight, dequantize, quantize
+from llmc.paths import copy_model_file
+from llmc.passes.quant.formats import QuantizedWeight, dequantize, quantize as quantize_weight
 from llmc.passes.quant.observers import Observer
 from llmc.passes.quant.scheme import QuantRecipe, TensorQuant
 from llmc.passes.quant.store import QuantizedEntry, manifest_section
@@ -109,7 +109,6 @@ class AlgorithmSpec:
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {}
-PLANNED_ALGORITHMS: tuple[str, ...] = ()
 
 
 def register_algorithm(name: str, schemes: tuple[str, ...], calibrated: bool, hessian: bool = False,
@@ -155,7 +154,7 @@ def _scale_input(work: LayerWork, x: str, names: list[str], s: torch.Tensor, fol
 
 
 def _quantize_targets(work: LayerWork) -> dict[str, QuantizedWeight]:
-    return {name: quantize(work.fp[name], work.fmt, name, work.weight_observer)
+    return {name: quantize_weight(work.fp[name], work.fmt, name, work.weight_observer)
             for name, _ in work.linears if name in work.targets}
 
 
@@ -238,24 +237,73 @@ def _fold_target(work: LayerWork, x: str):
 
 
 def check_recipe(recipe: QuantRecipe) -> AlgorithmSpec:
+    """The recipe is one llmc can carry out (errors name the option: OptionError)."""
     algo, scheme = recipe.algorithm, recipe.scheme.name
-    if algo in PLANNED_ALGORITHMS and algo not in ALGORITHMS:
-        raise ConfigError(f"algorithm {algo!r} is not available in this version of llmc",
-                          hint=f"available: {', '.join(ALGORITHMS)}")
     spec = ALGORITHMS.get(algo)
     if spec is None:
-        raise ConfigError(f"unknown algorithm {algo!r}; known: {', '.join(ALGORITHMS)}")
+        raise OptionError("algo", f"unknown algorithm {algo!r}; known: {', '.join(ALGORITHMS)}")
     if scheme not in spec.schemes:
-        raise ConfigError(f"algorithm {algo!r} does not produce scheme {scheme!r}",
+        raise OptionError("algo", f"algorithm {algo!r} does not produce scheme {scheme!r}",
                           hint=f"{algo} serves: {', '.join(spec.schemes)}")
     if recipe.kv_cache is not None and recipe.kv_cache.dtype not in ("int8", "fp8_e4m3"):
-        raise ConfigError(f"the KV cache can be int8 or fp8, not {recipe.kv_cache.dtype}")
-    for name in (recipe.weight_observer, recipe.act_observer):
-        Observer(name, recipe.percentile)                      # raises on an unknown name or percentile
+        raise OptionError("kv_cache", f"the KV cache can be int8 or fp8, not {recipe.kv_cache.dtype}")
+    for option, name in (("observer", recipe.weight_observer), ("act_observer", recipe.act_observer)):
+        try:
+            Observer(name, recipe.percentile)                  # raises on an unknown name or percentile
+        except OptionError as e:
+            raise OptionError(option if e.option == "observer" else e.option, e.reason) from None
     if recipe.weight_observer != "minmax" and not spec.observes_weights:
-        raise ConfigError(f"algorithm {algo!r} chooses its own weight ranges; drop --observer "
+        raise OptionError("observer", f"algorithm {algo!r} chooses its own weight ranges; drop --observer "
                           f"{recipe.weight_observer}", hint="awq searches each group's clipping (--awq-clip)")
     return spec
+
+
+def calibrates(recipe: QuantRecipe) -> bool:
+    """Whether the recipe reads calibration text: a calibrated algorithm, static input scales or a
+    quantized KV cache."""
+    act = recipe.scheme.activation
+    return (ALGORITHMS[recipe.algorithm].calibrated or (act is not None and act.granularity == "tensor")
+            or recipe.kv_cache is not None)
+
+
+def applicable_options(recipe: QuantRecipe) -> set[str]:
+    """The quantize options (as `llmc quantize` names them) that change what this recipe does;
+    giving any other one is a mistake the CLI reports."""
+    spec = ALGORITHMS[recipe.algorithm]
+    w = recipe.scheme.weight
+    used = {"scheme", "algo", "kv_cache", "format"}
+    if w.granularity == "group":
+        used.add("group_size")
+    if w.dtype == "int4":
+        used.add("asymmetric")
+    if recipe.algorithm == "smoothquant":
+        used.add("alpha")
+    if recipe.algorithm == "awq":
+        used.add("awq_clip")
+    if spec.observes_weights:
+        used.add("observer")
+    act = recipe.scheme.activation
+    if recipe.kv_cache is not None or (act is not None and act.granularity == "tensor"):
+        used.add("act_observer")
+    if "percentile" in (recipe.weight_observer if spec.observes_weights else None, recipe.act_observer):
+        used.add("percentile")
+    if calibrates(recipe):
+        used |= {"calib", "calib_samples", "calib_seqlen"}
+    return used
+
+
+def check_model_fits(recipe: QuantRecipe, arch, shapes: dict[str, tuple[int, ...]]) -> None:
+    """What only the model can tell: calibration windows within its context, groups no wider than
+    its widest linear input. Checked before any work."""
+    if calibrates(recipe) and recipe.calib_seqlen > arch.max_position_embeddings:
+        raise OptionError("calib_seqlen", f"{recipe.calib_seqlen} tokens is longer than the model's context "
+                          f"({arch.max_position_embeddings}, max_position_embeddings)",
+                          hint=f"use --calib-seqlen {arch.max_position_embeddings} or less")
+    g = recipe.scheme.weight.group_size
+    widest = max((s[1] for s in shapes.values() if len(s) == 2), default=0)
+    if g is not None and g > widest:
+        raise OptionError("group_size", f"{g} is wider than every linear input of the model (the widest is "
+                          f"{widest})", hint=f"use --group-size {widest} or less (a group per row)")
 
 
 @dataclass(frozen=True)
@@ -315,8 +363,8 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     if "quantization_config" in cfg and not allow_requantize:
         raise ConfigError(f"{src} is already quantized ({cfg['quantization_config'].get('quant_method')})",
                           hint="quantize the original checkpoint, or pass --requantize")
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists", hint="pass --force to replace it")
+    calib_path = Path(calib) if calib is not None else None
+    check_output(out, [src, calib_path if calibrates(recipe) else None], force=force)
     arch = parse_arch(cfg)
     store = WeightStore.open(src)
     if "quantization_config" in cfg:               # asked explicitly: start from the dequantized weights
@@ -328,13 +376,13 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     if missing:
         raise ConfigError(f"{src}: the checkpoint lacks the tensor {missing[0]!r}")
     linear_names = {n.inputs[1] for n in graph.nodes if n.op == "linear"}
+    check_model_fits(recipe, arch, {n: tuple(store.shape(n)) for n in linear_names})
     skip = [n for n in graph.weight_names()
             if n in linear_names and any(fnmatch.fnmatch(n, p) for p in recipe.scheme.skip)]
     runner = calibration = hidden = None
-    act = recipe.scheme.activation
-    if spec.calibrated or (act is not None and act.granularity == "tensor") or recipe.kv_cache is not None:
-        data = load_calibration(Tokenizer(src), Path(calib) if calib else None, recipe.calib_samples,
-                                recipe.calib_seqlen)
+    if calibrates(recipe):
+        data = load_calibration(Tokenizer(src), calib_path, recipe.calib_samples, recipe.calib_seqlen,
+                                vocab_size=arch.vocab_size)
         calibration = data.provenance
         runner = LayerRunner(arch, graph, data.samples)
         hidden = runner.embed(store.get(EMBED_NAME))
@@ -342,7 +390,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     entries: dict[str, QuantizedEntry] = {}
     reports, weight_map = [], {}
     groups = [str(i) for i in range(arch.num_layers)] + ["other"]
-    with atomic_directory(out, overwrite=force) as tmp:
+    with atomic_directory(out, overwrite=force, inputs=[src, calib_path]) as tmp:
         for gi, layer in enumerate(groups):
             t1 = time.perf_counter()
             names = [n for n in graph.weight_names() if _layer_of(n) == layer]
@@ -384,13 +432,47 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                                 source=str(src), skipped=skip, calibration=calibration)
         write_json_atomic(tmp / "config.json", {**cfg, "quantization_config": qcfg})
         for name in TOKENIZER_FILES:
-            if (src / name).exists():
-                shutil.copyfile(src / name, tmp / name)
+            copy_model_file(src, name, tmp)
     bytes_out = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
     return QuantizeResult(output=str(out), source=str(src), recipe=recipe.to_dict(), layers=reports,
                           seconds=time.perf_counter() - t0,
                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                           bytes_in=store.nbytes(), bytes_out=bytes_out, skipped=skip, calibration=calibration)
+
+
+QUANTIZE_FORMATS = ("llmc", "gptq")
+
+
+def quantize(model: Path | str, out: Path | str, recipe: QuantRecipe, *, format: str = "llmc",
+             force: bool = False, allow_requantize: bool = False, calib: Path | str | None = None,
+             on_layer: Callable[[LayerReport, int], None] | None = None) -> tuple[QuantizeResult, dict | None]:
+    """`llmc quantize`: quantize_checkpoint, then for `format="gptq"` the GPTQ-layout export, with
+    every check that can fail done before the work. Returns the result and the export summary."""
+    from llmc.model import check_path
+    from llmc.passes.quant.gptq_format import check_exportable, export_gptq
+
+    if format not in QUANTIZE_FORMATS:
+        raise OptionError("format", f"unknown format {format!r}; choose {' or '.join(QUANTIZE_FORMATS)}")
+    out = Path(out)
+    if format == "llmc":
+        return quantize_checkpoint(model, out, recipe, force=force, allow_requantize=allow_requantize,
+                                   calib=calib, on_layer=on_layer), None
+    src = check_path(model)
+    check_recipe(recipe)
+    check_output(out, [src, calib], force=force)
+    arch = parse_arch(read_json(src / "config.json", "config.json"))
+    store, graph = WeightStore.open(src), build_decoder_graph(arch)
+    linears = {n.inputs[1] for n in graph.nodes if n.op == "linear"}
+    check_exportable(recipe.scheme.weight, {n: tuple(store.shape(n)) for n in graph.weight_names() if n in linears
+                                            and not any(fnmatch.fnmatch(n, p) for p in recipe.scheme.skip)})
+    work = temp_path(out, "work")               # the llmc checkpoint, removed after the export
+    try:
+        r = quantize_checkpoint(src, work, recipe, calib=calib, allow_requantize=allow_requantize,
+                                on_layer=on_layer)
+        export = export_gptq(work, out, round_scales=True, force=force)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return replace(r, output=str(out), bytes_out=export["bytes"]), export
 
 
 class DequantizedView:
@@ -401,6 +483,9 @@ class DequantizedView:
 
     def __contains__(self, name: str) -> bool:
         return name in self.store
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.store.shape(name))
 
     def get(self, name: str) -> torch.Tensor:
         t = self.store.get(name)
@@ -460,7 +545,3 @@ def _layer_tensors(names: list[str], original: dict[str, torch.Tensor], referenc
 def _width(work: LayerWork, x: str) -> int:
     name = next(n for n, v in work.linears if v == x)
     return work.fp[name].shape[1]
-
-
-def result_to_json(r: QuantizeResult) -> str:
-    return json.dumps(asdict(r), indent=2)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from llmc.errors import ConfigError
+from llmc.errors import ConfigError, OptionError
 
 DTYPES = ("int8", "int4", "fp8_e4m3")
+MAX_GROUP_SIZE = 1 << 16                 # larger groups buy nothing over per-channel scales
 GRANULARITIES = ("tensor", "channel", "group", "token")
 
 
@@ -26,8 +27,8 @@ class TensorQuant:                                     # the number format, noth
             raise ConfigError(f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}")
         if (self.granularity == "group") != (self.group_size is not None):
             raise ConfigError("group_size must be set exactly when granularity is 'group'")
-        if self.group_size is not None and self.group_size < 1:
-            raise ConfigError(f"group_size must be positive, got {self.group_size}")
+        if self.group_size is not None and not 1 <= self.group_size <= MAX_GROUP_SIZE:
+            raise OptionError("group_size", f"must be in [1, {MAX_GROUP_SIZE}], got {self.group_size}")
         if self.dtype == "fp8_e4m3" and not self.symmetric:
             raise ConfigError("fp8_e4m3 is symmetric-only; drop symmetric=False")
         if self.dtype == "int8" and not self.symmetric:
@@ -70,7 +71,12 @@ class QuantRecipe:                                     # how we get there
 
     def __post_init__(self) -> None:
         if not 0 <= self.smooth_alpha <= 1:
-            raise ConfigError(f"the SmoothQuant alpha must be in [0, 1], got {self.smooth_alpha}")
+            raise OptionError("alpha", f"the SmoothQuant migration strength must be in [0, 1], got {self.smooth_alpha}")
+        if self.calib_samples < 1:
+            raise OptionError("calib_samples", f"must be at least 1, got {self.calib_samples}")
+        if self.calib_seqlen < 2:
+            raise OptionError("calib_seqlen", f"must be at least 2 tokens, got {self.calib_seqlen}")
+
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme.to_dict(), "algorithm": self.algorithm,
@@ -93,14 +99,16 @@ SCHEMES = {s.name: s for s in (W8A16, W4A16, W8A8, FP8)}
 def resolve_scheme(name: str, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
     """A named scheme with the command line's overrides, derived (never mutated)."""
     if name not in SCHEMES:
-        raise ConfigError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}")
+        raise OptionError("scheme", f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}")
     scheme = SCHEMES[name]
     w = scheme.weight
     if group_size is not None:
         if w.granularity != "group":
-            raise ConfigError(f"--group-size applies to group-wise schemes (w4a16), not {name}")
+            raise OptionError("group_size", f"applies to group-wise schemes (w4a16), not {name}")
         w = replace(w, group_size=group_size)
-    if symmetric is not None:
+    if symmetric is not None and symmetric != w.symmetric:
+        if w.dtype != "int4":
+            raise OptionError("asymmetric", f"applies to int4 weights (w4a16), not {name}")
         w = replace(w, symmetric=symmetric)
     return replace(scheme, weight=w)
 
@@ -123,7 +131,7 @@ def recipe_from_options(scheme: str | None, **options: Any) -> QuantRecipe:
     kv = None
     if o["kv_cache"] is not None:
         if o["kv_cache"] not in KV_CACHE_DTYPES:
-            raise ConfigError(f"unknown --kv-cache {o['kv_cache']!r}; choose int8 or fp8")
+            raise OptionError("kv_cache", f"unknown KV-cache format {o['kv_cache']!r}; choose int8 or fp8")
         kv = TensorQuant(dtype=KV_CACHE_DTYPES[o["kv_cache"]], granularity="channel")
     return QuantRecipe(scheme=resolve_scheme(scheme, o["group_size"], False if o["asymmetric"] else None),
                        algorithm=o["algo"], kv_cache=kv, calib_samples=o["calib_samples"],

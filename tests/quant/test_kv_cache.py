@@ -54,7 +54,7 @@ def test_quantized_cache_attention(heads, kv_heads, kv):
 def test_kv_int8_end_to_end(tmp_path):
     from llmc.bench.quality import quality
     from llmc.compiler import compile
-    from llmc.generate import generate
+    from llmc.generation import generate
     from llmc.inspection import inspect
     from llmc.passes.quant.quantize import quantize_checkpoint
     from llmc.passes.quant.scheme import QuantRecipe, TensorQuant, resolve_scheme

@@ -8,7 +8,7 @@ import torch
 
 from llmc.compiler import compile
 from llmc.errors import ConfigError
-from llmc.generate import generate
+from llmc.generation import generate
 from llmc.inspection import inspect
 from llmc.model import load_model
 from llmc.passes.quant.formats import QuantizedWeight

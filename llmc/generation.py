@@ -37,14 +37,29 @@ class GenerateResult:
     stats: GenerateStats
 
 
-def generate(path: Path | str, prompts: list[str] | list[list[int]], params: SamplingParams = SamplingParams(),
-             runtime: RuntimeConfig = RuntimeConfig(), model=None) -> GenerateResult:
-    """Run every prompt (text, or a list of token ids) to completion, all as one in-flight batch.
-    `model` (already loaded) skips loading `path`."""
+def check_prompts(prompts) -> list:
+    """One prompt (a str, or a list of token ids) or a list of them -> a list of prompts."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ConfigError("give at least one prompt: a string, a list of token ids, or a list of those")
+    for i, p in enumerate(prompts):
+        ok = isinstance(p, str) or (isinstance(p, (list, tuple)) and
+                                    all(isinstance(t, int) and not isinstance(t, bool) for t in p))
+        if not ok:
+            raise ConfigError(f"prompt {i} is a {type(p).__name__}; a prompt is a string or a list of token ids")
+    return list(prompts)
+
+
+def generate(path: Path | str, prompts: str | list[str] | list[int] | list[list[int]],
+             params: SamplingParams = SamplingParams(), runtime: RuntimeConfig = RuntimeConfig(),
+             model=None) -> GenerateResult:
+    """Run every prompt (text, or a list of token ids; one prompt or a list of them) to completion,
+    all as one in-flight batch. `model` (already loaded) skips loading `path`."""
     from llmc.model import load_model
 
-    if not prompts:
-        raise ConfigError("give at least one prompt")
+    prompts = check_prompts(prompts)
     model = model or load_model(path)
     runner = Runner(model, runtime)
     encoded = [list(p) if isinstance(p, (list, tuple)) else model.tokenizer.encode(p) for p in prompts]
