@@ -206,7 +206,7 @@ def _layer_key(layer: str) -> tuple[int, int]:
     return (-1, 0) if layer == "other" else (0, int(layer)) if layer.isdigit() else (1, 0)
 
 
-def _list(problems: list[str], limit: int = 3) -> str:
+def _list(problems: list[str], limit: int = 8) -> str:
     more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
     return "; ".join(problems[:limit]) + more
 
@@ -220,15 +220,31 @@ def _bits(fmt) -> int | None:
     return None
 
 
+def _layers(ids: list[int]) -> str:
+    """[0, 1, 2, 4] -> "0-2, 4"."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
 def _layout_problems(shapes: Mapping[str, tuple[int, ...]], bits: int) -> list[str]:
+    """Every weight whose widths the layout cannot pack, one entry per (weight of a layer, reason)
+    with the layers it holds in: 'mlp.down_proj of layers 0-4 (in features K = 172 ...)'."""
     pack = 32 // bits
-    out = []
+    found: dict[tuple[str, str], list[int]] = {}
     for name, (n, k) in shapes.items():
-        bad = [f"{what} = {v} is not a multiple of {pack}"
-               for what, v in (("in features K", k), ("out features N", n)) if v % pack]
+        bad = ", ".join(f"{what} = {v} is not a multiple of {pack}"
+                        for what, v in (("in features K", k), ("out features N", n)) if v % pack)
         if bad:
-            out.append(f"{name.removesuffix('.weight')} ({', '.join(bad)})")
-    return out
+            parts = name.removesuffix(".weight").split(".")
+            layered = parts[:2] == ["model", "layers"] and len(parts) > 3 and parts[2].isdigit()
+            key = (".".join(parts[3:]) if layered else ".".join(parts), bad)
+            found.setdefault(key, []).append(int(parts[2]) if layered else -1)
+    return [f"{w}{' of layers ' + _layers(ids) if ids[0] >= 0 else ''} ({why})" for (w, why), ids in found.items()]
 
 
 def _layout_error(problems: list[str], bits: int) -> GptqExportError:

@@ -241,9 +241,9 @@ def test_zero_point_convention(ckpts, tmp_path):
 def test_golden_model_down_proj_refused(tmp_path):
     """5. stories260K has an MLP 172 wide: not a multiple of 8, refused by name; nothing written."""
     quantize_checkpoint(STORIES, tmp_path / "q", recipe("w4a16", group_size=32))
-    with pytest.raises(GptqExportError, match=r"model\.layers\.0\.mlp\.down_proj \(in features K = 172") as e:
+    with pytest.raises(GptqExportError, match=r"mlp\.down_proj of layers 0-4 \(in features K = 172") as e:
         export_gptq(tmp_path / "q", tmp_path / "gptq", round_scales=True)
-    assert "model.layers.4.mlp.down_proj" in str(e.value)                 # every offender, not the first
+    assert "mlp.gate_proj of layers 0-4" in str(e.value) and len(str(e.value)) < 500   # every offender, briefly
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
