@@ -318,32 +318,28 @@ def _env() -> dict:
     return environment(threads=torch.get_num_threads())
 
 
-def _not_built(verb: str, issue: str) -> None:
-    raise ConfigError(f"'llmc {verb}' is not built yet in llmc {__version__}", hint=issue)
+# Verbs of the design that are not built yet: they say so (exit 2) instead of "No such command".
+NOT_BUILT = [  # (typer app, name, help, what to do meanwhile)
+    (app, "serve", "An OpenAI-compatible server over an engine.", "generate with 'llmc generate' meanwhile"),
+    (bench_app, "throughput", "Offline throughput over a sweep of batch sizes.",
+     "benchmarks/decode_cpu.py measures decode speed meanwhile"),
+    (bench_app, "serve", "Online load against a server.", "it needs 'llmc serve', which is not built yet either"),
+    (app, "gate", "Compare bench results with a baseline; exit 1 on a regression.",
+     "compare 'llmc bench quality --json' results yourself meanwhile"),
+]
 
 
-@app.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def serve_cmd(ctx: typer.Context) -> None:
-    """(not built yet) An OpenAI-compatible server over an engine."""
-    _not_built("serve", "generate with 'llmc generate' meanwhile")
+def _register_not_built(parent: typer.Typer, name: str, text: str, meanwhile: str) -> None:
+    verb = name if parent is app else f"bench {name}"
+
+    def command(ctx: typer.Context) -> None:
+        raise ConfigError(f"'llmc {verb}' is not built yet in llmc {__version__}", hint=meanwhile)
+    command.__doc__ = f"(not built yet) {text}"
+    parent.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(command)
 
 
-@bench_app.command("throughput", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def bench_throughput_cmd(ctx: typer.Context) -> None:
-    """(not built yet) Offline throughput over a sweep of batch sizes."""
-    _not_built("bench throughput", "benchmarks/decode_cpu.py measures decode speed meanwhile")
-
-
-@bench_app.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def bench_serve_cmd(ctx: typer.Context) -> None:
-    """(not built yet) Online load against a server."""
-    _not_built("bench serve", "it needs 'llmc serve', which is not built yet either")
-
-
-@app.command("gate", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def gate_cmd(ctx: typer.Context) -> None:
-    """(not built yet) Compare bench results with a baseline; exit 1 on a regression."""
-    _not_built("gate", "compare 'llmc bench quality --json' results yourself meanwhile")
+for _parent, _name, _text, _meanwhile in NOT_BUILT:
+    _register_not_built(_parent, _name, _text, _meanwhile)
 
 
 def _fit_default_seqlen(model: Path, recipe, origins: dict[str, str]):
