@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmc.errors import ModelFormatError
+
 
 @dataclass(frozen=True)
 class InspectReport:
@@ -37,6 +39,7 @@ class InspectReport:
 
 
 def inspect(path: Path | str) -> InspectReport:
+    from llmc.engine import ENGINE_FILE
     from llmc.model import load_model
     from llmc.runtime.kv_cache import KVCacheSpec
 
@@ -64,14 +67,21 @@ def inspect(path: Path | str) -> InspectReport:
         sliding_window=max(windows) if windows else None,
         target=(m.manifest or {}).get("target"), graph_nodes=len(m.graph.nodes),
         ops=dict(Counter(n.op for n in m.graph.nodes)),
-        quantization=_describe(m.quantization), recipe=(m.quantization or {}).get("recipe"),
+        quantization=_describe(m.quantization, root / (ENGINE_FILE if m.kind == "engine" else "config.json")),
+        recipe=(m.quantization or {}).get("recipe"),
     )
 
 
-def _describe(q: dict[str, Any] | None) -> str | None:
+def _describe(q: dict[str, Any] | None, where: Path) -> str | None:
     if not q or "recipe" not in q:
         return None
-    r = q["recipe"]
+    try:
+        return _recipe_text(q["recipe"])
+    except (KeyError, TypeError, AttributeError):       # the file's recipe is not what llmc writes
+        raise ModelFormatError(f"{where}: the quantization recipe is malformed") from None
+
+
+def _recipe_text(r: dict[str, Any]) -> str:
     w = r["scheme"]["weight"]
     group = f", g{w['group_size']}" if w.get("group_size") else ""
     sym = "" if w.get("symmetric", True) else " asym"

@@ -9,23 +9,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmc.arch import MAX_VOCAB, Flag, Int, ListOf, Maybe, show_value
 from llmc.checkpoint import read_json
 from llmc.errors import ModelFormatError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "tokenizer.model")
+MAX_STOP_IDS = 1024               # stop ids one file may list; real ones list a handful
 
 
-def _token_text(tok: Any) -> str | None:
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return tok if isinstance(tok, str) else None
+def _token_text(tok: Any, name: str) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, an AddedToken object, or null."""
+    text = tok.get("content") if isinstance(tok, dict) else tok
+    if text is not None and not (isinstance(text, str) and _is_utf8(text)):
+        raise ModelFormatError(f"{name} must be a token string or an object with a string 'content', "
+                               f"got {show_value(tok)}")
+    return text
 
 
-def _as_list(x: Any) -> list[int]:
+def _is_utf8(text: str) -> bool:
+    """False for a string JSON can hold but a tokenizer cannot look up (a lone surrogate, "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _token_ids(x: Any, name: str, vocab: int) -> list[int]:
+    """eos_token_id as generation_config.json / config.json write it: null, one id or a list of ids."""
     if x is None:
         return []
-    return [int(i) for i in (x if isinstance(x, list) else [x])]
+    if isinstance(x, list):
+        return list(ListOf(Int(0, vocab - 1), MAX_STOP_IDS).check(x, name))
+    return [Int(0, vocab - 1).check(x, name)]
 
 
 @dataclass(frozen=True)
@@ -56,25 +73,37 @@ class Tokenizer:
             if (directory / "generation_config.json").exists() else {}
         mcfg = read_json(directory / "config.json", "config.json") if (directory / "config.json").exists() else {}
 
-        bos = self._id_of(_token_text(tcfg.get("bos_token")))
+        # Token ids must name tokens: below the tokenizer's size (added tokens included), if it has one.
+        # Both files are checked, also where one is not used, so a bad value never goes unnoticed.
+        vocab = MAX_VOCAB if self._tk is None else self._tk.get_vocab_size(with_added_tokens=True)
+        bos_ids, eos_ids = {}, {}
+        for source, cfg in (("generation_config.json", gcfg), ("config.json", mcfg)):
+            where = directory / source
+            bos_ids[source] = Maybe(Int(0, vocab - 1)).check(cfg.get("bos_token_id"), f"{where}: bos_token_id")
+            eos_ids[source] = _token_ids(cfg.get("eos_token_id"), f"{where}: eos_token_id", vocab)
+        where = directory / "tokenizer_config.json"
+        bos_text = _token_text(tcfg.get("bos_token"), f"{where}: bos_token")
+        eos_text = _token_text(tcfg.get("eos_token"), f"{where}: eos_token")
+        bos = self._id_of(bos_text)
         if bos is None:
-            bos = gcfg.get("bos_token_id", mcfg.get("bos_token_id"))
+            bos = bos_ids["generation_config.json" if "bos_token_id" in gcfg else "config.json"]
         # Stop ids as transformers' generate finds them: generation_config.json, else config.json;
         # the tokenizer's EOS token only when neither says anything.
         if "eos_token_id" in gcfg:
-            eos = _as_list(gcfg["eos_token_id"])
+            eos = eos_ids["generation_config.json"]
         elif mcfg.get("eos_token_id") is not None:
-            eos = _as_list(mcfg["eos_token_id"])
+            eos = eos_ids["config.json"]
         else:
-            e = self._id_of(_token_text(tcfg.get("eos_token")))
+            e = self._id_of(eos_text)
             eos = [] if e is None else [e]
+        flag = Maybe(Flag())              # null: as if absent, the post-processor decides
         self.info = TokenizerInfo(
             bos_token_id=bos,
             eos_token_ids=tuple(eos),
-            add_bos=tcfg["add_bos_token"] if "add_bos_token" in tcfg else None,
-            add_eos=tcfg["add_eos_token"] if "add_eos_token" in tcfg else None,
+            add_bos=flag.check(tcfg.get("add_bos_token"), f"{where}: add_bos_token"),
+            add_eos=flag.check(tcfg.get("add_eos_token"), f"{where}: add_eos_token"),
         )
-        self._eos_token_id = self._id_of(_token_text(tcfg.get("eos_token")))
+        self._eos_token_id = self._id_of(eos_text)
 
     def _id_of(self, text: str | None) -> int | None:
         return None if text is None or self._tk is None else self._tk.token_to_id(text)
