@@ -84,11 +84,13 @@ class GptqStore:
         if self.format not in FORMATS:
             raise UnsupportedModelError(f"GPTQ checkpoint_format {self.format!r} is not readable by llmc",
                                         hint=f"llmc reads {', '.join(FORMATS)}")
-        try:
-            self.bits, self.group_size = int(qcfg["bits"]), int(qcfg.get("group_size", -1))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelFormatError(f"malformed GPTQ quantization_config ({e})") from None
-        self.sym = bool(qcfg.get("sym", True))
+        self.bits, self.group_size = qcfg.get("bits"), qcfg.get("group_size", -1)
+        for key, value in (("bits", self.bits), ("group_size", self.group_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ModelFormatError(f"GPTQ quantization_config: {key} must be an integer, got {value!r}")
+        self.sym = qcfg.get("sym", True)
+        if not isinstance(self.sym, bool):
+            raise ModelFormatError(f"GPTQ quantization_config: sym must be true or false, got {self.sym!r}")
         if self.bits not in (4, 8):
             raise UnsupportedModelError(f"GPTQ weights of {self.bits} bits are not supported by llmc (4 or 8)")
         if self.group_size == 0 or self.group_size < -1:
@@ -100,6 +102,9 @@ class GptqStore:
             raise UnsupportedModelError("asymmetric 8-bit GPTQ weights are not supported (llmc int8 is symmetric)")
         self.pack = 32 // self.bits
         self.prefixes = {n[: -len(".qweight")]: None for n in base.names() if n.endswith(".qweight")}
+        if not self.prefixes:
+            raise ModelFormatError("the config says GPTQ (quantization_config) but the checkpoint holds no "
+                                   "*.qweight tensors")
         self.shapes: dict[str, tuple[int, int]] = {}
         for p in self.prefixes:
             self.shapes[f"{p}.weight"] = self._check_layer(p)

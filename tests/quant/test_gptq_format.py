@@ -12,6 +12,7 @@ export's `round_scales` path compared against the rounded-scale dequantization.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -286,3 +287,21 @@ def test_reader_v2_and_refusals(ckpts, tmp_path):
             save_file(d, str(f), metadata={"format": "pt"})
     with pytest.raises(UnsupportedModelError, match=r"model\.layers\.0\.mlp\.down_proj.*act-order"):
         load_model(ao)
+
+
+@pytest.mark.parametrize("qcfg, needle", [
+    ({"quant_method": "gptq", "bits": "4", "group_size": 128}, "bits must be an integer"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 12.5}, "group_size must be an integer"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": "yes"}, "sym must be true or false"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32}, "holds no *.qweight tensors"),
+])
+def test_gptq_config_on_a_float_checkpoint_is_refused(tmp_path, qcfg, needle):
+    """A GPTQ quantization_config with wrong types, or on a checkpoint without GPTQ tensors, is a user
+    error; it used to run the float weights and call them w4a16."""
+    from llmc.errors import ModelFormatError
+    m = tmp_path / "m"
+    shutil.copytree(STORIES, m)
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "quantization_config": qcfg}))
+    with pytest.raises(ModelFormatError, match=re.escape(needle)):
+        load_model(m)
