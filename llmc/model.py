@@ -6,6 +6,7 @@ runs the same graph with the same kernels.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,15 @@ from typing import Any
 import torch
 
 from llmc.arch import ArchConfig, parse_arch
-from llmc.checkpoint import WeightStore, read_json
+from llmc.checkpoint import DTYPES as STORED_DTYPES, FLOAT_DTYPES, WeightStore, read_json, short_repr
 from llmc.decoder import build_decoder_graph
 from llmc.errors import GraphError, ModelFormatError
-from llmc.ir import Graph, verify
-from llmc.tokenizer import Tokenizer
+from llmc.ir import OPS, Graph, verify
+from llmc.paths import check_regular, resolve_inside
+from llmc.tokenizer import TOKENIZER_FILES, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZED_WEIGHT_OPS = ("linear", "qkv_linear", "gate_up_silu", "logits")   # their kernels take a QuantizedWeight
 
 
 @dataclass
@@ -66,9 +69,9 @@ def load_model(path: Path | str, passes: tuple[str, ...] | None = None) -> Model
     """Load a checkpoint or engine directory. `passes` (checkpoints only) overrides the default pipeline."""
     p = check_path(path)
     from llmc.engine import ENGINE_FILE, load_engine
-    if (p / ENGINE_FILE).exists():
+    if os.path.lexists(p / ENGINE_FILE):
         return load_engine(p)
-    if (p / "config.json").exists():
+    if os.path.lexists(p / "config.json"):
         return load_checkpoint(p, passes)
     raise ModelFormatError(f"{p}: not a model directory (no config.json or engine.json)")
 
@@ -76,10 +79,14 @@ def load_model(path: Path | str, passes: tuple[str, ...] | None = None) -> Model
 def load_checkpoint(p: Path, passes: tuple[str, ...] | None = None) -> Model:
     from llmc.passes import DEFAULT_PIPELINE, PassManager
 
+    check_model_files(p)
     cfg = read_json(p / "config.json", "config.json")
     arch = parse_arch(cfg)
     store = WeightStore.open(p)
     quantization = cfg.get("quantization_config")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise ModelFormatError(f"{p / 'config.json'}: quantization_config is {short_repr(quantization)}, "
+                               "not an object")
     if quantization is not None and quantization.get("quant_method") == "gptq":
         from llmc.passes.quant.gptq_format import GptqStore
         store = GptqStore(store, quantization)
@@ -98,18 +105,82 @@ def load_checkpoint(p: Path, passes: tuple[str, ...] | None = None) -> Model:
     except GraphError as e:
         raise ModelFormatError(f"{p}: tensor shapes do not match config.json: {e}") from None
     pipeline = tuple(DEFAULT_PIPELINE if passes is None else passes)
-    if kv_cache_format(quantization) and "kv-cache-scales" not in pipeline:
+    if kv_cache_format(quantization, f"{p / 'config.json'}") and "kv-cache-scales" not in pipeline:
         from llmc.passes.kv_cache import kv_scale_names
         pipeline += ("kv-cache-scales",)
         shapes.update({w: store.shape(w) for i in range(arch.num_layers) for w in kv_scale_names(i) if w in store})
     graph, records = PassManager(pipeline).run(graph, shapes)
+    check_weight_types(graph, store)
     return Model(path=p, kind="hf", arch=arch, graph=graph, weights=store, tokenizer=Tokenizer(p),
                  passes=records, quantization=_summary(quantization))
 
 
-def kv_cache_format(quantization: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The recipe's quantized KV-cache format (TensorQuant as a dict), or None."""
-    return ((quantization or {}).get("recipe") or {}).get("kv_cache")
+def check_model_files(p: Path, error: type = ModelFormatError) -> None:
+    """The config and tokenizer files `p` has are inside it (or its Hugging Face cache blobs) and
+    regular files: they are read by name (and tokenizer.json by the tokenizers library, which would
+    block on a FIFO)."""
+    for name in ("config.json",) + TOKENIZER_FILES:
+        f = resolve_inside(p, name, "llmc", error)
+        if os.path.lexists(f):
+            check_regular(f, name, error)
+
+
+def check_weight_types(graph: Graph, store: Any, error: type = ModelFormatError) -> None:
+    """Every weight the graph reads is stored as its op can use it (from the headers; no data is
+    read): a float tensor, or a quantized weight where the op's kernels take one (the linears); the
+    matrices a fused op stacks (qkv_linear, gate_up_silu) all quantized alike or none."""
+    fmt_of = getattr(store, "quantized_format", store.dtype)
+    for n in graph.nodes:
+        weights = n.inputs[OPS[n.op].num_values:]
+        for w in weights:
+            dtype = store.dtype(w)
+            if dtype in FLOAT_DTYPES or (dtype not in STORED_DTYPES and n.op in QUANTIZED_WEIGHT_OPS):
+                continue
+            what = f"is stored as {dtype}" if dtype in STORED_DTYPES else f"is quantized ({dtype})"
+            raise error(f"{_file_of(store, w)}: weight {w!r} {what}, but {n.op} reads a float weight "
+                        f"({', '.join(FLOAT_DTYPES)})")
+        matrices = [w for w in weights if len(store.shape(w)) == 2]
+        quantized = [w for w in matrices if store.dtype(w) not in STORED_DTYPES]
+        formats = {fmt_of(w) for w in quantized}       # (weight, input format), or a format key
+        stackable = all(not isinstance(f, tuple) or f[0].granularity in ("channel", "group") for f in formats)
+        if len(matrices) > 1 and quantized and (quantized != matrices or len(formats) > 1 or not stackable):
+            kinds = ", ".join(f"{w} {_describe(fmt_of(w)) if w in quantized else store.dtype(w)}" for w in matrices)
+            raise error(f"{_file_of(store, matrices[0])}: {n.op} stacks weights that must be quantized alike "
+                        f"(one channel- or group-wise format) or not at all: {kinds}")
+
+
+def _describe(fmt: Any) -> str:
+    if not isinstance(fmt, tuple):
+        return str(fmt)
+    w, act = fmt
+    group = f" (group {w.group_size})" if w.group_size is not None else ""
+    return f"{w.key}{group}" + ("" if act is None else f" + {act.key} inputs")
+
+
+def _file_of(store: Any, name: str) -> Path | str:
+    """The file holding a weight (a quantized one's qdata), for messages."""
+    base = getattr(store, "base", store)
+    if not isinstance(base, WeightStore):
+        return "the checkpoint"
+    return base.files.get(name) or base.files.get(f"{name}.qdata") or "the checkpoint"
+
+
+def kv_cache_format(quantization: dict[str, Any] | None, where: str = "the model") -> dict[str, Any] | None:
+    """The recipe's quantized KV-cache format (TensorQuant as a dict), or None. A malformed one
+    (a recipe or kv_cache that is not an object, an unknown dtype) is a ModelFormatError."""
+    recipe = (quantization or {}).get("recipe")
+    if recipe is None:
+        return None
+    if not isinstance(recipe, dict):
+        raise ModelFormatError(f"{where}: the quantization recipe is {short_repr(recipe)}, not an object")
+    kv = recipe.get("kv_cache")
+    if kv is None:
+        return None
+    from llmc.kernels.reference.kv_quant import KV_DTYPES
+    if not isinstance(kv, dict) or not isinstance(kv.get("dtype"), str) or kv["dtype"] not in KV_DTYPES:
+        raise ModelFormatError(f"{where}: the quantization recipe's kv_cache is {short_repr(kv)}, not a "
+                               f"KV-cache format with a dtype of {', '.join(KV_DTYPES)}")
+    return kv
 
 
 def _summary(q: dict[str, Any] | None) -> dict[str, Any] | None:

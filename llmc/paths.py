@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from llmc.errors import ModelFormatError
 
@@ -31,16 +32,21 @@ def _within(p: Path, root: Path) -> bool:
 
 def resolve_inside(root: Path | str, name: str | os.PathLike, what: str, error: type = ModelFormatError) -> Path:
     """`root / name`, refusing a name that is absolute, climbs out with `..`, or resolves (through
-    symlinks) outside `root` (but into its Hugging Face cache blobs). The path need not exist."""
+    symlinks) outside `root` (but into its Hugging Face cache blobs). The path need not exist.
+    `what` is what names the file, for the message: "model.safetensors.index.json", "engine.json"
+    ("llmc" for a name llmc itself chose)."""
     root = Path(root)
     rel = Path(name)
-    if not str(name) or rel.is_absolute() or ".." in rel.parts:
+    if not str(name) or "\0" in str(name) or rel.is_absolute() or ".." in rel.parts:
         raise error(f"{root}: {what} names {str(name)!r}, a path outside the directory")
     p = root / rel
-    real, real_root = p.resolve(), root.resolve()
+    try:
+        real, real_root = p.resolve(), root.resolve()
+    except (OSError, RuntimeError) as e:               # RuntimeError: a symlink loop (Python < 3.13)
+        raise error(f"{p}: cannot be resolved ({e.strerror if isinstance(e, OSError) else 'a symlink loop'})") from None
     blobs = _hf_blobs(real_root)
     if not (_within(real, real_root) or (blobs is not None and _within(real, blobs.resolve()))):
-        raise error(f"{p}: {what} resolves to {real}, outside {root}")
+        raise error(f"{p}: resolves to {real}, outside {root}")
     return p
 
 
@@ -58,12 +64,33 @@ def check_regular(p: Path, what: str, error: type = ModelFormatError) -> os.stat
     return st
 
 
+def open_regular(p: Path, what: str, error: type = ModelFormatError) -> BinaryIO:
+    """Open `p` for binary reading, a regular file only. The open does not block (a FIFO swapped in
+    after `check_regular` is refused by the fstat, not waited on); reads block as usual."""
+    check_regular(p, what, error)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(p, flags)
+    except FileNotFoundError:
+        raise error(f"{p}: {what} is missing") from None
+    except OSError as e:
+        raise error(f"{p}: {what} cannot be read ({e.strerror or e})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{p}: {what} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def copy_model_file(src_root: Path, name: str, dst_dir: Path) -> bool:
     """Copy `src_root/name` into `dst_dir` if it exists: resolved inside `src_root`, a regular file,
     written with a normal file's mode (not the source's). Returns whether it was copied."""
-    src = resolve_inside(src_root, name, "a model file")
+    src = resolve_inside(src_root, name, "llmc")
     if not os.path.lexists(src):
         return False
-    check_regular(src, "a model file")
-    shutil.copyfile(src, dst_dir / name)
+    with open_regular(src, "a model file") as f, open(Path(dst_dir) / name, "wb") as out:
+        shutil.copyfileobj(f, out)
     return True

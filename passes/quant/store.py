@@ -8,17 +8,50 @@ QuantizedWeight where the weight is quantized, the plain tensor elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from torch import Tensor
 
-from llmc.checkpoint import WeightStore
-from llmc.errors import ModelFormatError
-from llmc.passes.quant.formats import QuantizedWeight
+from llmc.checkpoint import MAX_DIM, WeightStore, short_repr
+from llmc.errors import ConfigError, ModelFormatError
+from llmc.passes.quant.formats import QuantizedWeight, group_count
 from llmc.passes.quant.scheme import TensorQuant
 
 QUANT_METHOD = "llmc"
 FORMAT_VERSION = 1
+
+# How each part of a quantized weight [N, K] is stored: (safetensors dtype, shape). The one place
+# these layouts are spelled out (formats.py writes them: `from_codes`, `QuantizedWeight.tensors`).
+QDATA: dict[str, tuple[str, Callable[[int, int], tuple[int, int]]]] = {
+    "int8": ("I8", lambda n, k: (n, k)),
+    "int4": ("U8", lambda n, k: (n, -(-k // 2))),              # two per byte, low nibble first
+    "fp8_e4m3": ("F8_E4M3", lambda n, k: (n, k)),
+}
+SCALES: dict[str, Callable[[int, int, TensorQuant], tuple[int, int]]] = {   # F32; int4's U8 zero point alike
+    "channel": lambda n, k, fmt: (n, 1),
+    "group": lambda n, k, fmt: (n, group_count(k, fmt.group_size)),
+    "tensor": lambda n, k, fmt: (1, 1),
+}
+ZERO_POINT_DTYPES = ("int4",)                 # stored unsigned: symmetric int4 stores its zero point 8 too
+ACT_GRANULARITIES = ("token", "tensor")       # token: dynamic; tensor: a static act_scale [1]
+
+
+def _tensor_quant(d: Any, where: str) -> TensorQuant:
+    """A TensorQuant from its manifest dict, every field of its JSON type (no bool for an int)."""
+    types = {"dtype": (str,), "granularity": (str,), "group_size": (int, type(None)), "symmetric": (bool,)}
+    if not isinstance(d, Mapping):
+        raise ModelFormatError(f"{where} is {short_repr(d)}, not an object")
+    for k, v in d.items():
+        if k not in types:
+            raise ModelFormatError(f"{where} has an unknown field {short_repr(k)}")
+        if not isinstance(v, types[k]) or (isinstance(v, bool) and bool not in types[k]):
+            raise ModelFormatError(f"{where}.{k} is {short_repr(v)}, not of type {types[k][0].__name__}")
+    try:
+        return TensorQuant(**d)
+    except ConfigError as e:
+        raise ModelFormatError(f"{where}: {e.message}") from None
+    except TypeError:
+        raise ModelFormatError(f"{where} lacks its dtype") from None
 
 
 @dataclass(frozen=True)
@@ -38,31 +71,82 @@ class QuantizedEntry:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "QuantizedEntry":
-        act = TensorQuant(**d["activation"]) if d.get("activation") else None
-        return cls(TensorQuant(**d["format"]), (int(d["shape"][0]), int(d["shape"][1])), act)
+    def from_dict(cls, d: Any, where: str = "quantization entry") -> "QuantizedEntry":
+        """Checked: a weight format with a stored layout, an activation format the kernels take, and
+        a logical shape of two ints in [1, MAX_DIM]."""
+        if not isinstance(d, Mapping):
+            raise ModelFormatError(f"{where} is {short_repr(d)}, not an object")
+        fmt = _tensor_quant(d.get("format"), f"{where}.format")
+        if fmt.granularity not in SCALES:
+            raise ModelFormatError(f"{where}.format: granularity {fmt.granularity!r} is not a weight granularity "
+                                   f"({', '.join(SCALES)})")
+        act = _tensor_quant(d["activation"], f"{where}.activation") if d.get("activation") is not None else None
+        if act is not None and act.granularity not in ACT_GRANULARITIES:
+            raise ModelFormatError(f"{where}.activation: granularity {act.granularity!r} is not an activation "
+                                   f"granularity ({', '.join(ACT_GRANULARITIES)})")
+        shape = d.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(type(x) is int and 1 <= x <= MAX_DIM for x in shape)):
+            raise ModelFormatError(f"{where}.shape is {short_repr(shape)}, not [N, K] of two integers "
+                                   f"in [1, {MAX_DIM}]")
+        return cls(fmt, (shape[0], shape[1]), act)
+
+    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """suffix -> (safetensors dtype, shape) of every tensor this weight is stored as, none optional."""
+        n, k = self.shape
+        dtype, data_shape = QDATA[self.fmt.dtype]
+        scales = SCALES[self.fmt.granularity](n, k, self.fmt)
+        out = {"qdata": (dtype, data_shape(n, k)), "scale": ("F32", scales)}
+        if self.fmt.dtype in ZERO_POINT_DTYPES:
+            out["zero"] = ("U8", scales)
+        if self.act is not None and self.act.granularity == "tensor":
+            out["act_scale"] = ("F32", (1,))
+        return out
 
 
-def entries_from_manifest(section: Mapping[str, Any], where: str) -> dict[str, QuantizedEntry]:
+def entries_from_manifest(section: Any, where: str) -> dict[str, QuantizedEntry]:
+    """The per-weight table of a quantization section (`quantization_config` in config.json,
+    `quantization` in engine.json), every entry checked (`QuantizedEntry.from_dict`)."""
+    if not isinstance(section, Mapping):
+        raise ModelFormatError(f"{where}: the quantization section is {short_repr(section)}, not an object")
     if section.get("quant_method") != QUANT_METHOD:
-        raise ModelFormatError(f"{where}: quantization method {section.get('quant_method')!r} is not readable "
-                               f"by llmc (it reads {QUANT_METHOD!r})")
-    if section.get("format_version") != FORMAT_VERSION:
-        raise ModelFormatError(f"{where}: quantized format version {section.get('format_version')!r} is not "
-                               f"{FORMAT_VERSION}")
-    try:
-        return {name: QuantizedEntry.from_dict(e) for name, e in section["weights"].items()}
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise ModelFormatError(f"{where}: malformed quantization entry ({e})") from None
+        raise ModelFormatError(f"{where}: quantization method {short_repr(section.get('quant_method'))} is not "
+                               f"readable by llmc (it reads {QUANT_METHOD!r})")
+    version = section.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ModelFormatError(f"{where}: quantized format version {short_repr(version)} is not {FORMAT_VERSION}")
+    weights = section.get("weights")
+    if not isinstance(weights, Mapping):
+        raise ModelFormatError(f"{where}: the quantization section's weights is {short_repr(weights)}, not an object")
+    return {name: QuantizedEntry.from_dict(e, f"{where}: weights[{short_repr(name)}]") for name, e in weights.items()}
 
 
 class QuantizedStore:
     def __init__(self, base: WeightStore, entries: dict[str, QuantizedEntry]) -> None:
         self.base, self.entries = base, entries
-        for name in entries:
-            for part in ("qdata", "scale"):
-                if f"{name}.{part}" not in base:
-                    raise ModelFormatError(f"quantized weight {name!r} lacks its tensor {name}.{part}")
+        for name, e in entries.items():
+            self._check(name, e)
+
+    def _check(self, name: str, e: QuantizedEntry) -> None:
+        """The stored tensors of `name` have exactly the dtypes and shapes its format and logical shape
+        call for (header only; no data is read), so no kernel reads past a buffer."""
+        want = e.layout()
+        held = [self.base.files[f"{name}.{p}"] for p in QuantizedWeight.SUFFIXES if f"{name}.{p}" in self.base]
+        where = held[0] if held else "the checkpoint"
+        for part in QuantizedWeight.SUFFIXES:
+            t = f"{name}.{part}"
+            if part not in want:
+                if t in self.base:
+                    raise ModelFormatError(f"{self.base.files[t]}: holds {t}, which a weight in format "
+                                           f"{e.fmt.key}{'' if e.act is None else '+' + e.act.key} does not have")
+                continue
+            if t not in self.base:
+                raise ModelFormatError(f"{where}: quantized weight {name!r} lacks its tensor {t}")
+            dtype, shape = want[part]
+            got = (self.base.dtype(t), tuple(self.base.shape(t)))
+            if got != (dtype, shape):
+                raise ModelFormatError(f"{self.base.files[t]}: {t} is {got[0]} {list(got[1])}; a {e.fmt.key} weight "
+                                       f"of shape {list(e.shape)} stores it as {dtype} {list(shape)}")
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries or name in self.base
@@ -77,6 +161,11 @@ class QuantizedStore:
 
     def dtype(self, name: str) -> str:
         return self.entries[name].fmt.key if name in self.entries else self.base.dtype(name)
+
+    def quantized_format(self, name: str) -> tuple[TensorQuant, TensorQuant | None] | None:
+        """(weight format, input format) of a quantized weight; None for a plain one."""
+        e = self.entries.get(name)
+        return None if e is None else (e.fmt, e.act)
 
     def get(self, name: str) -> Tensor | QuantizedWeight:
         if name not in self.entries:
