@@ -176,6 +176,8 @@ def check_graph(path: Path, graph, arch: ArchConfig, store) -> None:
         shapes = verify(graph, {w: store.shape(w) for w in graph.weight_names() if w in store})
     except GraphError as e:
         raise EngineError(f"{path}: graph and weights disagree ({e})") from None
+    except ArithmeticError as e:                        # a shape rule dividing by a zero attribute (rope head_dim)
+        raise EngineError(f"{path / ENGINE_FILE}: the graph has an impossible attribute ({e})") from None
     producer = {o: n for n in graph.nodes for o in n.outputs}
     out = producer.get(graph.outputs[0]) if len(graph.outputs) == 1 else None
     attention = [n for n in graph.nodes if n.op == "attention"]

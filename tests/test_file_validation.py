@@ -482,6 +482,8 @@ def test_fused_weights_quantized_differently_are_refused(w4a16, tmp_path):
     (lambda m: m["architecture"].update(num_layers=4, sliding_windows=[None] * 4), "attention layers are not 0..3"),
     (lambda m: m["graph"]["nodes"][0].update(inputs=[["tokens"]]), "graph.nodes\\[0\\] is malformed"),
     (lambda m: m.update(files=None), "files is None, not a JSON object"),
+    (lambda m: next(n for n in m["graph"]["nodes"] if n["op"] == "rope")["attrs"].update(head_dim=0),
+     "impossible attribute"),                                                           # ZeroDivisionError
 ])
 def test_engine_graph_must_fit_its_architecture(engine, tmp_path, edit, match):
     """Found by fuzzing engine.json (which no checksum covers): each of these loaded, or failed with
