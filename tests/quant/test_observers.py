@@ -82,7 +82,7 @@ def test_static_scale_minmax_takes_the_running_max_others_the_sample():
 def test_bad_observers():
     with pytest.raises(ConfigError, match="unknown observer 'max'; known: minmax, percentile, mse"):
         Observer("max")
-    with pytest.raises(ConfigError, match="percentile must be in"):
+    with pytest.raises(ConfigError, match="percentile: must be in"):
         Observer("percentile", 40)
     with pytest.raises(ConfigError, match="chooses its own weight ranges"):
         quantize_checkpoint(STORIES, "/nonexistent/out", QuantRecipe(scheme=resolve_scheme("w4a16", group_size=32),
