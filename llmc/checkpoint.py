@@ -256,7 +256,12 @@ class WeightStore:
             raise ModelFormatError(f"{path}: cannot read {name!r} ({err.strerror or err})") from None
         if got != nbytes:
             raise ModelFormatError(f"{path}: truncated while reading {name!r}")
-        return buf.view(DTYPES[e.dtype]).reshape(e.shape)
+        t = buf.view(DTYPES[e.dtype]).reshape(e.shape)
+        if t.is_floating_point() and t.dtype.itemsize > 1 and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelFormatError(f"{path}: {name!r} holds {bad} NaN or infinite value(s)",
+                                   hint="the checkpoint is corrupt; llmc does not run non-finite weights")
+        return t
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.files.values()))

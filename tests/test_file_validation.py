@@ -526,3 +526,15 @@ def test_every_engine_file_gets_the_umask_mode(tmp_path, umask):
     assert WEIGHTS_FILE in modes and "tokenizer.model" in modes
     assert modes == {name: 0o666 & ~umask for name in modes}
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_is_refused(tmp_path, value):
+    """A NaN or infinite float weight is refused when read, naming the tensor, not run."""
+    m = tmp_path / "m"
+    shutil.copytree(STORIES, m)
+    t = load_file(str(m / "model.safetensors"))
+    t["model.layers.1.mlp.up_proj.weight"][3, 5] = value
+    save_file(t, str(m / "model.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "llmc", "generate", str(m), "-p", "x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "model.layers.1.mlp.up_proj.weight" in r.stderr and "NaN or infinite" in r.stderr
