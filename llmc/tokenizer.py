@@ -5,6 +5,7 @@ decides. Stop ids come from generation_config.json, then config.json, then the E
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from llmc.arch import MAX_VOCAB, Flag, Int, ListOf, Maybe, show_value
 from llmc.checkpoint import read_json
 from llmc.errors import ModelFormatError
+from llmc.paths import check_regular
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "tokenizer.model")
@@ -61,7 +63,8 @@ class Tokenizer:
         directory = Path(directory)
         path = directory / "tokenizer.json"
         self._tk = None                 # no tokenizer.json: token ids only (encode/decode raise)
-        if path.exists():
+        if os.path.lexists(path):
+            check_regular(path, "tokenizer.json")    # the tokenizers library would block on a FIFO
             try:
                 self._tk = HFTokenizer.from_file(str(path))
             except Exception as e:  # tokenizers raises a bare Exception on malformed files

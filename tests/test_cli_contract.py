@@ -145,3 +145,19 @@ def test_calibration_tokens_beyond_the_vocabulary_are_a_user_error(tmp_path):
     shutil.copy(GOLDEN / "stdlib-llama" / "tokenizer.json", model / "tokenizer.json")   # 4096 ids, vocab 512
     one_error(llmc("quantize", model, "-o", tmp_path / "q", "--scheme", "w4a16", "--algo", "gptq", "--group-size",
                    "32", "--calib-samples", "4"), "outside the model's vocabulary (vocab_size 512")
+
+
+def test_quantize_refuses_a_fifo_tokenizer_and_a_malformed_quantization_config(tmp_path):
+    import os
+    import shutil
+    fifo = tmp_path / "fifo"
+    shutil.copytree(STORIES, fifo)
+    (fifo / "tokenizer.json").unlink()
+    os.mkfifo(fifo / "tokenizer.json")
+    one_error(llmc("quantize", fifo, "-o", tmp_path / "q", "--scheme", "w4a16", "--algo", "gptq"), "not a regular file")
+    bad = tmp_path / "bad"
+    shutil.copytree(STORIES, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "quantization_config": ["gptq"]}))
+    one_error(llmc("quantize", bad, "-o", tmp_path / "q", "--scheme", "w8a16"), "quantization_config")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "fifo"]

@@ -301,12 +301,15 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
     """An llmc-quantized checkpoint (int4 group-wise or int8 per-channel) -> a GPTQ-layout checkpoint
     directory (v1 "gptq" format), written atomically. Refuses, naming every offending layer, what
     the layout cannot express; returns a summary (layers, bytes, scale rounding)."""
-    from llmc.model import check_path
+    from llmc.model import check_model_files, check_path
     from llmc.passes.quant.store import QuantizedStore, entries_from_manifest
 
     src, out = check_path(src), Path(out)
+    check_model_files(src)
     cfg = read_json(src / "config.json", "config.json")
     qsection = cfg.get("quantization_config")
+    if qsection is not None and not isinstance(qsection, dict):
+        raise ModelFormatError(f"{src / 'config.json'}: quantization_config must be an object")
     if qsection is None:
         raise ConfigError(f"{src} is not quantized", hint="quantize it first: llmc quantize --scheme w4a16")
     if qsection.get("quant_method") == QUANT_METHOD:

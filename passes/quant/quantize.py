@@ -22,7 +22,7 @@ from llmc import __version__
 from llmc.arch import parse_arch
 from llmc.checkpoint import INDEX_FILE, WeightStore, read_json
 from llmc.decoder import EMBED as EMBED_NAME, build_decoder_graph
-from llmc.errors import ConfigError, OptionError
+from llmc.errors import ConfigError, ModelFormatError, OptionError
 from llmc.io import atomic_directory, check_output, temp_path, write_json_atomic
 from llmc.memory import return_large_blocks_to_system
 from llmc.paths import copy_model_file
@@ -350,7 +350,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                         on_layer: Callable[[LayerReport, int], None] | None = None) -> QuantizeResult:
     """Quantize every linear of the decoder (but the scheme's `skip` patterns) with the recipe's
     algorithm; calibrated algorithms walk the layers in order on the calibration text."""
-    from llmc.model import check_path
+    from llmc.model import check_model_files, check_path
     from llmc.passes.kv_cache import kv_scale_names
     from llmc.passes.quant.calibrate import LayerRunner, layer_nodes, load_calibration
     from llmc.tokenizer import Tokenizer
@@ -359,7 +359,10 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     return_large_blocks_to_system()               # calibration frees many large blocks (llmc.memory)
     src, out = check_path(model), Path(out)
     spec = check_recipe(recipe)
+    check_model_files(src)
     cfg = read_json(src / "config.json", "config.json")
+    if not isinstance(cfg.get("quantization_config", {}), dict):
+        raise ModelFormatError(f"{src / 'config.json'}: quantization_config must be an object")
     if "quantization_config" in cfg and not allow_requantize:
         raise ConfigError(f"{src} is already quantized ({cfg['quantization_config'].get('quant_method')})",
                           hint="quantize the original checkpoint, or pass --requantize")
