@@ -15,10 +15,8 @@ from tests.helpers import STORIES
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e") / "stories.engine"
-    compile(STORIES, out)
-    return out
+def engine(stories_engine):
+    return stories_engine
 
 
 def copy(engine, tmp_path):

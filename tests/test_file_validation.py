@@ -26,8 +26,6 @@ from llmc.engine import ENGINE_FILE, WEIGHTS_FILE
 from llmc.errors import EngineError, LlmcError, ModelFormatError
 from llmc.io import sha256_file
 from llmc.model import load_model
-from llmc.passes.quant.quantize import quantize_checkpoint
-from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
 from tests.helpers import STORIES
 
 
@@ -93,17 +91,13 @@ def no_hang(fn, fifos: list[Path], seconds: float = 10.0):
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e") / "stories.engine"
-    compile(STORIES, out)
-    return out
+def engine(stories_engine):
+    return stories_engine
 
 
 @pytest.fixture(scope="module")
-def w4a16(tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "w4a16"
-    quantize_checkpoint(STORIES, out, QuantRecipe(scheme=resolve_scheme("w4a16", group_size=32)))
-    return out
+def w4a16(stories_w4a16):
+    return stories_w4a16
 
 
 # ------------------------------------------------------------- 1. paths stay inside their directory

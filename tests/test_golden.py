@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmc.compiler import compile
 from llmc.generation import generate
 from llmc.model import load_model
 from llmc.runtime.runner import RuntimeConfig
@@ -16,10 +15,8 @@ PROMPT = "Once upon a time"
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "stories.engine"
-    compile(STORIES, out)
-    return out
+def engine(stories_engine):
+    return stories_engine
 
 
 @pytest.fixture(scope="module")

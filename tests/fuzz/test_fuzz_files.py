@@ -33,8 +33,6 @@ from llmc.compiler import compile
 from llmc.engine import ENGINE_FILE, check_files, read_manifest
 from llmc.errors import LlmcError
 from llmc.model import load_model
-from llmc.passes.quant.quantize import quantize_checkpoint
-from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
 from tests.helpers import STORIES
 from tests.test_file_validation import no_hang
 
@@ -277,18 +275,15 @@ def sharded(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def w4a16(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("q") / "w4a16"
-    quantize_checkpoint(STORIES, out, QuantRecipe(scheme=resolve_scheme("w4a16", group_size=32)))
-    return out
+def w4a16(stories_w4a16):
+    return stories_w4a16
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory, w4a16) -> dict[str, Path]:
+def engines(tmp_path_factory, stories_engine, w4a16) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("engines")
-    compile(STORIES, root / "fp32.engine")
     compile(w4a16, root / "w4a16.engine")
-    return {"fp32": root / "fp32.engine", "w4a16": root / "w4a16.engine"}
+    return {"fp32": stories_engine, "w4a16": root / "w4a16.engine"}
 
 
 def run_briefly(model) -> None:
