@@ -344,8 +344,8 @@ SCHEME_GROUP = {"w4a16": 128}
 def quantize_for_bench(model_dir: Path, scheme: str, work: Path):
     """The checkpoint quantized with `scheme` (RTN) under `work`, loaded."""
     from llmc.model import load_model
-    from llmc.passes.quant.quantize import quantize_checkpoint
-    from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
+    from llmc.quantizer import quantize_checkpoint
+    from llmc.quantized.scheme import QuantRecipe, resolve_scheme
     out = work / f"{model_dir.name}-{scheme}"
     quantize_checkpoint(model_dir, out, QuantRecipe(scheme=resolve_scheme(scheme, SCHEME_GROUP.get(scheme))),
                         force=True)

@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 from llmc.bench.quality import quality  # noqa: E402
 from llmc.inspection import inspect  # noqa: E402
 from llmc.io import write_json_atomic, write_text_atomic  # noqa: E402
-from llmc.passes.quant.quantize import quantize_checkpoint  # noqa: E402
-from llmc.passes.quant.scheme import QuantRecipe, TensorQuant, resolve_scheme  # noqa: E402
+from llmc.quantizer import quantize_checkpoint  # noqa: E402
+from llmc.quantized.formats import TensorQuant
+from llmc.quantized.scheme import QuantRecipe, resolve_scheme  # noqa: E402
 
 MODELS = {  # name: (directory, evaluation text, group size that is meaningful for its widths, seqlen)
     "stories260K": (ROOT / "golden/stories260K", ROOT / "golden/tinystories_valid_head.txt", 32, 512),

@@ -260,8 +260,8 @@ def child_main(spec_path: Path) -> int:
 
     import torch
     from dataclasses import asdict
-    from llmc.passes.quant.quantize import quantize_checkpoint
-    from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
+    from llmc.quantizer import quantize_checkpoint
+    from llmc.quantized.scheme import QuantRecipe, resolve_scheme
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     event("imported", start=t_start, torch_threads=torch.get_num_threads(),

@@ -6,7 +6,7 @@ The CLI verbs are thin layers over these functions:
     llmc.inspect("golden/stories260K")
     llmc.compile("golden/stories260K", "build/stories.engine")
     llmc.generate("build/stories.engine", ["Once upon a time"], llmc.SamplingParams(max_tokens=20))
-    llmc.quantize("golden/stories260K", "build/q", llmc.QuantRecipe(...))   # see llmc.passes.quant.scheme
+    llmc.quantize("golden/stories260K", "build/q", llmc.QuantRecipe(...))   # see llmc.quantized.scheme
 
 The names load lazily, so `import llmc` stays cheap and torch loads only when one is used. (The
 modules holding them are named differently from the functions, so that importing a module never
@@ -19,9 +19,9 @@ _EXPORTS = {
     "generate": ("llmc.generation", "generate"),
     "inspect": ("llmc.inspection", "inspect"),
     "load_model": ("llmc.model", "load_model"),
-    "quantize": ("llmc.passes.quant.quantize", "quantize"),
-    "QuantRecipe": ("llmc.passes.quant.scheme", "QuantRecipe"),
-    "recipe_from_options": ("llmc.passes.quant.scheme", "recipe_from_options"),
+    "quantize": ("llmc.quantizer", "quantize"),
+    "QuantRecipe": ("llmc.quantized.scheme", "QuantRecipe"),
+    "recipe_from_options": ("llmc.quantized.scheme", "recipe_from_options"),
     "SamplingParams": ("llmc.runtime.sampler", "SamplingParams"),
     "RuntimeConfig": ("llmc.runtime.runner", "RuntimeConfig"),
     "LlmcError": ("llmc.errors", "LlmcError"),

@@ -221,8 +221,9 @@ def quantize_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Quantize a checkpoint's linear weights; the result runs with inspect, generate and compile."""
-    from llmc.passes.quant.quantize import applicable_options, check_recipe, quantize
-    from llmc.passes.quant.scheme import recipe_from_options
+    from llmc.passes.quant.algorithms import applicable_options, check_recipe
+    from llmc.quantizer import quantize
+    from llmc.quantized.scheme import recipe_from_options
     from llmc.profiles import option_origins, resolve_options
 
     given = dict(scheme=scheme, algo=algo, alpha=alpha, awq_clip=awq_clip, observer=observer,
@@ -349,7 +350,7 @@ def _fit_default_seqlen(model: Path, recipe, origins: dict[str, str]):
 
     from llmc.arch import parse_arch
     from llmc.checkpoint import read_json
-    from llmc.passes.quant.quantize import calibrates
+    from llmc.passes.quant.algorithms import calibrates
 
     if origins.get("calib_seqlen") != "default" or not calibrates(recipe) or not (Path(model) / "config.json").is_file():
         return recipe

@@ -43,8 +43,8 @@ def write_engine(model, out: Path, target: str, extra: dict[str, Any] | None = N
     from llmc.model import DTYPES
     dtype_name = {v: k for k, v in DTYPES.items()}[model.dtype]
     with atomic_directory(out, overwrite=overwrite, inputs=inputs) as tmp:
-        from llmc.passes.quant.formats import QuantizedWeight
-        from llmc.passes.quant.store import QuantizedEntry, manifest_section
+        from llmc.quantized.formats import QuantizedWeight
+        from llmc.quantized.store import QuantizedEntry, manifest_section
         tensors, entries = {}, {}
         for name in model.graph.weight_names():
             t = model.weights.get(name)
@@ -222,7 +222,7 @@ def load_engine(path: Path):
     try:
         store = WeightStore.open_files(path, [WEIGHTS_FILE])
         if quantization is not None:
-            from llmc.passes.quant.store import QuantizedStore, entries_from_manifest
+            from llmc.quantized.store import QuantizedStore, entries_from_manifest
             store = QuantizedStore(store, entries_from_manifest(quantization, str(where)))
         kv_cache_format(quantization, str(where))
     except LlmcError as e:

@@ -88,11 +88,11 @@ def load_checkpoint(p: Path, passes: tuple[str, ...] | None = None) -> Model:
         raise ModelFormatError(f"{p / 'config.json'}: quantization_config is {short_repr(quantization)}, "
                                "not an object")
     if quantization is not None and quantization.get("quant_method") == "gptq":
-        from llmc.passes.quant.gptq_format import GptqStore
+        from llmc.gptq_format import GptqStore
         store = GptqStore(store, quantization)
         quantization = store.summary()          # in llmc's terms (recipe, provenance), as engines record it
     elif quantization is not None:
-        from llmc.passes.quant.store import QuantizedStore, entries_from_manifest
+        from llmc.quantized.store import QuantizedStore, entries_from_manifest
         store = QuantizedStore(store, entries_from_manifest(quantization, f"{p / 'config.json'}"))
     graph = build_decoder_graph(arch)
     missing = [w for w in graph.weight_names() if w not in store]

@@ -27,8 +27,8 @@ def stories_engine(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stories_w4a16(tmp_path_factory):
     """golden/stories260K quantized w4a16 RTN in groups of 32."""
-    from llmc.passes.quant.quantize import quantize_checkpoint
-    from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
+    from llmc.quantizer import quantize_checkpoint
+    from llmc.quantized.scheme import QuantRecipe, resolve_scheme
     out = tmp_path_factory.mktemp("stories-w4a16") / "w4a16"
     quantize_checkpoint(STORIES, out, QuantRecipe(scheme=resolve_scheme("w4a16", group_size=32)))
     return out

@@ -5,9 +5,9 @@ import pytest
 
 from llmc.bench.quality import quality
 from llmc.model import load_model
-from llmc.passes.quant.formats import QuantizedWeight
-from llmc.passes.quant.quantize import quantize_checkpoint
-from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
+from llmc.quantized.formats import QuantizedWeight
+from llmc.quantizer import quantize_checkpoint
+from llmc.quantized.scheme import QuantRecipe, resolve_scheme
 from tests.helpers import GOLDEN
 
 MODEL = GOLDEN / "stdlib-llama"
@@ -51,7 +51,7 @@ def test_schemes_stay_close_to_fp32(tmp_path, scheme, algo, bound):
 
 
 def test_kv_int8_adds_less_kl_than_w4a16_rtn(quantized, tmp_path):
-    from llmc.passes.quant.scheme import TensorQuant
+    from llmc.quantized.formats import TensorQuant
     r = QuantRecipe(scheme=resolve_scheme("w8a16"), kv_cache=TensorQuant(dtype="int8"), calib_samples=16,
                     calib_seqlen=256)
     quantize_checkpoint(MODEL, tmp_path / "kv", r, calib=MODEL / "calibration.txt")

@@ -8,8 +8,8 @@ import pytest
 
 from llmc.cli import main
 from llmc.errors import ConfigError
-from llmc.passes.quant.quantize import check_recipe
-from llmc.passes.quant.scheme import recipe_from_options
+from llmc.passes.quant.algorithms import check_recipe
+from llmc.quantized.scheme import recipe_from_options
 from llmc.profiles import available_profiles, load_profile, resolve_options
 from tests.helpers import STORIES
 

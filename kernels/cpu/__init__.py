@@ -12,7 +12,8 @@ from llmc.kernels.cpu.attention import paged_attention
 from llmc.kernels.reference import dense
 from llmc.kernels.reference.quant import fake_quant_fp8_tensor, fake_quant_int8_rowwise
 from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
-from llmc.passes.quant.formats import QuantizedWeight, dequantize
+from llmc.kernels.reference.dequant import dequantize
+from llmc.quantized.formats import QuantizedWeight
 
 C = "cpu"
 

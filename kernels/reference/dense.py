@@ -25,7 +25,8 @@ def linear(x: Tensor, weight, bias: Tensor | None = None) -> Tensor:
     """x [T, K] @ weight[N, K].T (+ bias [N]) -> [T, N]. A quantized weight means its dequantized
     values (passes/quant/formats.py)."""
     from llmc.kernels.reference.quant import quantize_input
-    from llmc.passes.quant.formats import QuantizedWeight, dequantize
+    from llmc.kernels.reference.dequant import dequantize
+    from llmc.quantized.formats import QuantizedWeight
     if isinstance(weight, QuantizedWeight):
         if weight.act is not None:
             x = quantize_input(x, weight.act, weight.act_scale)

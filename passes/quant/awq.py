@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmc.passes.quant.formats import QuantizedWeight, dequantize, quantize
-from llmc.passes.quant.scheme import TensorQuant
+from llmc.kernels.reference.dequant import dequantize
+from llmc.quantized.formats import QuantizedWeight, quantize
+from llmc.quantized.formats import TensorQuant
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmc.passes.quant.formats import QuantizationError, QuantizedWeight, codes, decode, from_codes, params
-from llmc.passes.quant.scheme import TensorQuant
+from llmc.quantized.formats import QuantizationError, QuantizedWeight, codes, decode, from_codes, params
+from llmc.quantized.formats import TensorQuant
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +40,7 @@ def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQCon
     gs = fmt.group_size if fmt.granularity == "group" else k
     groups = -(-k // gs)
     scales = torch.empty(n, groups)
-    zeros = torch.empty(n, groups) if fmt.dtype == "int4" else None
+    zeros = torch.empty(n, groups) if fmt.number.zero_point else None
     group_params = params if observer is None else observer.params
     static = cfg.act_order or fmt.granularity == "channel"
     if static:                                        # parameters from the unquantized weight
@@ -64,7 +64,7 @@ def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQCon
     except RuntimeError:
         raise QuantizationError(f"{name}: the calibration Hessian is not positive definite; "
                                 "use more calibration samples or a larger dampening") from None
-    C = torch.empty(n, k, dtype=torch.uint8 if fmt.dtype == "int4" else torch.int8)
+    C = torch.empty(n, k, dtype=fmt.number.code_dtype)
     for b0 in range(0, k, cfg.block_size):
         b1 = min(k, b0 + cfg.block_size)
         W1, Err = W[:, b0:b1].clone(), torch.zeros(n, b1 - b0)

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from llmc.errors import OptionError
-from llmc.passes.quant.formats import codes, decode, params_from_range
-from llmc.passes.quant.scheme import TensorQuant
+from llmc.quantized.formats import codes, decode, params_from_range
+from llmc.quantized.formats import TensorQuant
 
 RangeFn = Callable[[Tensor, TensorQuant, "Observer"], tuple[Tensor, Tensor]]
 OBSERVERS: dict[str, RangeFn] = {}

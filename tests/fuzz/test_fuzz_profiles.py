@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given, strategies as st
 
 from llmc.errors import LlmcError
-from llmc.passes.quant.scheme import recipe_from_options
+from llmc.quantized.scheme import recipe_from_options
 from llmc.profiles import PROFILE_DIR, load_profile
 
 BUNDLED = [p.read_text() for p in sorted(PROFILE_DIR.glob("*.toml"))]

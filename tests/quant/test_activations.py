@@ -9,8 +9,9 @@ import torch
 
 from llmc.kernels import kernel_for
 from llmc.kernels.reference.quant import fake_quant_fp8_tensor, quant_int8_rowwise
-from llmc.passes.quant.formats import dequantize, quantize
-from llmc.passes.quant.scheme import FP8, W8A8
+from llmc.kernels.reference.dequant import dequantize
+from llmc.quantized.formats import quantize
+from llmc.quantized.scheme import FP8, W8A8
 from tests.tolerances import sqnr_db
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from llmc.passes.quant.awq import AWQConfig, awq_quantize, clip_weight, search_scale
-from llmc.passes.quant.formats import dequantize, quantize
+from llmc.kernels.reference.dequant import dequantize
+from llmc.quantized.formats import quantize
 from llmc.passes.quant.gptq import GPTQConfig, gptq
-from llmc.passes.quant.scheme import TensorQuant
+from llmc.quantized.formats import TensorQuant
 
 FORMATS = [TensorQuant(dtype="int4", granularity="group", group_size=32),
            TensorQuant(dtype="int4", granularity="group", group_size=64, symmetric=False),

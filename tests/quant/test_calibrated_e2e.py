@@ -7,8 +7,8 @@ import pytest
 
 from llmc.bench.quality import quality
 from llmc.errors import ConfigError
-from llmc.passes.quant.quantize import quantize_checkpoint
-from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
+from llmc.quantizer import quantize_checkpoint
+from llmc.quantized.scheme import QuantRecipe, resolve_scheme
 from tests.helpers import GOLDEN, STORIES
 
 TEXT = GOLDEN / "tinystories_valid_head.txt"

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from llmc.errors import ConfigError
-from llmc.passes.quant.formats import (QuantizationError, QuantizedWeight, dequantize, pack_int4, quantize,
-                                       unpack_int4)
-from llmc.passes.quant.scheme import TensorQuant, resolve_scheme
+from llmc.kernels.reference.dequant import dequantize
+from llmc.quantized.formats import QuantizationError, QuantizedWeight, pack_int4, quantize, unpack_int4
+from llmc.quantized.formats import TensorQuant
+from llmc.quantized.scheme import resolve_scheme
 
 INT8 = TensorQuant(dtype="int8", granularity="channel")
 INT4 = TensorQuant(dtype="int4", granularity="group", group_size=4)

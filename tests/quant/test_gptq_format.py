@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from llmc.cli import main
 from llmc.model import load_model
-from llmc.passes.quant.formats import QuantizedWeight, dequantize
-from llmc.passes.quant.gptq_format import GptqExportError, export_gptq
-from llmc.passes.quant.quantize import quantize_checkpoint
-from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
+from llmc.kernels.reference.dequant import dequantize
+from llmc.quantized.formats import QuantizedWeight
+from llmc.gptq_format import GptqExportError, export_gptq
+from llmc.quantizer import quantize_checkpoint
+from llmc.quantized.scheme import QuantRecipe, resolve_scheme
 from tests.helpers import STORIES, forward_all, make_checkpoint
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -120,11 +121,11 @@ def test_independent_unpacker_reproduces_llmc_weights(ckpts, kind):
     ref = llmc_weights(ckpts[f"{kind}16"])
     assert ref["model.layers.0.mlp.down_proj.weight"].scale.shape == (96, 7)          # 6 full groups + 8
     for p in PREFIXES:
-        got, want = gptq_dequantize(t, p, 4), ref[f"{p}.weight"].dequantize()
+        got, want = gptq_dequantize(t, p, 4), dequantize(ref[f"{p}.weight"])
         assert torch.equal(got, want), p
     # one word by hand: u[n=3, k=0..7] of q_proj sits in qweight[0, 3], lowest nibble first
     p = "model.layers.1.self_attn.q_proj"
-    from llmc.passes.quant.formats import unpack_int4
+    from llmc.quantized.formats import unpack_int4
     u = unpack_int4(ref[f"{p}.weight"].data, 96)
     assert int(t[f"{p}.qweight"][0, 3]) & 0xFFFFFFFF == sum(int(u[3, j]) << (4 * j) for j in range(8))
 
@@ -142,7 +143,7 @@ def test_int8_per_channel_maps_exactly(ckpts):
     assert not t[f"{p}.g_idx"].any()
     back = llmc_weights(out)
     for p in PREFIXES:
-        assert torch.equal(gptq_dequantize(t, p, 8), ref[f"{p}.weight"].dequantize()), p
+        assert torch.equal(gptq_dequantize(t, p, 8), dequantize(ref[f"{p}.weight"])), p
         w = back[f"{p}.weight"]
         assert w.fmt == ref[f"{p}.weight"].fmt and torch.equal(w.data, ref[f"{p}.weight"].data)
 
@@ -155,7 +156,7 @@ def test_reimport_gives_same_weights_and_logits(ckpts, kind):
         wa, wb = a.weights.get(name), b.weights.get(name)
         if isinstance(wa, QuantizedWeight):
             assert isinstance(wb, QuantizedWeight) and wb.fmt == wa.fmt and wb.shape == wa.shape
-            assert torch.equal(wb.dequantize(), wa.dequantize()), name
+            assert torch.equal(dequantize(wb), dequantize(wa)), name
         else:
             assert torch.equal(wa, wb), name
     for kernels in ("cpu", "reference"):
@@ -174,8 +175,8 @@ def test_round_scales_path(ckpts, tmp_path):
     src, back = llmc_weights(ckpts["sym"]), llmc_weights(tmp_path / "r")
     for name, w in src.items():
         rounded = QuantizedWeight(w.fmt, w.shape, w.data, w.scale.half().float(), w.zero)
-        assert torch.equal(back[name].dequantize(), dequantize(rounded)), name
-        assert not torch.equal(back[name].dequantize(), w.dequantize())         # the rounding did change it
+        assert torch.equal(dequantize(back[name]), dequantize(rounded)), name
+        assert not torch.equal(dequantize(back[name]), dequantize(w))         # the rounding did change it
     assert torch.equal(forward_all(load_model(tmp_path / "r"), IDS), forward_all(load_model(ckpts["sym16"]), IDS))
 
 
@@ -275,7 +276,7 @@ def test_reader_v2_and_refusals(ckpts, tmp_path):
     (v2 / "config.json").write_text(json.dumps(cfg))
     got = llmc_weights(v2)
     for name, w in ref.items():
-        assert torch.equal(got[name].dequantize(), w.dequantize()), name
+        assert torch.equal(dequantize(got[name]), dequantize(w)), name
 
     from llmc.errors import UnsupportedModelError
     ao = tmp_path / "actorder"

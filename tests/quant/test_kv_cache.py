@@ -56,8 +56,9 @@ def test_kv_int8_end_to_end(tmp_path):
     from llmc.compiler import compile
     from llmc.generation import generate
     from llmc.inspection import inspect
-    from llmc.passes.quant.quantize import quantize_checkpoint
-    from llmc.passes.quant.scheme import QuantRecipe, TensorQuant, resolve_scheme
+    from llmc.quantizer import quantize_checkpoint
+    from llmc.quantized.formats import TensorQuant
+    from llmc.quantized.scheme import QuantRecipe, resolve_scheme
     from llmc.runtime.sampler import SamplingParams
     from tests.helpers import GOLDEN, STORIES
     text = GOLDEN / "tinystories_valid_head.txt"

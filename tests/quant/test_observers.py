@@ -9,10 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from llmc.errors import ConfigError
-from llmc.passes.quant.formats import dequantize, params, quantize
+from llmc.kernels.reference.dequant import dequantize
+from llmc.quantized.formats import params, quantize
 from llmc.passes.quant.observers import Observer
-from llmc.passes.quant.quantize import quantize_checkpoint
-from llmc.passes.quant.scheme import QuantRecipe, TensorQuant, resolve_scheme
+from llmc.quantizer import quantize_checkpoint
+from llmc.quantized.formats import TensorQuant
+from llmc.quantized.scheme import QuantRecipe, resolve_scheme
 from tests.helpers import STORIES
 
 FORMATS = [TensorQuant(dtype="int8", granularity="channel"),
@@ -135,7 +137,7 @@ def test_cli_observer_flags(tmp_path, capsys):
 def test_calibration_sample_spreads_over_every_row():
     """Percentile/MSE observers and AWQ look at the sample: it must cover all calibration tokens,
     not the first sequence."""
-    from llmc.passes.quant.quantize import InputStats
+    from llmc.passes.quant.algorithms import InputStats
     st, seen = InputStats.new(1, hessian=False), 0
     for n in (100, 300, 1000, 77, 5000):                  # uneven chunks
         st.add(torch.arange(seen, seen + n, dtype=torch.float32)[:, None])

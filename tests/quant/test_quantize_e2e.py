@@ -11,9 +11,9 @@ from llmc.errors import ConfigError
 from llmc.generation import generate
 from llmc.inspection import inspect
 from llmc.model import load_model
-from llmc.passes.quant.formats import QuantizedWeight
-from llmc.passes.quant.quantize import quantize_checkpoint
-from llmc.passes.quant.scheme import QuantRecipe, resolve_scheme
+from llmc.quantized.formats import QuantizedWeight
+from llmc.quantizer import quantize_checkpoint
+from llmc.quantized.scheme import QuantRecipe, resolve_scheme
 from llmc.runtime.runner import RuntimeConfig
 from llmc.runtime.sampler import SamplingParams
 from tests.helpers import STORIES, forward_all

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llmc.kernels import kernel_for
-from llmc.passes.quant.formats import quantize
-from llmc.passes.quant.scheme import TensorQuant
+from llmc.quantized.formats import quantize
+from llmc.quantized.formats import TensorQuant
 
 FORMATS = [TensorQuant(dtype="int8", granularity="channel"),
            TensorQuant(dtype="int4", granularity="group", group_size=32),
@@ -52,7 +52,7 @@ def test_fused_linears(fmt):
 def test_native_int4_dequantize_is_exact(fmt, k):
     """The prefill path's native dequantize computes (u - z) * s like the reference: bit for bit."""
     from llmc.kernels.cpu import native
-    from llmc.passes.quant.formats import dequantize
+    from llmc.kernels.reference.dequant import dequantize
     if native.library() is None:
         pytest.skip(f"native CPU kernels unavailable: {native.status()['error']}")
     qw = quantize(torch.randn(37, k, generator=torch.Generator().manual_seed(k)), fmt)

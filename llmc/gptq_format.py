@@ -30,8 +30,8 @@ from llmc.checkpoint import INDEX_FILE, WeightStore, read_json
 from llmc.errors import ConfigError, LlmcError, ModelFormatError, UnsupportedModelError
 from llmc.io import atomic_directory, check_output, write_json_atomic
 from llmc.paths import copy_model_file
-from llmc.passes.quant.formats import QuantizedWeight, pack_int4, unpack_int4
-from llmc.passes.quant.scheme import TensorQuant
+from llmc.quantized.formats import QuantizedWeight, pack_int4, unpack_int4
+from llmc.quantized.formats import TensorQuant
 from llmc.tokenizer import TOKENIZER_FILES
 
 QUANT_METHOD = "gptq"
@@ -302,7 +302,7 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
     directory (v1 "gptq" format), written atomically. Refuses, naming every offending layer, what
     the layout cannot express; returns a summary (layers, bytes, scale rounding)."""
     from llmc.model import check_model_files, check_path
-    from llmc.passes.quant.store import QuantizedStore, entries_from_manifest
+    from llmc.quantized.store import QuantizedStore, entries_from_manifest
 
     src, out = check_path(src), Path(out)
     check_model_files(src)

@@ -14,25 +14,18 @@ from torch import Tensor
 
 from llmc.checkpoint import MAX_DIM, WeightStore, short_repr
 from llmc.errors import ConfigError, ModelFormatError
-from llmc.passes.quant.formats import QuantizedWeight, group_count
-from llmc.passes.quant.scheme import TensorQuant
+from llmc.quantized.formats import QuantizedWeight, TensorQuant, group_count
 
 QUANT_METHOD = "llmc"
 FORMAT_VERSION = 1
 
-# How each part of a quantized weight [N, K] is stored: (safetensors dtype, shape). The one place
-# these layouts are spelled out (formats.py writes them: `from_codes`, `QuantizedWeight.tensors`).
-QDATA: dict[str, tuple[str, Callable[[int, int], tuple[int, int]]]] = {
-    "int8": ("I8", lambda n, k: (n, k)),
-    "int4": ("U8", lambda n, k: (n, -(-k // 2))),              # two per byte, low nibble first
-    "fp8_e4m3": ("F8_E4M3", lambda n, k: (n, k)),
-}
-SCALES: dict[str, Callable[[int, int, TensorQuant], tuple[int, int]]] = {   # F32; int4's U8 zero point alike
+# How the scales of a quantized weight [N, K] are stored (F32; int4's U8 zero point alike); the
+# codes' dtype and packed width come from the number format (formats.NUMBER_FORMATS).
+SCALES: dict[str, Callable[[int, int, TensorQuant], tuple[int, int]]] = {
     "channel": lambda n, k, fmt: (n, 1),
     "group": lambda n, k, fmt: (n, group_count(k, fmt.group_size)),
     "tensor": lambda n, k, fmt: (1, 1),
 }
-ZERO_POINT_DTYPES = ("int4",)                 # stored unsigned: symmetric int4 stores its zero point 8 too
 ACT_GRANULARITIES = ("token", "tensor")       # token: dynamic; tensor: a static act_scale [1]
 
 
@@ -94,10 +87,10 @@ class QuantizedEntry:
     def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """suffix -> (safetensors dtype, shape) of every tensor this weight is stored as, none optional."""
         n, k = self.shape
-        dtype, data_shape = QDATA[self.fmt.dtype]
+        number = self.fmt.number
         scales = SCALES[self.fmt.granularity](n, k, self.fmt)
-        out = {"qdata": (dtype, data_shape(n, k)), "scale": ("F32", scales)}
-        if self.fmt.dtype in ZERO_POINT_DTYPES:
+        out = {"qdata": (number.storage, (n, number.packed_width(k))), "scale": ("F32", scales)}
+        if number.zero_point:                 # stored unsigned: symmetric int4 stores its zero point 8 too
             out["zero"] = ("U8", scales)
         if self.act is not None and self.act.granularity == "tensor":
             out["act_scale"] = ("F32", (1,))

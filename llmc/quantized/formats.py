@@ -1,6 +1,8 @@
-"""Number formats: quantize / dequantize primitives for weights, and `QuantizedWeight`, the typed
-value a quantized weight is (packed data, scales, zero points, format) that serializes to plain
-safetensors tensors.
+"""Number formats, registered by name (`NUMBER_FORMATS`: how a range becomes a scale and zero
+point, how values become codes, how codes are packed for storage); `TensorQuant`, the number format
+of one tensor; `QuantizedWeight`, the typed value a quantized weight is (packed data, scales, zero
+points, format) that serializes to plain safetensors tensors; and round-to-nearest quantization.
+Reading the values back is the reference kernel `llmc.kernels.reference.dequant.dequantize`.
 
 Conventions (every format, exact):
 - weights are [N, K] (out features, in features); scales run along N (channel) or along N and
@@ -15,45 +17,25 @@ Conventions (every format, exact):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 
-from llmc.errors import LlmcError
-from llmc.passes.quant.scheme import TensorQuant
+from llmc.errors import ConfigError, LlmcError, OptionError
 
 FP8_MAX = 448.0
+MAX_GROUP_SIZE = 1 << 16                 # larger groups buy nothing over per-channel scales
+GRANULARITIES = ("tensor", "channel", "group", "token")
 
 
 class QuantizationError(LlmcError):
     """A tensor cannot be quantized (NaN/Inf values, an unsupported shape)."""
 
 
-def _check_finite(w: Tensor, name: str) -> None:
-    if not torch.isfinite(w).all():
-        raise QuantizationError(f"{name}: has NaN or Inf values; refusing to quantize it")
-
-
 def _safe(scale: Tensor) -> Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
-def group_count(k: int, group_size: int) -> int:
-    return -(-k // group_size)
-
-
-def _grouped(w: Tensor, group_size: int) -> Tensor:
-    """[N, K] -> [N, G, group_size], the partial last group padded with zeros (which never change
-    a group's absmax, min(., 0) or max(., 0))."""
-    n, k = w.shape
-    g = group_count(k, group_size)
-    pad = g * group_size - k
-    return torch.nn.functional.pad(w, (0, pad)).reshape(n, g, group_size)
-
-
-def _ungrouped(x: Tensor, k: int) -> Tensor:
-    return x.reshape(x.shape[0], -1)[:, :k]
 
 
 def pack_int4(u: Tensor) -> Tensor:
@@ -68,6 +50,114 @@ def pack_int4(u: Tensor) -> Tensor:
 def unpack_int4(packed: Tensor, k: int) -> Tensor:
     low, high = packed & 0x0F, packed >> 4
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)[:, :k]
+
+
+def _int8_params(lo: Tensor, hi: Tensor, symmetric: bool) -> tuple[Tensor, Tensor | None]:
+    return _safe(torch.maximum(lo.abs(), hi.abs()) / 127.0), None
+
+
+def _fp8_params(lo: Tensor, hi: Tensor, symmetric: bool) -> tuple[Tensor, Tensor | None]:
+    return _safe(torch.maximum(lo.abs(), hi.abs()) / FP8_MAX), None
+
+
+def _int4_params(lo: Tensor, hi: Tensor, symmetric: bool) -> tuple[Tensor, Tensor | None]:
+    if symmetric:
+        scale = _safe(torch.maximum(lo.abs(), hi.abs()) / 7.0)
+        return scale, torch.full_like(scale, 8.0)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = _safe((hi - lo) / 15.0)
+    return scale, torch.round(-lo / scale).clamp(0, 15)
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    """One number format: how a value is encoded (scale and zero point from a range, codes), and how
+    codes are stored (packing into the `qdata` tensor). Decoding is shared: (code - zero) * scale."""
+    name: str
+    storage: str                                            # safetensors dtype of the stored codes
+    code_dtype: torch.dtype                                 # the codes, before packing
+    params: Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]   # (lo, hi, symmetric)
+    encode: Callable[[Tensor, Tensor, Tensor | None], Tensor]                # (x, scale, zero) -> codes
+    pack: Callable[[Tensor], Tensor] = lambda c: c          # codes [N, K] -> stored [N, K']
+    unpack: Callable[[Tensor, int], Tensor] = lambda d, k: d
+    packed_width: Callable[[int], int] = lambda k: k
+    zero_point: bool = False                                # stores a zero point (even when symmetric)
+    asymmetric: bool = False                                # may be asymmetric at all
+
+
+NUMBER_FORMATS: dict[str, NumberFormat] = {}
+
+
+def register_number_format(f: NumberFormat) -> NumberFormat:
+    if f.name in NUMBER_FORMATS:
+        raise ValueError(f"number format {f.name!r} is registered twice")
+    NUMBER_FORMATS[f.name] = f
+    return f
+
+
+register_number_format(NumberFormat(
+    "int8", "I8", torch.int8, _int8_params, lambda x, s, z: torch.round(x / s).clamp(-127, 127).to(torch.int8)))
+register_number_format(NumberFormat(
+    "int4", "U8", torch.uint8, _int4_params, lambda x, s, z: (torch.round(x / s) + z).clamp(0, 15).to(torch.uint8),
+    pack=pack_int4, unpack=unpack_int4, packed_width=lambda k: -(-k // 2), zero_point=True, asymmetric=True))
+register_number_format(NumberFormat(
+    "fp8_e4m3", "F8_E4M3", torch.float8_e4m3fn, _fp8_params,
+    lambda x, s, z: (x / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorQuant:                                     # the number format of a tensor, nothing else
+    dtype: Literal["int8", "int4", "fp8_e4m3"]
+    granularity: Literal["tensor", "channel", "group", "token"] = "channel"
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in NUMBER_FORMATS:
+            raise ConfigError(f"unknown number format {self.dtype!r}; known: {', '.join(NUMBER_FORMATS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}")
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise ConfigError("group_size must be set exactly when granularity is 'group'")
+        if self.group_size is not None and not 1 <= self.group_size <= MAX_GROUP_SIZE:
+            raise OptionError("group_size", f"must be in [1, {MAX_GROUP_SIZE}], got {self.group_size}")
+        if not self.symmetric and not self.number.asymmetric:
+            raise ConfigError(f"{self.dtype} is symmetric-only in llmc; drop symmetric=False")
+
+    @property
+    def number(self) -> NumberFormat:
+        return NUMBER_FORMATS[self.dtype]
+
+    @property
+    def key(self) -> str:
+        """The kernel registry key: number layout, no algorithm."""
+        sym = "" if self.symmetric else "-asym"
+        return f"{self.dtype}/{self.granularity}{sym}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_finite(w: Tensor, name: str) -> None:
+    if not torch.isfinite(w).all():
+        raise QuantizationError(f"{name}: has NaN or Inf values; refusing to quantize it")
+
+
+def group_count(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+def grouped(w: Tensor, group_size: int) -> Tensor:
+    """[N, K] -> [N, G, group_size], the partial last group padded with zeros (which never change
+    a group's absmax, min(., 0) or max(., 0))."""
+    n, k = w.shape
+    g = group_count(k, group_size)
+    pad = g * group_size - k
+    return torch.nn.functional.pad(w, (0, pad)).reshape(n, g, group_size)
+
+
+def ungrouped(x: Tensor, k: int) -> Tensor:
+    return x.reshape(x.shape[0], -1)[:, :k]
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,9 +176,6 @@ class QuantizedWeight:
     def kernel_key(self) -> str:
         """The kernel registry key: weight format, and the input's format when it is quantized."""
         return self.fmt.key if self.act is None else f"{self.fmt.key}+{self.act.key}"
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize(self).to(dtype)
 
     @property
     def nbytes(self) -> int:
@@ -132,27 +219,13 @@ def params(x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:
 def params_from_range(lo: Tensor, hi: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:
     """Scale (and int4 zero point) that represent the range [lo, hi] (elementwise, lo <= hi):
     symmetric formats cover +-max(|lo|, |hi|); asymmetric int4 covers [min(lo, 0), max(hi, 0)]."""
-    absmax = torch.maximum(lo.abs(), hi.abs())
-    if fmt.dtype == "int8":
-        return _safe(absmax / 127.0), None
-    if fmt.dtype == "fp8_e4m3":
-        return _safe(absmax / FP8_MAX), None
-    if fmt.symmetric:
-        scale = _safe(absmax / 7.0)
-        return scale, torch.full_like(scale, 8.0)
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scale = _safe((hi - lo) / 15.0)
-    return scale, torch.round(-lo / scale).clamp(0, 15)
+    return fmt.number.params(lo, hi, fmt.symmetric)
 
 
 def codes(x: Tensor, scale: Tensor, zero: Tensor | None, fmt: TensorQuant) -> Tensor:
     """x quantized with the given (broadcastable) scale / zero: int8 codes, uint4 codes in a uint8,
     or float8 values."""
-    if fmt.dtype == "int8":
-        return torch.round(x / scale).clamp(-127, 127).to(torch.int8)
-    if fmt.dtype == "fp8_e4m3":
-        return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return (torch.round(x / scale) + zero).clamp(0, 15).to(torch.uint8)
+    return fmt.number.encode(x, scale, zero)
 
 
 def decode(c: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
@@ -164,7 +237,7 @@ def decode(c: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
 def from_codes(c: Tensor, scale: Tensor, zero: Tensor | None, fmt: TensorQuant) -> QuantizedWeight:
     """Codes [N, K] and per-row/group scale (and zero) [N, G] -> QuantizedWeight."""
     n, k = c.shape
-    data = pack_int4(c) if fmt.dtype == "int4" else c
+    data = fmt.number.pack(c)
     return QuantizedWeight(fmt, (n, k), data, scale.float().reshape(n if fmt.granularity != "tensor" else 1, -1),
                            None if zero is None else zero.to(torch.uint8).reshape(scale.shape))
 
@@ -180,7 +253,7 @@ def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight", observer=None) -
     if fmt.granularity == "token":
         raise QuantizationError("per-token granularity is for activations, not weights")
     if fmt.granularity == "group":
-        x = _grouped(w, fmt.group_size)                                    # [N, G, gs]
+        x = grouped(w, fmt.group_size)                                    # [N, G, gs]
     elif fmt.granularity == "channel":
         x = w[:, None, :]                                                  # [N, 1, K]
     else:
@@ -191,22 +264,5 @@ def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight", observer=None) -
 
 
 def _restore(q: Tensor, fmt: TensorQuant, n: int, k: int) -> Tensor:
-    return _ungrouped(q, k) if fmt.granularity == "group" else q.reshape(n, k)
+    return ungrouped(q, k) if fmt.granularity == "group" else q.reshape(n, k)
 
-
-def dequantize(qw: QuantizedWeight) -> Tensor:
-    """QuantizedWeight -> fp32 [N, K]."""
-    n, k = qw.shape
-    fmt = qw.fmt
-    if fmt.dtype == "int4":
-        vals = unpack_int4(qw.data, k).float()
-    else:
-        vals = qw.data.float()
-    if fmt.granularity == "group":
-        g = _grouped(vals, fmt.group_size)
-        if qw.zero is not None:
-            g = g - qw.zero.float()[..., None]
-        return _ungrouped(g * qw.scale[..., None], k)
-    if qw.zero is not None:
-        vals = vals - qw.zero.float()
-    return vals * qw.scale if fmt.granularity == "channel" else vals * qw.scale.reshape(())

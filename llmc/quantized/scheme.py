@@ -7,41 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from llmc.errors import ConfigError, OptionError
-
-DTYPES = ("int8", "int4", "fp8_e4m3")
-MAX_GROUP_SIZE = 1 << 16                 # larger groups buy nothing over per-channel scales
-GRANULARITIES = ("tensor", "channel", "group", "token")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TensorQuant:                                     # the number format, nothing else
-    dtype: Literal["int8", "int4", "fp8_e4m3"]
-    granularity: Literal["tensor", "channel", "group", "token"] = "channel"
-    group_size: int | None = None
-    symmetric: bool = True
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown number format {self.dtype!r}; known: {', '.join(DTYPES)}")
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}")
-        if (self.granularity == "group") != (self.group_size is not None):
-            raise ConfigError("group_size must be set exactly when granularity is 'group'")
-        if self.group_size is not None and not 1 <= self.group_size <= MAX_GROUP_SIZE:
-            raise OptionError("group_size", f"must be in [1, {MAX_GROUP_SIZE}], got {self.group_size}")
-        if self.dtype == "fp8_e4m3" and not self.symmetric:
-            raise ConfigError("fp8_e4m3 is symmetric-only; drop symmetric=False")
-        if self.dtype == "int8" and not self.symmetric:
-            raise ConfigError("int8 is symmetric-only in llmc")
-
-    @property
-    def key(self) -> str:
-        """The kernel registry key: number layout, no algorithm."""
-        sym = "" if self.symmetric else "-asym"
-        return f"{self.dtype}/{self.granularity}{sym}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from llmc.quantized.formats import TensorQuant
 
 
 @dataclass(frozen=True, kw_only=True)

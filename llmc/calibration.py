@@ -23,7 +23,7 @@ from llmc.runtime.batch import RaggedBatch
 from llmc.runtime.executor import Executor
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 
-DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "golden" / "calibration" / "tinystories_calib.txt"
+DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1] / "golden" / "calibration" / "tinystories_calib.txt"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""llmc.memory: with large blocks served from their own mappings, freeing them gives the memory back
+"""llmc.allocator: with large blocks served from their own mappings, freeing them gives the memory back
 (with glibc's default, a small live tensor allocated after them pins the freed heap below it)."""
 import subprocess
 import sys
@@ -6,11 +6,11 @@ import textwrap
 
 import pytest
 
-from llmc.memory import return_large_blocks_to_system
+from llmc.allocator import return_large_blocks_to_system
 
 SCRIPT = textwrap.dedent("""
     import sys, torch
-    from llmc.memory import return_large_blocks_to_system
+    from llmc.allocator import return_large_blocks_to_system
     def rss():
         for line in open("/proc/self/status"):
             if line.startswith("VmRSS"):
