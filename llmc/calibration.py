@@ -19,11 +19,10 @@ from torch import Tensor
 from llmc.errors import ConfigError
 from llmc.ir import Graph, Node
 from llmc.paths import check_regular
+from llmc.resources import default_calibration
 from llmc.runtime.batch import RaggedBatch
 from llmc.runtime.executor import Executor
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
-
-DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1] / "golden" / "calibration" / "tinystories_calib.txt"
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ def load_calibration(tokenizer, path: Path | None, samples: int, seqlen: int,
     sample per record's `text` field, truncated to `seqlen`. Takes the first `samples` windows."""
     if samples < 1 or seqlen < 2:
         raise ConfigError(f"need at least 1 calibration sample of at least 2 tokens (got {samples} x {seqlen})")
-    p = Path(path) if path is not None else DEFAULT_CALIBRATION
+    p = Path(path) if path is not None else default_calibration()
     if not p.exists():
         raise ConfigError(f"{p}: calibration file not found")
     check_regular(p, "calibration file", ConfigError)

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from llmc.errors import ConfigError
+from llmc.resources import profile_dir
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
+PROFILE_DIR = profile_dir()      # the bundled profiles: profiles/ of the repository, package llmc.bundled_profiles
 
 # table -> option -> accepted Python types
 SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -41,6 +42,7 @@ class Profile:
 
 
 def available_profiles() -> list[str]:
+    """The names of the bundled profiles."""
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
