@@ -18,7 +18,7 @@ _EXPORTS = {
     "compile": ("llmc.compiler", "compile"),
     "generate": ("llmc.generation", "generate"),
     "inspect": ("llmc.inspection", "inspect"),
-    "load_model": ("llmc.model", "load_model"),
+    "load_model": ("llmc.loader", "load_model"),
     "quantize": ("llmc.quantizer", "quantize"),
     "QuantRecipe": ("llmc.quantized.scheme", "QuantRecipe"),
     "recipe_from_options": ("llmc.quantized.scheme", "recipe_from_options"),

@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Callable, Mapping
 
 from llmc.errors import ModelFormatError, UnsupportedModelError
+from llmc.registry import Registry
 
 # Upper bounds: several times the largest public checkpoints (405B: 126 layers, hidden 16384,
 # 128 heads; vocabularies up to 256k; contexts up to 10M positions).
@@ -227,7 +228,7 @@ class ArchConfig:
 
 
 ArchParser = Callable[[Mapping[str, Any], int], dict[str, Any]]
-ARCHITECTURES: dict[str, ArchParser] = {}
+ARCHITECTURES: Registry[ArchParser] = Registry("architecture")
 ROPE_TYPES = ("default", "linear", "llama3")
 ROPE_PARAMS = {"linear": ("factor",),       # what config.json must state for each rope type
                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -313,12 +314,7 @@ def _read(cfg: Mapping[str, Any], key: str, spec: Spec, default: Any = None) -> 
 def register_architecture(model_type: str) -> Callable[[ArchParser], ArchParser]:
     """A parser gets the raw config dict and the (checked) number of layers, and returns the
     family-specific ArchConfig fields, unchecked: `parse_arch` validates them with the rest."""
-    def add(fn: ArchParser) -> ArchParser:
-        if model_type in ARCHITECTURES:
-            raise ValueError(f"architecture {model_type!r} is registered twice")
-        ARCHITECTURES[model_type] = fn
-        return fn
-    return add
+    return ARCHITECTURES.decorator(model_type)
 
 
 def _layer_windows(cfg: Mapping[str, Any], num_layers: int) -> tuple[int | None, ...]:

@@ -17,7 +17,11 @@ from typing import Any, Iterator
 import torch
 
 from llmc.errors import ModelFormatError
-from llmc.paths import open_regular, resolve_inside
+from llmc.paths import check_regular, open_regular, resolve_inside
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "tokenizer.model")
+
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -265,3 +269,23 @@ class WeightStore:
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.files.values()))
+
+
+def check_path(path: Path | str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ModelFormatError(f"{p}: no such file or directory")
+    if not p.is_dir():
+        raise ModelFormatError(f"{p}: is a file, not a model directory",
+                               hint="pass a Hugging Face checkpoint directory or an llmc engine directory")
+    return p
+
+
+def check_model_files(p: Path, error: type = ModelFormatError) -> None:
+    """The config and tokenizer files `p` has are inside it (or its Hugging Face cache blobs) and
+    regular files: they are read by name (and tokenizer.json by the tokenizers library, which would
+    block on a FIFO)."""
+    for name in ("config.json",) + TOKENIZER_FILES:
+        f = resolve_inside(p, name, "llmc", error)
+        if os.path.lexists(f):
+            check_regular(f, name, error)

@@ -1,4 +1,4 @@
-"""`compile`: checkpoint -> graph -> passes -> engine directory for a target."""
+"""`compile`: checkpoint -> graph -> passes -> the target's lowering -> engine directory."""
 from __future__ import annotations
 
 import time
@@ -9,6 +9,7 @@ from typing import Any
 from llmc.errors import ConfigError
 from llmc.io import atomic_directory, check_output
 from llmc.ir import format_graph
+from llmc.targets import DEFAULT_TARGET, get_target
 
 
 @dataclass(frozen=True)
@@ -20,19 +21,20 @@ class CompileResult:
     nodes: int
     passes: list[dict[str, Any]]
     files: dict[str, dict[str, Any]]
+    backend: dict[str, Any]                 # the target's manifest section: device, kernel set, kernels by op
 
     @property
     def bytes(self) -> int:
         return sum(f["bytes"] for f in self.files.values())
 
 
-def compile(model: Path | str, out: Path | str, target: str = "cpu", passes: list[str] | None = None,
+def compile(model: Path | str, out: Path | str, target: str = DEFAULT_TARGET, passes: list[str] | None = None,
             dump_ir: Path | str | None = None, force: bool = False) -> CompileResult:
     """Compile a Hugging Face checkpoint into an engine directory at `out` (written atomically)."""
+    from llmc.checkpoint import check_path
     from llmc.engine import ENGINE_FILE, write_engine
-    from llmc.model import check_path, load_checkpoint
+    from llmc.model import load_checkpoint
     from llmc.passes import PassManager
-    from llmc.targets import get_target
 
     t0 = time.perf_counter()
     src, out = check_path(model), Path(out)
@@ -48,6 +50,7 @@ def compile(model: Path | str, out: Path | str, target: str = "cpu", passes: lis
         with atomic_directory(dump_ir, overwrite=force, inputs=[src, out]) as tmp:
             PassManager([r.name for r in m.passes]).run(build_decoder_graph(m.arch), m.weight_shapes(), tmp)
             (tmp / "final.txt").write_text(format_graph(m.graph))
-    manifest = write_engine(m, out, tgt.name, extra={"kernels": tgt.kernels}, overwrite=force, inputs=[src])
+    manifest = write_engine(m, out, tgt.name, overwrite=force, inputs=[src])
     return CompileResult(engine=str(out), target=tgt.name, source=str(src), seconds=time.perf_counter() - t0,
-                         nodes=len(m.graph.nodes), passes=manifest["passes"], files=manifest["files"])
+                         nodes=len(m.graph.nodes), passes=manifest["passes"], files=manifest["files"],
+                         backend=manifest["backend"])

@@ -27,11 +27,6 @@ FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 
 
-def expected_weights(arch: ArchConfig) -> list[str]:
-    """Every tensor name the graph will read, for a clear error when a checkpoint lacks one."""
-    return sorted(build_decoder_graph(arch).weight_names())
-
-
 def build_decoder_graph(arch: ArchConfig) -> Graph:
     a = arch
     nodes: list[Node] = []

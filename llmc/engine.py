@@ -1,12 +1,17 @@
 """The engine format: a directory holding
 
-- `engine.json`: schema version, llmc version, architecture config, target, compute dtype, the
-  optimised graph, the passes log, tokenizer info and the sha256 and size of every other file;
-- `weights.safetensors`: every weight the graph reads (never pickle);
+- `engine.json`: schema version, llmc version, architecture config, target and its `backend`
+  section (device, kernel set, the kernel set of each op), compute dtype, the optimised graph, the
+  passes log, tokenizer info and the sha256 and size of every other file;
+- `weights.safetensors`: every weight the graph reads (never pickle), written by the target's lowering;
+- the target's other artifact files, if it has any;
 - the tokenizer files of the source checkpoint.
 
-It is written atomically (temporary directory + rename). Loading checks the schema, then the size
-and sha256 of every listed file, and names the file that is missing, truncated or altered.
+It is written atomically (temporary directory + rename): the target lowers the model into the
+temporary directory, then the manifest lists and hashes what is there. Loading checks the schema,
+that this llmc runs the target, then the size and sha256 of every listed file, and names the file
+that is missing, truncated or altered. Engines of an older schema are refused with the command that
+rebuilds them.
 """
 from __future__ import annotations
 
@@ -21,58 +26,77 @@ from safetensors.torch import save_file
 
 from llmc import __version__
 from llmc.arch import ArchConfig
-from llmc.checkpoint import WeightStore, read_json, short_repr
+from llmc.checkpoint import TOKENIZER_FILES, WeightStore, read_json, short_repr
 from llmc.errors import EngineError, GraphError, LlmcError
 from llmc.io import atomic_directory, sha256_file, write_json_atomic
 from llmc.ir import graph_from_dict, graph_to_dict, verify
 from llmc.paths import check_regular, copy_model_file, resolve_inside
-from llmc.tokenizer import TOKENIZER_FILES, Tokenizer
+from llmc.targets import DEFAULT_TARGET, available_targets, get_target
+from llmc.tokenizer import Tokenizer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2            # 2: the target's `backend` section (device, kernel set, kernels by op)
 ENGINE_FILE = "engine.json"
 WEIGHTS_FILE = "weights.safetensors"
 COPIED_FILES = TOKENIZER_FILES + ("config.json",)       # from the source model, when it has them
-REQUIRED = {"architecture": dict, "graph": dict, "files": dict, "target": str, "dtype": str}
+REQUIRED = {"architecture": dict, "graph": dict, "files": dict, "target": str, "backend": dict, "dtype": str}
 OPTIONAL = {"passes": list, "quantization": dict}
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def write_engine(model, out: Path, target: str, extra: dict[str, Any] | None = None,
-                 overwrite: bool = False, inputs: tuple | list = ()) -> dict[str, Any]:
-    """Write `model` (graph + the weights it reads) as an engine directory; returns the manifest."""
+def write_weights(model, directory: Path) -> None:
+    """weights.safetensors: every weight the graph reads, quantized ones packed, float ones in the
+    model's compute dtype; a quantized model's per-weight formats go to the manifest (see write_engine)."""
+    from llmc.quantized.formats import QuantizedWeight
+    tensors = {}
+    for name in model.graph.weight_names():
+        t = model.weights.get(name)
+        if isinstance(t, QuantizedWeight):                     # stays packed
+            tensors.update({k: v.contiguous() for k, v in t.tensors(name).items()})
+        else:
+            tensors[name] = (t.to(model.dtype) if t.is_floating_point() else t).contiguous()
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "producer": f"llmc {__version__}"})
+
+
+def _quantization_section(model) -> dict[str, Any] | None:
+    """The manifest's quantization section: the recipe and provenance, and every quantized weight's
+    format and logical shape (headers only; nothing is dequantized)."""
+    from llmc.quantized.store import QuantizedEntry, manifest_section
+    fmt_of = getattr(model.weights, "quantized_format", None)
+    if fmt_of is None:
+        return None
+    entries = {}
+    for name in model.graph.weight_names():
+        f = fmt_of(name)
+        if f is not None:
+            entries[name] = QuantizedEntry(f[0], tuple(model.weights.shape(name)), f[1])
+    return manifest_section(entries, **(model.quantization or {})) if entries else None
+
+
+def write_engine(model, out: Path, target: str, overwrite: bool = False, inputs: tuple | list = ()) -> dict[str, Any]:
+    """Lower `model` for `target` into an engine directory at `out` (atomically); returns the manifest."""
     from llmc.model import DTYPES
+    tgt = get_target(target)
     dtype_name = {v: k for k, v in DTYPES.items()}[model.dtype]
     with atomic_directory(out, overwrite=overwrite, inputs=inputs) as tmp:
-        from llmc.quantized.formats import QuantizedWeight
-        from llmc.quantized.store import QuantizedEntry, manifest_section
-        tensors, entries = {}, {}
-        for name in model.graph.weight_names():
-            t = model.weights.get(name)
-            if isinstance(t, QuantizedWeight):                     # stays packed
-                tensors.update({k: v.contiguous() for k, v in t.tensors(name).items()})
-                entries[name] = QuantizedEntry.of(t)
-            else:
-                tensors[name] = (t.to(model.dtype) if t.is_floating_point() else t).contiguous()
-        if entries:
-            extra = {**(extra or {}), "quantization": manifest_section(entries, **(model.quantization or {}))}
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": f"llmc {__version__}"})
-        del tensors
+        backend = tgt.lower(model, tmp)
         for name in COPIED_FILES:
             copy_model_file(model.path, name, tmp)
         files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                  for f in sorted(tmp.iterdir()) if f.is_file()}
+        quantization = _quantization_section(model)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "llmc_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "target": target,
+            "target": tgt.name,
+            "backend": backend,
             "dtype": dtype_name,
             "architecture": model.arch.to_dict(),
             "source": {"path": str(model.path), "kind": model.kind},
             "tokenizer": asdict(model.tokenizer.info),
             "passes": [asdict(r) for r in model.passes],
             "graph": graph_to_dict(model.graph),
-            **(extra or {}),
+            **({"quantization": quantization} if quantization else {}),
             "files": files,
         }
         write_json_atomic(tmp / ENGINE_FILE, manifest)
@@ -87,9 +111,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except LlmcError as e:
         raise EngineError(e.message, hint=e.hint) from None
     version = manifest.get("schema_version")
+    if type(version) is int and 1 <= version < SCHEMA_VERSION:
+        source = manifest.get("source", {}).get("path") if isinstance(manifest.get("source"), dict) else None
+        how = f"llmc compile {source} -o {path} --force" if isinstance(source, str) else "llmc compile"
+        raise EngineError(f"{where}: this engine was built by an older llmc (engine schema {version}; this llmc "
+                          f"reads {SCHEMA_VERSION}); rebuild it", hint=how)
     if type(version) is not int or version != SCHEMA_VERSION:
         raise EngineError(f"{where}: engine schema version {short_repr(version)} is not {SCHEMA_VERSION}",
-                          hint="recompile the engine with this llmc version")
+                          hint="rebuild the engine with this llmc version (llmc compile)")
     for key in REQUIRED:
         if key not in manifest:
             raise EngineError(f"{where}: the manifest lacks {key!r}")
@@ -157,11 +186,11 @@ def check_files(path: Path, manifest: dict[str, Any]) -> None:
 
 def check_target(path: Path, manifest: dict[str, Any]) -> None:
     """The engine was built for a target this llmc runs."""
-    from llmc.targets import TARGETS
-    if manifest["target"] not in TARGETS:
+    targets = available_targets()
+    if manifest["target"] not in targets:
         raise EngineError(f"{path / ENGINE_FILE}: target {short_repr(manifest['target'])} cannot run here "
-                          f"(this llmc runs {', '.join(TARGETS)} engines)",
-                          hint=f"recompile it with --target {next(iter(TARGETS))}")
+                          f"(this llmc runs {', '.join(targets)} engines)",
+                          hint=f"recompile it with --target {DEFAULT_TARGET}")
 
 
 RUNTIME_INPUTS = ("tokens", "positions")              # what the executor feeds a graph
@@ -203,7 +232,7 @@ def check_graph(path: Path, graph, arch: ArchConfig, store) -> None:
 
 
 def load_engine(path: Path):
-    from llmc.model import DTYPES, Model, _summary, check_weight_types, kv_cache_format
+    from llmc.model import DTYPES, Model, check_weight_types, kv_cache_format, quantization_summary
     from llmc.passes import PassRecord
 
     where = path / ENGINE_FILE
@@ -231,4 +260,4 @@ def load_engine(path: Path):
     check_weight_types(graph, store, EngineError)
     return Model(path=path, kind="engine", arch=arch, graph=graph, weights=store, tokenizer=Tokenizer(path),
                  dtype=DTYPES[manifest["dtype"]], passes=passes, manifest=manifest,
-                 quantization=_summary(quantization))
+                 quantization=quantization_summary(quantization))

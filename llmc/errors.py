@@ -46,6 +46,3 @@ class EngineError(LlmcError):
 class GraphError(Exception):
     """The IR is malformed: an internal invariant, raised by the verifier (a bug, not a user error)."""
 
-
-class KernelUnsupported(Exception):
-    """A kernel cannot run the given inputs (shape, dtype, device)."""

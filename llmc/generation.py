@@ -35,6 +35,7 @@ class GenerateStats:
 class GenerateResult:
     completions: list[Completion]
     stats: GenerateStats
+    backend: dict                     # what ran: target, device, kernel set, kernels by op (native or not)
 
 
 def check_prompts(prompts) -> list:
@@ -57,7 +58,7 @@ def generate(path: Path | str, prompts: str | list[str] | list[int] | list[list[
              model=None) -> GenerateResult:
     """Run every prompt (text, or a list of token ids; one prompt or a list of them) to completion,
     all as one in-flight batch. `model` (already loaded) skips loading `path`."""
-    from llmc.model import load_model
+    from llmc.loader import load_model
 
     prompts = check_prompts(prompts)
     model = model or load_model(path)
@@ -76,4 +77,4 @@ def generate(path: Path | str, prompts: str | list[str] | list[int] | list[list[
                    for p, r, ids in zip(prompts, reqs, encoded)]
     stats = GenerateStats(seconds=seconds, prompt_tokens=sum(map(len, encoded)),
                           generated_tokens=sum(len(c.token_ids) for c in completions), steps=steps)
-    return GenerateResult(completions, stats)
+    return GenerateResult(completions, stats, runner.backend.report())

@@ -26,13 +26,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from llmc import __version__
-from llmc.checkpoint import INDEX_FILE, WeightStore, read_json
+from llmc.checkpoint import INDEX_FILE, TOKENIZER_FILES, WeightStore, check_model_files, check_path, read_json
 from llmc.errors import ConfigError, LlmcError, ModelFormatError, UnsupportedModelError
 from llmc.io import atomic_directory, check_output, write_json_atomic
 from llmc.paths import copy_model_file
-from llmc.quantized.formats import QuantizedWeight, pack_int4, unpack_int4
-from llmc.quantized.formats import TensorQuant
-from llmc.tokenizer import TOKENIZER_FILES
+from llmc.quantized.formats import QuantizedWeight, TensorQuant, pack_int4, unpack_int4
+
 
 QUANT_METHOD = "gptq"
 FORMATS = ("gptq", "gptq_v2")
@@ -160,6 +159,11 @@ class GptqStore:
 
     def dtype(self, name: str) -> str:
         return self.fmt(self.shapes[name][1]).key if name in self.shapes else self.base.dtype(name)
+
+    def quantized_format(self, name: str) -> tuple[TensorQuant, None] | None:
+        """(weight format, input format) of a quantized linear (GPTQ inputs stay float); None for a
+        plain tensor."""
+        return (self.fmt(self.shapes[name][1]), None) if name in self.shapes else None
 
     def get(self, name: str) -> Tensor | QuantizedWeight:
         if name not in self.shapes:
@@ -301,7 +305,6 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
     """An llmc-quantized checkpoint (int4 group-wise or int8 per-channel) -> a GPTQ-layout checkpoint
     directory (v1 "gptq" format), written atomically. Refuses, naming every offending layer, what
     the layout cannot express; returns a summary (layers, bytes, scale rounding)."""
-    from llmc.model import check_model_files, check_path
     from llmc.quantized.store import QuantizedStore, entries_from_manifest
 
     src, out = check_path(src), Path(out)

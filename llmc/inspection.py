@@ -40,7 +40,7 @@ class InspectReport:
 
 def inspect(path: Path | str) -> InspectReport:
     from llmc.engine import ENGINE_FILE
-    from llmc.model import load_model
+    from llmc.loader import load_model
     from llmc.runtime.kv_cache import KVCacheSpec
 
     m = load_model(path)

@@ -7,11 +7,11 @@ schemas and, given weight shapes, runs every op's shape rule.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from llmc.errors import GraphError
+from llmc.registry import Registry
 
 Shape = tuple[Any, ...]  # ints, or symbols such as "T" (tokens in the batch) and "N" (rows of logits)
 AttrValue = int | float | str | bool | None
@@ -77,14 +77,11 @@ class OpSpec:
         return sum(not w.endswith("?") for w in self.weights)
 
 
-OPS: dict[str, OpSpec] = {}
+OPS: Registry[OpSpec] = Registry("op")
 
 
 def register_op(spec: OpSpec) -> OpSpec:
-    if spec.name in OPS:
-        raise ValueError(f"op {spec.name!r} is registered twice")
-    OPS[spec.name] = spec
-    return spec
+    return OPS.add(spec.name, spec)
 
 
 def verify(g: Graph, weight_shapes: Mapping[str, Shape] | None = None,
@@ -173,11 +170,6 @@ def graph_from_dict(d: Mapping[str, Any]) -> Graph:
         return Graph(nodes=nodes, outputs=tuple(d["outputs"]), inputs=tuple(d["inputs"]))
     except (KeyError, TypeError, AttributeError) as e:
         raise GraphError(f"malformed graph: {e!r}") from None
-
-
-def graph_fingerprint(g: Graph) -> str:
-    import hashlib
-    return hashlib.sha256(json.dumps(graph_to_dict(g), sort_keys=True).encode()).hexdigest()[:16]
 
 
 import llmc.ops  # noqa: E402,F401  (registers every op; it imports this module's definitions above)

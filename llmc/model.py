@@ -1,4 +1,6 @@
-"""`load_model(PATH)`: a Hugging Face checkpoint directory or an engine directory, as one Model.
+"""The Model: graph, weights, tokenizer and architecture of a checkpoint or an engine, and
+`load_checkpoint`, which builds one from a Hugging Face checkpoint directory (engines: llmc.engine;
+either: llmc.loader.load_model).
 
 A checkpoint is turned into a Graph by the decoder builder and then run through the default pass
 pipeline, exactly as `compile` would, so that generating from the checkpoint and from its engine
@@ -6,7 +8,6 @@ runs the same graph with the same kernels.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,13 @@ from typing import Any
 import torch
 
 from llmc.arch import ArchConfig, parse_arch
-from llmc.checkpoint import DTYPES as STORED_DTYPES, FLOAT_DTYPES, WeightStore, read_json, short_repr
+from llmc.checkpoint import (DTYPES as STORED_DTYPES, FLOAT_DTYPES, WeightStore, check_model_files, read_json,
+                             short_repr)
 from llmc.decoder import build_decoder_graph
 from llmc.errors import GraphError, ModelFormatError
 from llmc.ir import OPS, Graph, verify
-from llmc.paths import check_regular, resolve_inside
-from llmc.tokenizer import TOKENIZER_FILES, Tokenizer
+from llmc.targets import DEFAULT_TARGET
+from llmc.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZED_WEIGHT_OPS = ("linear", "qkv_linear", "gate_up_silu", "logits")   # their kernels take a QuantizedWeight
@@ -38,9 +40,10 @@ class Model:
     manifest: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None   # recipe and provenance of a quantized model
 
-    def executor(self, kernels: str = "cpu"):
-        from llmc.runtime.executor import Executor
-        return Executor(self.graph, self.weights.get, kernels=kernels, dtype=self.dtype)
+    @property
+    def target(self) -> str:
+        """The target that runs it: the engine's, or the default one for a checkpoint."""
+        return self.manifest["target"] if self.manifest is not None else DEFAULT_TARGET
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -53,27 +56,6 @@ class Model:
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return {w: self.weights.shape(w) for w in self.graph.weight_names()}
-
-
-def check_path(path: Path | str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ModelFormatError(f"{p}: no such file or directory")
-    if not p.is_dir():
-        raise ModelFormatError(f"{p}: is a file, not a model directory",
-                               hint="pass a Hugging Face checkpoint directory or an llmc engine directory")
-    return p
-
-
-def load_model(path: Path | str, passes: tuple[str, ...] | None = None) -> Model:
-    """Load a checkpoint or engine directory. `passes` (checkpoints only) overrides the default pipeline."""
-    p = check_path(path)
-    from llmc.engine import ENGINE_FILE, load_engine
-    if os.path.lexists(p / ENGINE_FILE):
-        return load_engine(p)
-    if os.path.lexists(p / "config.json"):
-        return load_checkpoint(p, passes)
-    raise ModelFormatError(f"{p}: not a model directory (no config.json or engine.json)")
 
 
 def load_checkpoint(p: Path, passes: tuple[str, ...] | None = None) -> Model:
@@ -112,17 +94,7 @@ def load_checkpoint(p: Path, passes: tuple[str, ...] | None = None) -> Model:
     graph, records = PassManager(pipeline).run(graph, shapes)
     check_weight_types(graph, store)
     return Model(path=p, kind="hf", arch=arch, graph=graph, weights=store, tokenizer=Tokenizer(p),
-                 passes=records, quantization=_summary(quantization))
-
-
-def check_model_files(p: Path, error: type = ModelFormatError) -> None:
-    """The config and tokenizer files `p` has are inside it (or its Hugging Face cache blobs) and
-    regular files: they are read by name (and tokenizer.json by the tokenizers library, which would
-    block on a FIFO)."""
-    for name in ("config.json",) + TOKENIZER_FILES:
-        f = resolve_inside(p, name, "llmc", error)
-        if os.path.lexists(f):
-            check_regular(f, name, error)
+                 passes=records, quantization=quantization_summary(quantization))
 
 
 def check_weight_types(graph: Graph, store: Any, error: type = ModelFormatError) -> None:
@@ -183,6 +155,6 @@ def kv_cache_format(quantization: dict[str, Any] | None, where: str = "the model
     return kv
 
 
-def _summary(q: dict[str, Any] | None) -> dict[str, Any] | None:
+def quantization_summary(q: dict[str, Any] | None) -> dict[str, Any] | None:
     """What a model's quantization is, without the per-weight table."""
     return None if q is None else {k: v for k, v in q.items() if k != "weights"}

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from llmc import __version__
 from llmc.arch import parse_arch
-from llmc.checkpoint import INDEX_FILE, WeightStore, read_json
+from llmc.checkpoint import INDEX_FILE, TOKENIZER_FILES, WeightStore, check_model_files, check_path, read_json
 from llmc.decoder import EMBED as EMBED_NAME, build_decoder_graph
 from llmc.errors import ConfigError, ModelFormatError, OptionError
 from llmc.allocator import return_large_blocks_to_system
@@ -34,7 +34,7 @@ from llmc.paths import copy_model_file
 from llmc.quantized.formats import QuantizedWeight
 from llmc.quantized.scheme import QuantRecipe
 from llmc.quantized.store import QuantizedEntry, manifest_section
-from llmc.tokenizer import TOKENIZER_FILES
+
 
 
 def check_model_fits(recipe: QuantRecipe, arch, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -90,7 +90,6 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                         on_layer: Callable[[LayerReport, int], None] | None = None) -> QuantizeResult:
     """Quantize every linear of the decoder (but the scheme's `skip` patterns) with the recipe's
     algorithm; calibrated algorithms walk the layers in order on the calibration text."""
-    from llmc.model import check_model_files, check_path
     from llmc.passes.kv_cache import kv_scale_names
     from llmc.calibration import LayerRunner, layer_nodes, load_calibration
     from llmc.tokenizer import Tokenizer
@@ -188,20 +187,27 @@ QUANTIZE_FORMATS = ("llmc", "gptq")
 
 def quantize(model: Path | str, out: Path | str, recipe: QuantRecipe, *, format: str = "llmc",
              force: bool = False, allow_requantize: bool = False, calib: Path | str | None = None,
+             fit_context: bool = False,
              on_layer: Callable[[LayerReport, int], None] | None = None) -> tuple[QuantizeResult, dict | None]:
     """`llmc quantize`: quantize_checkpoint, then for `format="gptq"` the GPTQ-layout export, with
-    every check that can fail done before the work. Returns the result and the export summary."""
-    from llmc.model import check_path
+    every check that can fail done before the work. Returns the result and the export summary.
+
+    fit_context=True caps a calibration window longer than the model's context to the context (for
+    a recipe whose calib_seqlen is a default, not a choice: `llmc quantize` without --calib-seqlen);
+    otherwise such a recipe is refused. The result's recipe is the one carried out."""
     from llmc.gptq_format import check_exportable, export_gptq
 
     if format not in QUANTIZE_FORMATS:
         raise OptionError("format", f"unknown format {format!r}; choose {' or '.join(QUANTIZE_FORMATS)}")
-    out = Path(out)
-    if format == "llmc":
-        return quantize_checkpoint(model, out, recipe, force=force, allow_requantize=allow_requantize,
-                                   calib=calib, on_layer=on_layer), None
-    src = check_path(model)
+    out, src = Path(out), check_path(model)
     check_recipe(recipe)
+    if fit_context and calibrates(recipe):
+        check_model_files(src)
+        context = parse_arch(read_json(src / "config.json", "config.json")).max_position_embeddings
+        recipe = replace(recipe, calib_seqlen=min(recipe.calib_seqlen, context))
+    if format == "llmc":
+        return quantize_checkpoint(src, out, recipe, force=force, allow_requantize=allow_requantize,
+                                   calib=calib, on_layer=on_layer), None
     check_output(out, [src, calib], force=force)
     arch = parse_arch(read_json(src / "config.json", "config.json"))
     store, graph = WeightStore.open(src), build_decoder_graph(arch)

@@ -15,8 +15,6 @@ from llmc.checkpoint import read_json
 from llmc.errors import ModelFormatError
 from llmc.paths import check_regular
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json", "tokenizer.model")
 MAX_STOP_IDS = 1024               # stop ids one file may list; real ones list a handful
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 
 from llmc.errors import ConfigError
 from llmc.ir import Graph, Shape, format_graph, verify
+from llmc.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -16,16 +17,11 @@ class NoConfig:
 
 
 PassFn = Callable[[Graph, Any], Graph]
-PASSES: dict[str, tuple[PassFn, type]] = {}
+PASSES: Registry[tuple[PassFn, type]] = Registry("pass")
 
 
 def register_pass(name: str, config: type = NoConfig) -> Callable[[PassFn], PassFn]:
-    def add(fn: PassFn) -> PassFn:
-        if name in PASSES:
-            raise ValueError(f"pass {name!r} is registered twice")
-        PASSES[name] = (fn, config)
-        return fn
-    return add
+    return PASSES.decorator(name, lambda fn: (fn, config))
 
 
 @dataclass(frozen=True)

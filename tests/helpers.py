@@ -61,10 +61,17 @@ def make_checkpoint(directory: Path, model_type: str, seed: int = 0, tokenizer: 
     return directory, model
 
 
+def backend(model, kernels: str = "cpu"):
+    """The backend that runs `model` (its target's) with the kernel set `kernels`, on the CPU."""
+    from llmc.runtime.runner import RuntimeConfig
+    from llmc.targets import open_backend
+    return open_backend(model, RuntimeConfig(kernels=kernels))
+
+
 def forward_all(model, ids: list[int], kernels: str = "cpu", executor=None) -> torch.Tensor:
     """Logits for every position of one sequence run as a single prefill through llmc."""
     a = model.arch
-    ex = executor or model.executor(kernels)
+    ex = executor or backend(model, kernels)
     kv = PagedKVCache(KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim), num_blocks=-(-len(ids) // 16),
                       block_size=16)
     batch = RaggedBatch(token_ids=list(ids), query_lens=[len(ids)], context_lens=[len(ids)],

@@ -10,7 +10,7 @@ from llmc.compiler import compile
 from llmc.engine import ENGINE_FILE, SCHEMA_VERSION, WEIGHTS_FILE
 from llmc.errors import ConfigError, EngineError
 from llmc.inspection import inspect
-from llmc.model import load_model
+from llmc.loader import load_model
 from tests.helpers import STORIES
 
 

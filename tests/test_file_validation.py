@@ -25,7 +25,7 @@ from llmc.compiler import compile
 from llmc.engine import ENGINE_FILE, WEIGHTS_FILE
 from llmc.errors import EngineError, LlmcError, ModelFormatError
 from llmc.io import sha256_file
-from llmc.model import load_model
+from llmc.loader import load_model
 from tests.helpers import STORIES
 
 

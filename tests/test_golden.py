@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmc.generation import generate
-from llmc.model import load_model
+from llmc.loader import load_model
 from llmc.runtime.runner import RuntimeConfig
 from llmc.runtime.sampler import SamplingParams
 from tests.helpers import STORIES

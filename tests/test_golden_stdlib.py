@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from llmc.bench.quality import quality
-from llmc.model import load_model
+from llmc.loader import load_model
 from llmc.quantized.formats import QuantizedWeight
 from llmc.quantizer import quantize_checkpoint
 from llmc.quantized.scheme import QuantRecipe, resolve_scheme

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from llmc.cli import main
-from llmc.model import load_model
+from llmc.loader import load_model
 from llmc.runtime.batch import RaggedBatch
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
-from tests.helpers import forward_all, make_checkpoint
+from tests.helpers import backend, forward_all, make_checkpoint
 from tests.tolerances import MODEL_VS_TRANSFORMERS_ATOL
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -68,7 +68,7 @@ def test_incremental_decode_matches(case):
     for _ in range(16):                                   # transformers' greedy continuation
         ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
     ref = hf(torch.tensor([ids])).logits[0]
-    ex = model.executor("cpu")
+    ex = backend(model, "cpu")
     kv = PagedKVCache(KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim), num_blocks=12, block_size=4)
     table = [9, 2, 7, 0, 11, 4, 5, 1]
     n0 = 11

@@ -1,12 +1,13 @@
 """Registers the reference kernel of every op: plain compositions of the functions in this package."""
 from __future__ import annotations
 
-from llmc.kernels import register_kernel
+from llmc.kernels import register_kernel, register_kernel_set
 from llmc.kernels.reference import dense
 from llmc.kernels.reference.attention import paged_attention
 from llmc.kernels.reference.rope import rope
 
-R = "reference"
+R = register_kernel_set("reference", "plain, readable torch: the specification every other set is tested "
+                        "against").name
 
 
 @register_kernel("embed", R)

@@ -17,7 +17,7 @@ import torch
 
 from llmc.errors import ConfigError
 from llmc.runtime.batch import RaggedBatch
-from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
+from llmc.targets import open_backend
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class QualityResult:
     kl_divergence: float             # mean per scored token, nats
     top1_agreement: float            # 0-1
     seconds: float
+    backend: dict                    # what ran the model: target, device, kernel set, kernels by op (native or not)
+    reference_backend: dict          # ... and the reference
 
 
 def read_text(path: Path) -> str:
@@ -49,25 +51,27 @@ def read_text(path: Path) -> str:
 
 
 class _Scorer:
-    """All-token logits of one sequence at a time through a model's executor."""
+    """All-token logits of one sequence at a time through a model's backend."""
 
-    def __init__(self, model, kernels: str, seqlen: int) -> None:
-        a = model.arch
-        self.executor = model.executor(kernels)
+    def __init__(self, model, runtime, seqlen: int) -> None:
+        self.backend = open_backend(model, runtime)
         self.block = 16
-        self.kv = PagedKVCache(KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, model.kv_dtype),
-                               num_blocks=-(-seqlen // self.block), block_size=self.block)
+        self.kv = self.backend.allocate_kv(num_blocks=-(-seqlen // self.block), block_size=self.block)
 
     def logprobs(self, ids: list[int]) -> torch.Tensor:
         batch = RaggedBatch(token_ids=ids, query_lens=[len(ids)], context_lens=[len(ids)],
                             block_tables=[list(range(-(-len(ids) // self.block)))], block_size=self.block,
-                            all_logits=True)
-        return torch.log_softmax(self.executor.forward(batch, self.kv).float(), dim=-1)
+                            all_logits=True, device=self.backend.device)
+        return torch.log_softmax(self.backend.forward(batch, self.kv).float().cpu(), dim=-1)
 
 
 def quality(path: Path | str, reference: Path | str, text_file: Path | str, seqlen: int = 512,
-            max_tokens: int | None = None, kernels: str = "cpu", on_window=None) -> QualityResult:
-    from llmc.model import load_model
+            max_tokens: int | None = None, kernels: str | None = None, device: str = "cpu",
+            on_window=None) -> QualityResult:
+    """Score `path` against `reference` on a text file (the protocol above); both run on their own
+    target with the kernel set `kernels` (None: each target's default) on `device`."""
+    from llmc.loader import load_model
+    from llmc.runtime.runner import RuntimeConfig
 
     t0 = time.perf_counter()
     model, ref = load_model(path), load_model(reference)
@@ -89,7 +93,8 @@ def quality(path: Path | str, reference: Path | str, text_file: Path | str, seql
         raise ConfigError("the tokenizer produces ids beyond the model's vocabulary")
     bos = tok.info.bos_token_id
     width = seqlen - 1 if bos is not None else seqlen
-    a, b = _Scorer(model, kernels, seqlen), _Scorer(ref, kernels, seqlen)
+    runtime = RuntimeConfig(kernels=kernels, device=device)
+    a, b = _Scorer(model, runtime, seqlen), _Scorer(ref, runtime, seqlen)
     nll = ref_nll = kl = 0.0
     agree = scored = windows = 0
     for start in range(0, len(stream), width):
@@ -113,4 +118,5 @@ def quality(path: Path | str, reference: Path | str, text_file: Path | str, seql
     return QualityResult(model=str(path), reference=str(reference), text=str(text_file), seqlen=seqlen,
                          windows=windows, tokens=scored, perplexity=math.exp(nll / scored),
                          reference_perplexity=math.exp(ref_nll / scored), kl_divergence=kl / scored,
-                         top1_agreement=agree / scored, seconds=time.perf_counter() - t0)
+                         top1_agreement=agree / scored, seconds=time.perf_counter() - t0,
+                         backend=a.backend.report(), reference_backend=b.backend.report())

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from llmc.errors import ConfigError, LlmcError, OptionError
+from llmc.registry import Registry
 
 FP8_MAX = 448.0
 MAX_GROUP_SIZE = 1 << 16                 # larger groups buy nothing over per-channel scales
@@ -85,14 +86,11 @@ class NumberFormat:
     asymmetric: bool = False                                # may be asymmetric at all
 
 
-NUMBER_FORMATS: dict[str, NumberFormat] = {}
+NUMBER_FORMATS: Registry[NumberFormat] = Registry("number format")
 
 
 def register_number_format(f: NumberFormat) -> NumberFormat:
-    if f.name in NUMBER_FORMATS:
-        raise ValueError(f"number format {f.name!r} is registered twice")
-    NUMBER_FORMATS[f.name] = f
-    return f
+    return NUMBER_FORMATS.add(f.name, f)
 
 
 register_number_format(NumberFormat(
@@ -181,6 +179,13 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero, self.act_scale)
                    if t is not None)
+
+    def to_device(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same weight with every tensor on `device` (the same tensors where they are there already)."""
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+        return QuantizedWeight(self.fmt, self.shape, move(self.data), move(self.scale), move(self.zero), self.act,
+                               move(self.act_scale))
 
     def tensors(self, name: str) -> dict[str, Tensor]:
         out = {f"{name}.qdata": self.data, f"{name}.scale": self.scale}

@@ -52,13 +52,15 @@ class KVCacheSpec:
 
 
 class PagedKVCache:
-    """k[layer], v[layer]: [num_blocks, block_size, kv_heads, head_dim]."""
+    """k[layer], v[layer]: [num_blocks, block_size, kv_heads, head_dim] on `device` (the backend's)."""
 
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int) -> None:
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu") -> None:
         self.spec, self.num_blocks, self.block_size = spec, num_blocks, block_size
+        self.device = torch.device(device)
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=spec.dtype) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=spec.dtype) for _ in range(spec.num_layers)]
+        self.k = [torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(spec.num_layers)]
         self.allocator = BlockAllocator(num_blocks)
 
     @property

@@ -1,4 +1,5 @@
-"""The engine loop: one Runner owns the model's executor, the paged KV cache, the scheduler and the
+"""The engine loop: one Runner owns the model's backend (llmc.targets: the engine's target, with a
+kernel set and a device), the paged KV cache in the backend's layout, the scheduler and the
 sampler. Each `step()` schedules, builds one ragged batch, runs it, samples and retires requests."""
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import torch
 
 from llmc.errors import ConfigError, OptionError
 from llmc.runtime.batch import RaggedBatch
-from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 from llmc.runtime.sampler import SamplingParams, sample
 from llmc.runtime.scheduler import Request, Scheduler, SchedulerConfig
+from llmc.targets import open_backend
 
 KV_CACHE_BUDGET = 2 << 30       # bytes, when the number of blocks is not given
 
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
-    kernels: str = "cpu"
+    kernels: str | None = None               # None: the target's default kernel set
+    device: str = "cpu"                      # where the backend runs (a torch device string)
     block_size: int = 16
     num_blocks: int | None = None            # None: enough for max_num_seqs full-length sequences, within budget
     max_num_seqs: int = 16
@@ -41,16 +43,14 @@ class TokenEvent:
 class Runner:
     def __init__(self, model, cfg: RuntimeConfig = RuntimeConfig()) -> None:
         self.model, self.cfg = model, cfg
-        self.executor = model.executor(cfg.kernels)
-        arch = model.arch
-        spec = KVCacheSpec(arch.num_layers, arch.num_kv_heads, arch.head_dim, model.kv_dtype)
-        self.max_model_len = arch.max_position_embeddings
+        self.backend = open_backend(model, cfg)
+        self.max_model_len = model.arch.max_position_embeddings
         num_blocks = cfg.num_blocks
         if num_blocks is None:
             want = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
-            fit = max(1, KV_CACHE_BUDGET // (cfg.block_size * spec.bytes_per_token))
+            fit = max(1, KV_CACHE_BUDGET // (cfg.block_size * self.backend.kv_spec.bytes_per_token))
             num_blocks = min(want, fit)
-        self.kv = PagedKVCache(spec, num_blocks, cfg.block_size)
+        self.kv = self.backend.allocate_kv(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
                                                    max_batched_tokens=cfg.max_batched_tokens,
                                                    block_size=cfg.block_size), self.kv.allocator)
@@ -96,14 +96,15 @@ class Runner:
             context_lens=[r.num_computed + plan.num_tokens[r.id] for r in reqs],
             block_tables=[r.block_table for r in reqs],
             block_size=self.kv.block_size,
+            device=self.backend.device,
         )
-        logits = self.executor.forward(batch, self.kv)
+        logits = self.backend.forward(batch, self.kv)
         events = []
         for row, req in enumerate(reqs):
             req.num_computed += plan.num_tokens[req.id]
             if req.pending:                      # a prefill chunk: nothing to sample yet
                 continue
-            token = sample(logits[row], req.params, req.generator)
+            token = sample(logits[row].cpu(), req.params, req.generator)
             req.output_ids.append(token)
             reason = self._finish_reason(req, token)
             if reason is not None:
@@ -117,7 +118,3 @@ class Runner:
         if len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
             return "length"
         return None
-
-    def run(self) -> None:
-        while self.has_work:
-            self.step()

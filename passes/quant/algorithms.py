@@ -11,9 +11,10 @@ import torch
 
 from llmc.errors import OptionError
 from llmc.passes.quant.observers import Observer
-from llmc.quantized.formats import QuantizedWeight, quantize as quantize_weight
-from llmc.quantized.formats import TensorQuant
+from llmc.quantized.formats import QuantizedWeight, TensorQuant, quantize as quantize_weight
 from llmc.quantized.scheme import QuantRecipe
+from llmc.registry import Registry
+
 
 @dataclass
 class InputStats:
@@ -91,17 +92,12 @@ class AlgorithmSpec:
     observes_weights: bool = True        # its weight scales come from the recipe's weight observer
 
 
-ALGORITHMS: dict[str, AlgorithmSpec] = {}
+ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm")
 
 
 def register_algorithm(name: str, schemes: tuple[str, ...], calibrated: bool, hessian: bool = False,
                        observes_weights: bool = True):
-    def add(fn: LayerAlgorithm) -> LayerAlgorithm:
-        if name in ALGORITHMS:
-            raise ValueError(f"algorithm {name!r} is registered twice")
-        ALGORITHMS[name] = AlgorithmSpec(fn, schemes, calibrated, hessian, observes_weights)
-        return fn
-    return add
+    return ALGORITHMS.decorator(name, lambda fn: AlgorithmSpec(fn, schemes, calibrated, hessian, observes_weights))
 
 
 @register_algorithm("rtn", schemes=("w8a16", "w4a16", "w8a8", "fp8"), calibrated=False)

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from llmc.kernels.reference.dequant import dequantize
-from llmc.quantized.formats import QuantizedWeight, quantize
-from llmc.quantized.formats import TensorQuant
+from llmc.quantized.formats import QuantizedWeight, TensorQuant, quantize
 
 
 @dataclass(frozen=True, kw_only=True)

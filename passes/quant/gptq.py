@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmc.quantized.formats import QuantizationError, QuantizedWeight, codes, decode, from_codes, params
-from llmc.quantized.formats import TensorQuant
+from llmc.quantized.formats import QuantizationError, QuantizedWeight, TensorQuant, codes, decode, from_codes, params
 
 
 @dataclass(frozen=True, kw_only=True)

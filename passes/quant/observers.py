@@ -25,22 +25,17 @@ import torch
 from torch import Tensor
 
 from llmc.errors import OptionError
-from llmc.quantized.formats import codes, decode, params_from_range
-from llmc.quantized.formats import TensorQuant
+from llmc.quantized.formats import TensorQuant, codes, decode, params_from_range
+from llmc.registry import Registry
 
 RangeFn = Callable[[Tensor, TensorQuant, "Observer"], tuple[Tensor, Tensor]]
-OBSERVERS: dict[str, RangeFn] = {}
+OBSERVERS: Registry[RangeFn] = Registry("observer")
 MSE_GRID = 40
 MSE_MAX_SHRINK = 0.8
 
 
 def register_observer(name: str):
-    def add(fn: RangeFn) -> RangeFn:
-        if name in OBSERVERS:
-            raise ValueError(f"observer {name!r} is registered twice")
-        OBSERVERS[name] = fn
-        return fn
-    return add
+    return OBSERVERS.decorator(name)
 
 
 @dataclass(frozen=True)

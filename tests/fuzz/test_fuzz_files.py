@@ -32,7 +32,7 @@ from llmc.checkpoint import DTYPES, INDEX_FILE, WeightStore, _read_header, read_
 from llmc.compiler import compile
 from llmc.engine import ENGINE_FILE, check_files, read_manifest
 from llmc.errors import LlmcError
-from llmc.model import load_model
+from llmc.loader import load_model
 from tests.helpers import STORIES
 from tests.test_file_validation import no_hang
 

@@ -6,7 +6,7 @@ import torch
 
 from llmc.decoder import build_decoder_graph
 from llmc.ir import Graph, Node, verify
-from llmc.model import load_model
+from llmc.loader import load_model
 from llmc.passes import DEFAULT_PIPELINE, PASSES, NoConfig, PassManager
 from llmc.passes.fusion import dead_code_elimination, fuse_add_rms_norm, fuse_gate_up_silu, fuse_qkv
 from tests.helpers import STORIES, forward_all

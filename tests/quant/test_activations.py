@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from llmc.kernels import kernel_for
+from llmc.kernels import KernelContext, kernel_for
 from llmc.kernels.reference.quant import fake_quant_fp8_tensor, quant_int8_rowwise
 from llmc.kernels.reference.dequant import dequantize
 from llmc.quantized.formats import quantize
@@ -29,7 +28,7 @@ def test_fp8_static_saturates():
 def w8a8_out(x, w):
     qw = replace(quantize(w, W8A8.weight), act=W8A8.activation)
     k = kernel_for("linear", "reference")
-    return k.fn(SimpleNamespace(), x, qw)
+    return k.fn(KernelContext(), x, qw)
 
 
 def test_smoothquant_raises_w8a8_sqnr_on_outlier_channels():
@@ -52,7 +51,7 @@ def test_cpu_matches_reference(scheme, m):
     x, w = torch.randn(m, 96, generator=g), torch.randn(40, 96, generator=g)
     qw = replace(quantize(w, scheme.weight), act=scheme.activation,
                  act_scale=torch.tensor([4.0 / 448]) if scheme is FP8 else None)
-    ref = kernel_for("linear", "reference").fn(SimpleNamespace(), x, qw)
-    cpu = kernel_for("linear", "cpu").fn(SimpleNamespace(), x, qw)
+    ref = kernel_for("linear", "reference").fn(KernelContext(), x, qw)
+    cpu = kernel_for("linear", "cpu").fn(KernelContext(), x, qw)
     torch.testing.assert_close(cpu, ref, rtol=1e-5, atol=1e-4)
     assert sqnr_db(x @ dequantize(qw).T, ref) > 15                 # the input really is quantized, not skipped

@@ -6,9 +6,8 @@ import torch
 
 from llmc.passes.quant.awq import AWQConfig, awq_quantize, clip_weight, search_scale
 from llmc.kernels.reference.dequant import dequantize
-from llmc.quantized.formats import quantize
+from llmc.quantized.formats import TensorQuant, quantize
 from llmc.passes.quant.gptq import GPTQConfig, gptq
-from llmc.quantized.formats import TensorQuant
 
 FORMATS = [TensorQuant(dtype="int4", granularity="group", group_size=32),
            TensorQuant(dtype="int4", granularity="group", group_size=64, symmetric=False),

@@ -48,7 +48,7 @@ def test_provenance_and_reports(results):
 
 def test_awq_folds_into_norms(results):
     root, _ = results
-    from llmc.model import load_model
+    from llmc.loader import load_model
     a, b = load_model(root / "awq"), load_model(STORIES)
     name = "model.layers.0.input_layernorm.weight"
     assert not (a.weights.get(name) == b.weights.get(name)).all()

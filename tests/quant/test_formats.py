@@ -6,8 +6,7 @@ import torch
 
 from llmc.errors import ConfigError
 from llmc.kernels.reference.dequant import dequantize
-from llmc.quantized.formats import QuantizationError, QuantizedWeight, pack_int4, quantize, unpack_int4
-from llmc.quantized.formats import TensorQuant
+from llmc.quantized.formats import QuantizationError, QuantizedWeight, TensorQuant, pack_int4, quantize, unpack_int4
 from llmc.quantized.scheme import resolve_scheme
 
 INT8 = TensorQuant(dtype="int8", granularity="channel")

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llmc.cli import main
-from llmc.model import load_model
+from llmc.loader import load_model
 from llmc.kernels.reference.dequant import dequantize
 from llmc.quantized.formats import QuantizedWeight
 from llmc.gptq_format import GptqExportError, export_gptq

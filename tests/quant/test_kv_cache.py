@@ -1,12 +1,10 @@
 """KV-cache quantization: attention accuracy, kernel parity, and the end-to-end acceptance."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from llmc.kernels import kernel_for
+from llmc.kernels import context, kernel_for
 from llmc.kernels.reference.kv_quant import KV_DTYPES
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 from tests.kernels.test_cpu_parity import mixed_batch
@@ -19,7 +17,6 @@ KV_FP8_MIN_SQNR_DB = 25.0
 def attend(impl, cache_dtype, scales, q, k, v, heads, kv_heads, d=8):
     batch = mixed_batch()
     kv = PagedKVCache(KVCacheSpec(1, kv_heads, d, cache_dtype), num_blocks=13, block_size=4)
-    ctx = SimpleNamespace(batch=batch, kv=kv, scratch={})
     # fill the earlier context through the kernel itself, so it is stored the same way
     k_all = torch.randn(13 * 4, kv_heads * d, generator=torch.Generator().manual_seed(7))
     v_all = torch.randn(13 * 4, kv_heads * d, generator=torch.Generator().manual_seed(8))
@@ -28,8 +25,8 @@ def attend(impl, cache_dtype, scales, q, k, v, heads, kv_heads, d=8):
                        block_size=4)
     fn = kernel_for("attention", impl).fn
     attrs = dict(layer=0, num_heads=heads, num_kv_heads=kv_heads, head_dim=d, scale=d ** -0.5, sliding_window=None)
-    fn(SimpleNamespace(batch=warm, kv=kv, scratch={}), torch.zeros(52, heads * d), k_all, v_all, *scales, **attrs)
-    return fn(ctx, q, k, v, *scales, **attrs)
+    fn(context(impl, warm, kv), torch.zeros(52, heads * d), k_all, v_all, *scales, **attrs)
+    return fn(context(impl, batch, kv), q, k, v, *scales, **attrs)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])

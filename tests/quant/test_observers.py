@@ -10,10 +10,9 @@ from safetensors.torch import load_file
 
 from llmc.errors import ConfigError
 from llmc.kernels.reference.dequant import dequantize
-from llmc.quantized.formats import params, quantize
+from llmc.quantized.formats import TensorQuant, params, quantize
 from llmc.passes.quant.observers import Observer
 from llmc.quantizer import quantize_checkpoint
-from llmc.quantized.formats import TensorQuant
 from llmc.quantized.scheme import QuantRecipe, resolve_scheme
 from tests.helpers import STORIES
 

@@ -10,7 +10,7 @@ from llmc.compiler import compile
 from llmc.errors import ConfigError
 from llmc.generation import generate
 from llmc.inspection import inspect
-from llmc.model import load_model
+from llmc.loader import load_model
 from llmc.quantized.formats import QuantizedWeight
 from llmc.quantizer import quantize_checkpoint
 from llmc.quantized.scheme import QuantRecipe, resolve_scheme

@@ -1,14 +1,11 @@
 """CPU kernels for quantized weights against the reference (dequantize, then matmul)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from llmc.kernels import kernel_for
-from llmc.quantized.formats import quantize
-from llmc.quantized.formats import TensorQuant
+from llmc.kernels import KernelContext, kernel_for
+from llmc.quantized.formats import TensorQuant, quantize
 
 FORMATS = [TensorQuant(dtype="int8", granularity="channel"),
            TensorQuant(dtype="int4", granularity="group", group_size=32),
@@ -20,7 +17,7 @@ FORMATS = [TensorQuant(dtype="int8", granularity="channel"),
 def call(op, impl, values, weights):
     k = kernel_for(op, impl)
     w = k.prepare(tuple(weights), {}) if k.prepare else tuple(weights)
-    out = k.fn(SimpleNamespace(scratch={}), *values, *w)
+    out = k.fn(KernelContext(), *values, *w)
     return out if isinstance(out, (tuple, list)) else (out,)
 
 

@@ -5,12 +5,12 @@ import random
 
 import pytest
 
-from llmc.model import load_model
+from llmc.loader import load_model
 from llmc.runtime.batch import RaggedBatch
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 from llmc.runtime.runner import Runner, RuntimeConfig
 from llmc.runtime.sampler import SamplingParams
-from tests.helpers import STORIES, forward_all, make_checkpoint
+from tests.helpers import backend, STORIES, forward_all, make_checkpoint
 from tests.tolerances import RAGGED_VS_ALONE_ATOL
 
 
@@ -34,7 +34,7 @@ def seq(n: int, seed: int, vocab: int = 512) -> list[int]:
 def mixed_vs_alone(model, kernels: str) -> list[float]:
     """Max abs logit difference per sequence: mixed ragged batch vs the sequence alone."""
     a = model.arch
-    ex = model.executor(kernels)
+    ex = backend(model, kernels)
     kv = PagedKVCache(KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim), num_blocks=40, block_size=4)
     A, B, C, D, E = (seq(n, i, a.vocab_size) for i, n in enumerate((7, 12, 16, 10, 5)))
     tables = {"A": [0, 1], "B": [2, 3, 4], "C": [5, 6, 7, 8], "D": [9, 10, 11], "E": [12, 13]}
