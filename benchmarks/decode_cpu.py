@@ -343,7 +343,7 @@ SCHEME_GROUP = {"w4a16": 128}
 
 def quantize_for_bench(model_dir: Path, scheme: str, work: Path):
     """The checkpoint quantized with `scheme` (RTN) under `work`, loaded."""
-    from llmc.model import load_model
+    from llmc.loader import load_model
     from llmc.quantizer import quantize_checkpoint
     from llmc.quantized.scheme import QuantRecipe, resolve_scheme
     out = work / f"{model_dir.name}-{scheme}"
@@ -353,7 +353,7 @@ def quantize_for_bench(model_dir: Path, scheme: str, work: Path):
 
 
 def run(args: argparse.Namespace, model_dir: Path) -> Report:
-    from llmc.model import load_model
+    from llmc.loader import load_model
     torch.set_num_threads(args.threads)
     env = environment(args.threads)
     if env["loadavg_start"][0] > 0.5:
