@@ -105,6 +105,7 @@ class BenchResult:
     samples: tuple[Sample, ...]
     row0_tokens: tuple[int, ...]      # greedy tokens of the first sequence in the last timed run
     setup_s: float                    # llmc: Runner construction; transformers: 0 (model loaded once)
+    backend: dict | None = None       # llmc: what ran (target, device, kernel set, kernel variants per op)
 
     @property
     def prefill_ms(self) -> Stat:
@@ -122,7 +123,7 @@ class BenchResult:
         return {"engine": self.engine, "batch": self.batch, "setup_s": self.setup_s,
                 "prefill_ms": asdict(self.prefill_ms), "decode_tok_s": asdict(self.decode_tok_s),
                 "e2e_tok_s": asdict(self.e2e_tok_s), "row0_tokens": list(self.row0_tokens),
-                "samples": [s.to_json() for s in self.samples]}
+                "samples": [s.to_json() for s in self.samples], "backend": self.backend}
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,7 @@ def bench_llmc(model, prompts: list[list[int]], gen_len: int, warmup: int, repea
         log(f"{engine} B={b} {kind}: prefill {sample.prefill_s * 1e3:.0f} ms, decode {sample.decode_tok_s:.1f} tok/s")
         if i >= warmup:
             samples.append(sample)
-    return BenchResult(engine, b, tuple(samples), tuple(tokens), setup[0])
+    return BenchResult(engine, b, tuple(samples), tuple(tokens), setup[0], runner.backend.report())
 
 
 # ------------------------------------------------------------------------------------ transformers
@@ -389,7 +390,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> Report:
     config = {"model_shape": MODEL_SHAPE, "dtype": "float32", "init_seed": SEED, "prompt_seed": PROMPT_SEED,
               "model_dir": str(model_dir), "batches": batches, "prompt_len": args.prompt_len,
               "gen_len": args.gen_len, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
-              "llmc": {"kernels": "cpu", "block_size": BLOCK_SIZE, "load_s": t_llmc[0]},
+              "llmc": {"kernels": "cpu", "device": "cpu", "block_size": BLOCK_SIZE, "load_s": t_llmc[0]},
               "schemes": {s: {"algorithm": "rtn", "group_size": SCHEME_GROUP.get(s), "quantize_s": quantize_s[s]}
                           for s in args.scheme},
               "transformers": {"attn_implementation": "eager", "load_s": t_hf[0],

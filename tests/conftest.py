@@ -25,10 +25,34 @@ def stories_engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def stories_w4a16(tmp_path_factory):
-    """golden/stories260K quantized w4a16 RTN in groups of 32."""
+def quantized_stories(tmp_path_factory):
+    """golden/stories260K quantized with a recipe, once per recipe in the session:
+    `quantized_stories(recipe) -> (path, QuantizeResult)`. Read-only: a test that alters one copies it."""
     from llmc.quantizer import quantize_checkpoint
+    done: dict = {}
+
+    def get(recipe):
+        key = repr(recipe)
+        if key not in done:
+            out = tmp_path_factory.mktemp("stories-quantized") / recipe.scheme.name
+            done[key] = (out, quantize_checkpoint(STORIES, out, recipe))
+        return done[key]
+    return get
+
+
+def rtn(scheme: str, **overrides):
+    """The RTN recipe of a scheme, with resolve_scheme's overrides (group_size, symmetric)."""
     from llmc.quantized.scheme import QuantRecipe, resolve_scheme
-    out = tmp_path_factory.mktemp("stories-w4a16") / "w4a16"
-    quantize_checkpoint(STORIES, out, QuantRecipe(scheme=resolve_scheme("w4a16", group_size=32)))
-    return out
+    return QuantRecipe(scheme=resolve_scheme(scheme, **overrides))
+
+
+@pytest.fixture(scope="session")
+def stories_w4a16(quantized_stories):
+    """golden/stories260K quantized w4a16 RTN in groups of 32."""
+    return quantized_stories(rtn("w4a16", group_size=32))[0]
+
+
+@pytest.fixture(scope="session")
+def stories_w8a16(quantized_stories):
+    """golden/stories260K quantized w8a16 RTN."""
+    return quantized_stories(rtn("w8a16"))[0]

@@ -8,8 +8,6 @@ import pytest
 from llmc.bench.quality import quality
 from llmc.cli import main
 from llmc.errors import ConfigError
-from llmc.quantizer import quantize_checkpoint
-from llmc.quantized.scheme import QuantRecipe, resolve_scheme
 from tests.helpers import GOLDEN, STORIES
 
 TEXT = GOLDEN / "tinystories_valid_head.txt"
@@ -24,16 +22,13 @@ def test_documented_perplexity_of_the_golden_model():
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qq")
-    for name, kw in (("w8a16", {}), ("w4a16", dict(group_size=32))):
-        quantize_checkpoint(STORIES, root / name, QuantRecipe(scheme=resolve_scheme(name, **kw)))
-    return root
+def quantized(stories_w8a16, stories_w4a16):
+    return {"w8a16": stories_w8a16, "w4a16": stories_w4a16}
 
 
 def test_quantized_models(quantized):
-    w8 = quality(quantized / "w8a16", STORIES, TEXT, seqlen=256, max_tokens=6000)
-    w4 = quality(quantized / "w4a16", STORIES, TEXT, seqlen=256, max_tokens=6000)
+    w8 = quality(quantized["w8a16"], STORIES, TEXT, seqlen=256, max_tokens=6000)
+    w4 = quality(quantized["w4a16"], STORIES, TEXT, seqlen=256, max_tokens=6000)
     assert w8.tokens == w4.tokens == 6000
     assert abs(w8.perplexity / w8.reference_perplexity - 1) < 0.01              # w8a16 within 1% of fp32
     assert 0 < w8.kl_divergence < w4.kl_divergence
@@ -43,11 +38,14 @@ def test_quantized_models(quantized):
 
 def test_cli_json(quantized, tmp_path, capsys):
     out = tmp_path / "q.json"
-    main(["bench", "quality", str(quantized / "w8a16"), "--reference", str(STORIES), "--text", str(TEXT),
+    main(["bench", "quality", str(quantized["w8a16"]), "--reference", str(STORIES), "--text", str(TEXT),
           "--seqlen", "128", "--max-tokens", "1000", "--json", str(out)])
     r = json.loads(out.read_text())                       # the contract: metrics at the top level
     assert {"perplexity", "reference_perplexity", "kl_divergence", "top1_agreement", "tokens"} <= set(r)
     assert r["tokens"] == 1000 and "top-1 agree" in capsys.readouterr().out
+    for key in ("backend", "reference_backend"):           # what ran: target, device, kernels, per op
+        assert r[key]["target"] == "cpu" and r[key]["device"] == "cpu" and r[key]["kernels"] == "cpu"
+        assert sum(r[key]["ops"]["linear"]["variants"].values()) > 0
 
 
 def test_errors(tmp_path):

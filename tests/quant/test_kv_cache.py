@@ -48,7 +48,7 @@ def test_quantized_cache_attention(heads, kv_heads, kv):
     torch.testing.assert_close(cpu, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_kv_int8_end_to_end(tmp_path):
+def test_kv_int8_end_to_end(tmp_path, stories_w8a16, stories_w4a16):
     from llmc.bench.quality import quality
     from llmc.compiler import compile
     from llmc.generation import generate
@@ -62,11 +62,10 @@ def test_kv_int8_end_to_end(tmp_path):
     kv = QuantRecipe(scheme=resolve_scheme("w8a16"), kv_cache=TensorQuant(dtype="int8"), calib_samples=16,
                      calib_seqlen=256)
     quantize_checkpoint(STORIES, tmp_path / "kv", kv)
-    quantize_checkpoint(STORIES, tmp_path / "w8", QuantRecipe(scheme=resolve_scheme("w8a16")))
-    quantize_checkpoint(STORIES, tmp_path / "w4", QuantRecipe(scheme=resolve_scheme("w4a16", group_size=32)))
     report = inspect(tmp_path / "kv")
     assert report.kv_cache_dtype == "int8" and report.kv_cache_bytes_per_token == inspect(STORIES).kv_cache_bytes_per_token // 4
-    q = {n: quality(tmp_path / n, STORIES, text, seqlen=256, max_tokens=4000) for n in ("kv", "w8", "w4")}
+    q = {n: quality(p, STORIES, text, seqlen=256, max_tokens=4000)
+         for n, p in (("kv", tmp_path / "kv"), ("w8", stories_w8a16), ("w4", stories_w4a16))}
     added_by_kv = q["kv"].kl_divergence - q["w8"].kl_divergence
     assert 0 < added_by_kv < q["w4"].kl_divergence                    # KV int8 adds less KLD than w4a16 RTN
     compile(tmp_path / "kv", tmp_path / "kv.engine")

@@ -26,14 +26,9 @@ def recipe(name, **kw):
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
-    root = tmp_path_factory.mktemp("q")
-    out = {}
-    for name, kw in (("w8a16", {}), ("w4a16", dict(group_size=32)), ("w4a16-172", dict(group_size=128))):
-        path = root / name
-        res = quantize_checkpoint(STORIES, path, recipe(name.split("-")[0], **kw))
-        out[name] = (path, res)
-    return out
+def quantized(quantized_stories):
+    return {name: quantized_stories(recipe(name.split("-")[0], **kw))
+            for name, kw in (("w8a16", {}), ("w4a16", dict(group_size=32)), ("w4a16-172", dict(group_size=128)))}
 
 
 def test_written_checkpoint(quantized):
