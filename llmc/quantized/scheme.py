@@ -1,13 +1,30 @@
 """Quantization schemes as frozen dataclasses, one axis each: the number format (`TensorQuant`),
 what is quantized (`QuantScheme`) and how the numbers are found (`QuantRecipe`: the algorithm,
-calibration). The kernel that runs a format is a third, separate axis (registered by format)."""
+calibration). The kernel that runs a format is a third, separate axis (registered by format).
+
+Each `llmc quantize` option is declared once, as an `Option` on the QuantRecipe field it sets; the
+command line's flags, a profile's [quantize] keys and types, `recipe_from_options` and the
+recipe's bounds all come from those declarations. `QuantRecipe.to_dict` / `from_dict` are the
+recipe as a quantized checkpoint stores it."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from types import NoneType, UnionType
+from typing import Any, Callable, Literal
 
-from llmc.errors import ConfigError, OptionError
+from llmc.checkpoint import short_repr
+from llmc.errors import ConfigError, ModelFormatError, OptionError
 from llmc.quantized.formats import TensorQuant
+
+
+def _plain(value: Any) -> Any:
+    """A dataclass as JSON types: an object of its fields in declaration order (tuples as lists)."""
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,39 +35,7 @@ class QuantScheme:                                     # what the numbers are
     skip: tuple[str, ...] = ("lm_head.weight", "model.embed_tokens.weight")   # fnmatch patterns
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "weight": self.weight.to_dict(),
-                "activation": self.activation.to_dict() if self.activation else None, "skip": list(self.skip)}
-
-
-@dataclass(frozen=True, kw_only=True)
-class QuantRecipe:                                     # how we get there
-    scheme: QuantScheme
-    algorithm: Literal["rtn", "gptq", "awq", "smoothquant"] = "rtn"
-    kv_cache: TensorQuant | None = None
-    calib_samples: int = 128
-    calib_seqlen: int = 512
-    smooth_alpha: float = 0.5                          # SmoothQuant's migration strength
-    awq_clip: bool = True                              # AWQ: also search each group's clipping range
-    weight_observer: str = "minmax"                    # the range weight scales cover (observers.py)
-    act_observer: str = "minmax"                       # ... static input scales and KV-cache scales cover
-    percentile: float = 99.99                          # for the percentile observer
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.smooth_alpha <= 1:
-            raise OptionError("alpha", f"the SmoothQuant migration strength must be in [0, 1], got {self.smooth_alpha}")
-        if self.calib_samples < 1:
-            raise OptionError("calib_samples", f"must be at least 1, got {self.calib_samples}")
-        if self.calib_seqlen < 2:
-            raise OptionError("calib_seqlen", f"must be at least 2 tokens, got {self.calib_seqlen}")
-
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"scheme": self.scheme.to_dict(), "algorithm": self.algorithm,
-                "kv_cache": self.kv_cache.to_dict() if self.kv_cache else None,
-                "calib_samples": self.calib_samples, "calib_seqlen": self.calib_seqlen,
-                "smooth_alpha": self.smooth_alpha, "awq_clip": self.awq_clip,
-                "weight_observer": self.weight_observer, "act_observer": self.act_observer,
-                "percentile": self.percentile}
+        return _plain(self)
 
 
 W8A16 = QuantScheme(name="w8a16", weight=TensorQuant(dtype="int8", granularity="channel"))
@@ -60,6 +45,7 @@ W8A8 = QuantScheme(name="w8a8", weight=TensorQuant(dtype="int8", granularity="ch
 FP8 = QuantScheme(name="fp8", weight=TensorQuant(dtype="fp8_e4m3", granularity="channel"),
                   activation=TensorQuant(dtype="fp8_e4m3", granularity="tensor"))
 SCHEMES = {s.name: s for s in (W8A16, W4A16, W8A8, FP8)}
+KV_CACHE_DTYPES = {"int8": "int8", "fp8": "fp8_e4m3"}
 
 
 def resolve_scheme(name: str, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
@@ -79,28 +65,218 @@ def resolve_scheme(name: str, group_size: int | None = None, symmetric: bool | N
     return replace(scheme, weight=w)
 
 
-QUANTIZE_OPTION_DEFAULTS: dict[str, Any] = dict(
-    algo="rtn", group_size=None, asymmetric=False, kv_cache=None, calib_samples=128, calib_seqlen=512, alpha=0.5,
-    awq_clip=True, observer="minmax", act_observer="minmax", percentile=99.99)
-KV_CACHE_DTYPES = {"int8": "int8", "fp8": "fp8_e4m3"}
+def _scheme_from_options(scheme: str, group_size: int | None, asymmetric: bool) -> QuantScheme:
+    """--scheme with --group-size and --asymmetric (--symmetric, the default, changes nothing)."""
+    return resolve_scheme(scheme, group_size, False if asymmetric else None)
+
+
+def _kv_cache_from_option(name: str | None) -> TensorQuant | None:
+    """The KV-cache format `--kv-cache NAME` stands for; None keeps the cache in full precision."""
+    if name is None:
+        return None
+    if name not in KV_CACHE_DTYPES:
+        raise OptionError("kv_cache", f"unknown KV-cache format {name!r}; choose {' or '.join(KV_CACHE_DTYPES)}")
+    return TensorQuant(dtype=KV_CACHE_DTYPES[name], granularity="channel")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `llmc quantize` option. Its name is a profile's [quantize] key and recipe_from_options's
+    keyword; the flag is the name with dashes (--group-size). Left unset, it takes `default`
+    (None: it sets nothing, e.g. --group-size leaves the scheme's)."""
+    name: str
+    type: type                           # str, int, float (an int is accepted too) or bool
+    help: str
+    default: Any = None
+    off: str | None = None               # a bool's second flag, without dashes: --no-awq-clip, --symmetric
+    low: float | None = None             # inclusive bounds of a value the recipe holds as given
+    high: float | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def flags(self) -> str:
+        """The command line's declaration: --kv-cache, or --awq-clip/--no-awq-clip for a bool."""
+        return f"{self.flag}/--{self.off}" if self.type is bool else self.flag
+
+    @property
+    def types(self) -> tuple[type, ...]:
+        """The Python (and TOML) types a value may have."""
+        return (float, int) if self.type is float else (self.type,)
+
+    @property
+    def help_text(self) -> str:
+        """The help, with the default and bounds as click shows them for other commands."""
+        extra = []
+        if self.default is not None:
+            shown = (self.flag if self.default else f"--{self.off}") if self.type is bool else self.default
+            extra.append(f"default: {shown}")
+        if self.low is not None and self.high is not None:
+            extra.append(f"{self.low}<=x<={self.high}")
+        elif self.low is not None or self.high is not None:
+            extra.append(f"x>={self.low}" if self.low is not None else f"x<={self.high}")
+        return f"{self.help}  [{'; '.join(extra)}]" if extra else self.help
+
+    def checked(self, value: Any) -> Any:
+        """`value`, if it has one of the option's types (a bool is not an int here)."""
+        if not isinstance(value, self.types) or (isinstance(value, bool) and self.type is not bool):
+            raise OptionError(self.name, f"must be {' or '.join(t.__name__ for t in self.types)}, "
+                                         f"got {short_repr(value)}")
+        return value
+
+    def check_bounds(self, value: float) -> None:
+        """Raise OptionError (naming the option) for a value outside [low, high]."""
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            bound = (f"in [{self.low}, {self.high}]" if self.low is not None and self.high is not None
+                     else f"at least {self.low}" if self.low is not None else f"at most {self.high}")
+            raise OptionError(self.name, f"must be {bound}, got {value}")
+
+
+def recipe_field(*options: Option, build: Callable[..., Any] | None = None, default: Any = MISSING) -> Any:
+    """A QuantRecipe field set by quantize options: `build` makes its value from the options'
+    values, in order (by default the one option's value, as its type: an int alpha becomes a
+    float). A field holding its one option's value takes the option's default."""
+    if build is None:
+        (option,) = options
+        build, default = option.type, option.default
+    return field(default=default, metadata={"options": options, "build": build})
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantRecipe:                                     # how we get there
+    scheme: QuantScheme = recipe_field(
+        Option("scheme", str, "w8a16: int8 per-channel weights (~4x smaller than fp32); w4a16: int4 group-wise "
+               "weights (~7x smaller); w8a8: int8 weights and per-token int8 inputs; fp8: e4m3 weights and inputs "
+               "(static scales; emulated on CPU). Required unless the profile sets it."),
+        Option("group_size", int, f"w4a16 group size (default {W4A16.weight.group_size}, the scheme's)."),
+        Option("asymmetric", bool, "w4a16 with zero points.", default=False, off="symmetric"),
+        build=_scheme_from_options)
+    algorithm: Literal["rtn", "gptq", "awq", "smoothquant"] = recipe_field(
+        Option("algo", str, "rtn (round to nearest); gptq (Hessian-guided error compensation) or awq "
+               "(activation-aware scales) for w8a16/w4a16; smoothquant (outliers moved into the weights) for "
+               "w8a8. All but rtn calibrate.", default="rtn"))
+    kv_cache: TensorQuant | None = recipe_field(
+        Option("kv_cache", str, "int8 or fp8: store the KV cache quantized with calibrated per-head scales (4x "
+               "fewer bytes per token than fp32)."), build=_kv_cache_from_option, default=None)
+    calib_samples: int = recipe_field(Option("calib_samples", int, "Calibration samples.", default=128, low=1))
+    calib_seqlen: int = recipe_field(
+        Option("calib_seqlen", int, "Tokens per calibration sample; the default is capped by the model's context.",
+               default=512, low=2))
+    smooth_alpha: float = recipe_field(
+        Option("alpha", float, "SmoothQuant migration strength.", default=0.5, low=0, high=1))
+    awq_clip: bool = recipe_field(
+        Option("awq_clip", bool, "AWQ: also search each group's clipping range.", default=True, off="no-awq-clip"))
+    weight_observer: str = recipe_field(
+        Option("observer", str, "The range weight scales cover: minmax (all of it), mse (the shrunk range with the "
+               "least squared error) or percentile; for rtn, gptq and smoothquant.", default="minmax"))
+    act_observer: str = recipe_field(
+        Option("act_observer", str, "The same for calibrated scales: fp8 inputs and the KV cache (minmax, "
+               "percentile or mse).", default="minmax"))
+    percentile: float = recipe_field(
+        Option("percentile", float, "For the percentile observers: the percentile of |x| a scale covers, in "
+               "(50, 100].", default=99.99))
+
+    def __post_init__(self) -> None:
+        """The declared bounds, however the recipe was made (options, from_dict, the constructor)."""
+        for f in fields(self):
+            for option in f.metadata["options"]:
+                if option.low is not None or option.high is not None:
+                    option.check_bounds(getattr(self, f.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as a quantized checkpoint stores it: every field, by its name."""
+        return _plain(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "QuantRecipe":
+        """The recipe `to_dict` wrote. A key it did not write, a value of the wrong type, an unknown
+        scheme or a value out of bounds is a ModelFormatError naming the key; a key left out takes
+        the field's default (recipes written before the option existed), but for `scheme`."""
+        recipe = _read(cls, d, "")
+        if recipe.scheme.name not in SCHEMES:
+            raise ModelFormatError(f"quantization recipe: scheme.name is {short_repr(recipe.scheme.name)}, not one "
+                                   f"of {', '.join(SCHEMES)}")
+        return recipe
+
+
+QUANTIZE_OPTIONS: dict[str, Option] = {o.name: o for f in fields(QuantRecipe) for o in f.metadata["options"]}
+
+
+def quantize_option_types() -> dict[str, tuple[type, ...]]:
+    """The [quantize] keys of a profile that set the recipe, with the types each accepts."""
+    return {name: option.types for name, option in QUANTIZE_OPTIONS.items()}
 
 
 def recipe_from_options(scheme: str | None, **options: Any) -> QuantRecipe:
     """A recipe from `llmc quantize`'s option names (as a profile's [quantize] table spells them);
-    options left out or None take QUANTIZE_OPTION_DEFAULTS."""
-    o = {**QUANTIZE_OPTION_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    unknown = set(o) - set(QUANTIZE_OPTION_DEFAULTS)
+    options left out or None take their declared defaults."""
+    unknown = set(options) - set(QUANTIZE_OPTIONS)
     if unknown:
         raise ConfigError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
     if scheme is None:
-        raise ConfigError("missing --scheme", hint="give --scheme w8a16|w4a16|w8a8|fp8, or a --profile that sets it")
-    kv = None
-    if o["kv_cache"] is not None:
-        if o["kv_cache"] not in KV_CACHE_DTYPES:
-            raise OptionError("kv_cache", f"unknown KV-cache format {o['kv_cache']!r}; choose int8 or fp8")
-        kv = TensorQuant(dtype=KV_CACHE_DTYPES[o["kv_cache"]], granularity="channel")
-    return QuantRecipe(scheme=resolve_scheme(scheme, o["group_size"], False if o["asymmetric"] else None),
-                       algorithm=o["algo"], kv_cache=kv, calib_samples=o["calib_samples"],
-                       calib_seqlen=o["calib_seqlen"], smooth_alpha=float(o["alpha"]), awq_clip=o["awq_clip"],
-                       weight_observer=o["observer"], act_observer=o["act_observer"],
-                       percentile=float(o["percentile"]))
+        raise ConfigError("missing --scheme", hint=f"give --scheme {'|'.join(SCHEMES)}, or a --profile that sets it")
+    given = {**options, "scheme": scheme}
+    values = {name: o.default if given.get(name) is None else o.checked(given[name])
+              for name, o in QUANTIZE_OPTIONS.items()}
+    return QuantRecipe(**{f.name: f.metadata["build"](*(values[o.name] for o in f.metadata["options"]))
+                          for f in fields(QuantRecipe)})
+
+
+def _read(tp: Any, value: Any, key: str) -> Any:
+    """`value`, parsed JSON as `_plain` writes it, read as the field type `tp` (a dataclass, a
+    Literal, X | None, tuple[X, ...], str, int, float or bool); `key` is its path, for errors."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if is_dataclass(tp):
+        return _read_dataclass(tp, value, key)
+    if origin is UnionType or origin is typing.Union:
+        if value is None and NoneType in args:
+            return None
+        (tp,) = [a for a in args if a is not NoneType]
+        return _read(tp, value, key)
+    if origin is Literal:
+        if not isinstance(value, str) or value not in args:
+            raise _malformed(key, value, f"one of {', '.join(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _malformed(key, value, "a list")
+        return tuple(_read(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    types = (float, int) if tp is float else (tp,)
+    if not isinstance(value, types) or (isinstance(value, bool) and tp is not bool):
+        raise _malformed(key, value, " or ".join(t.__name__ for t in types))
+    return float(value) if tp is float else value
+
+
+def _read_dataclass(cls: type, value: Any, key: str) -> Any:
+    """An object of `cls`'s fields: no other key, every field without a default present; an error
+    its constructor raises is reported under `key` (by field name, not option name)."""
+    if not isinstance(value, dict):
+        raise _malformed(key, value, "an object")
+    prefix = f"{key}." if key else ""
+    by_name = {f.name: f for f in fields(cls)}
+    for k in value:
+        if k not in by_name:
+            raise ModelFormatError(f"quantization recipe: unknown key {prefix}{k}; known: {', '.join(by_name)}")
+    for name, f in by_name.items():
+        if name not in value and f.default is MISSING:
+            raise ModelFormatError(f"quantization recipe: missing key {prefix}{name}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _read(hints[k], v, prefix + k) for k, v in value.items()}
+    try:
+        return cls(**kwargs)
+    except OptionError as e:
+        name = next((f.name for f in fields(cls) for o in f.metadata.get("options", ()) if o.name == e.option),
+                    e.option)
+        raise ModelFormatError(f"quantization recipe: {prefix}{name}: {e.reason}") from None
+    except ConfigError as e:
+        raise ModelFormatError(f"{_where(key)}: {e.message}") from None
+
+
+def _where(key: str) -> str:
+    return f"quantization recipe: {key}" if key else "quantization recipe"
+
+
+def _malformed(key: str, value: Any, kind: str) -> ModelFormatError:
+    return ModelFormatError(f"{_where(key)} is {short_repr(value)}, not {kind}")
