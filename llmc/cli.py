@@ -110,8 +110,9 @@ def compile_cmd(
                                          "planned."),
     passes: Optional[str] = typer.Option(None, "--passes", help="Comma-separated pass list replacing the default "
                                          "pipeline, e.g. fuse-qkv,dce ('' for none)."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="A named recipe (profiles/NAME.toml) or a .toml "
-                                          "file: its [compile] table sets the defaults of --target and --passes."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="A bundled recipe (int8, int4-gptq, ...; see "
+                                          "profiles/ in the repository) or a .toml file: its [compile] table sets "
+                                          "the defaults of --target and --passes."),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the graph after each pass into this "
                                            "directory (a new one, or one llmc wrote, with --force)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT (and the --dump-ir directory) if llmc wrote "
@@ -121,10 +122,11 @@ def compile_cmd(
     """Compile a checkpoint into an engine: graph, fusion passes, packed weights, manifest."""
     from llmc.compiler import compile
     from llmc.profiles import option_origins, resolve_options
+    from llmc.targets import DEFAULT_TARGET
 
     given = None if passes is None else [p.strip() for p in passes.split(",") if p.strip()]
     options = dict(target=target, passes=given)
-    o = resolve_options("compile", options, dict(target="cpu"), profile)
+    o = resolve_options("compile", options, dict(target=DEFAULT_TARGET), profile)
     target, names = o["target"], o["passes"]
     with options_named(option_origins("compile", options, profile)), err.status(f"compiling {model} for {target}"):
         r = compile(model, output, target=target, passes=names, dump_ir=dump_ir, force=force)
@@ -149,20 +151,22 @@ def generate_cmd(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the K most likely tokens."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Per-request seed: sampling becomes reproducible."),
-    kernels: str = typer.Option("cpu", "--kernels", help="Kernel set: cpu (fast) or reference (the spec)."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; the cpu "
+                                          "target runs cpu, the fast one, or reference, the spec)."),
+    device: str = typer.Option("cpu", "--device", help="Device to run on (the cpu target runs on cpu)."),
     max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="Most sequences in one step."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: prompt, text, token_ids, finish_reason."),
 ) -> None:
     """Generate from one or more prompts, batched together (in-flight batching)."""
     from llmc.generation import generate
-    from llmc.model import load_model
+    from llmc.loader import load_model
     from llmc.runtime.runner import RuntimeConfig
     from llmc.runtime.sampler import SamplingParams
 
     with options_named():
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed)
-        runtime = RuntimeConfig(kernels=kernels, max_num_seqs=max_num_seqs)
+        runtime = RuntimeConfig(kernels=kernels, device=device, max_num_seqs=max_num_seqs)
     with err.status(f"loading {path}"):
         model = load_model(path)
     with err.status(f"generating for {len(prompt)} prompt(s)"):
@@ -175,44 +179,64 @@ def generate_cmd(
     s = r.stats
     sys.stderr.write(f"{s.generated_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:,.1f} tok/s "
                      f"({len(prompt)} prompt(s), {s.prompt_tokens} prompt tokens, {s.steps} steps, "
-                     f"{kernels} kernels)\n")
+                     f"{r.backend['kernels']} kernels on {r.backend['device']})\n")
 
 
-@app.command("quantize")
+RECIPE_OPTIONS = "llmc.recipe_options"        # ctx.meta key: the recipe options `llmc quantize` was given
+
+
+class _QuantizeCommand(typer.core.TyperCommand):
+    """`llmc quantize`: its recipe options are the ones QuantRecipe declares (llmc.quantized.scheme),
+    added when the command parses its arguments or shows its help, not when the CLI starts: the
+    declarations import torch, which `llmc --version` and every other command's help should not wait
+    for. Their values reach quantize_cmd as ctx.meta[RECIPE_OPTIONS], each None when not given."""
+
+    recipe_params: tuple | None = None                    # built on first use
+
+    def get_params(self, ctx: typer.Context) -> list:
+        """The declared parameters with the recipe options after -o (where --help lists them)."""
+        if self.recipe_params is None:
+            self.recipe_params = _recipe_params()
+        params = super().get_params(ctx)
+        at = next(i for i, p in enumerate(params) if p.name == "output") + 1      # after -o, as before
+        return [*params[:at], *self.recipe_params, *params[at:]]
+
+    def invoke(self, ctx: typer.Context):
+        """Hand the recipe options over in ctx.meta: the callback typer made takes only its own."""
+        ctx.meta[RECIPE_OPTIONS] = {p.name: ctx.params.pop(p.name) for p in self.recipe_params or ()}
+        return super().invoke(ctx)
+
+
+def _recipe_params() -> tuple:
+    """One option per declared recipe option, made by typer from a signature as for any command
+    (flag, type, help), defaulting to None: unset, the profile's value or the recipe's default
+    applies (llmc.profiles.resolve_options, recipe_from_options)."""
+    import inspect
+
+    from llmc.quantized.scheme import QUANTIZE_OPTIONS
+
+    def recipe_options(**given) -> None:
+        """Never called: typer reads its signature."""
+    recipe_options.__signature__ = inspect.Signature([
+        inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[o.type],
+                          default=typer.Option(None, o.flags, help=o.help_text))
+        for o in QUANTIZE_OPTIONS.values()])
+    holder = typer.Typer(add_completion=False)
+    holder.command()(recipe_options)
+    return tuple(typer.main.get_command(holder).params)
+
+
+@app.command("quantize", cls=_QuantizeCommand)
 def quantize_cmd(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory (not already quantized)."),
     output: Path = typer.Option(..., "-o", "--output", help="Quantized checkpoint directory to write (atomically)."),
-    scheme: Optional[str] = typer.Option(None, "--scheme", help="w8a16: int8 per-channel weights (~4x smaller "
-                                         "than fp32); w4a16: int4 group-wise weights (~7x smaller); w8a8: int8 "
-                                         "weights and per-token int8 inputs; fp8: e4m3 weights and inputs (static "
-                                         "scales; emulated on CPU). Required unless the profile sets it."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="A named recipe (profiles/NAME.toml) or a .toml "
-                                          "file: its [quantize] table sets the defaults of these options."),
-    algo: Optional[str] = typer.Option(None, "--algo", help="rtn (round to nearest; the default); gptq "
-                                       "(Hessian-guided error compensation) or awq (activation-aware scales) for "
-                                       "w8a16/w4a16; smoothquant (outliers moved into the weights) for w8a8. All "
-                                       "but rtn calibrate."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant migration strength in [0, 1] "
-                                          "(default 0.5)."),
-    awq_clip: Optional[bool] = typer.Option(None, "--awq-clip/--no-awq-clip", help="AWQ: also search each "
-                                            "group's clipping range (default on)."),
-    observer: Optional[str] = typer.Option(None, "--observer", help="The range weight scales cover: minmax (all "
-                                           "of it; the default), mse (the shrunk range with the least squared "
-                                           "error) or percentile. rtn, gptq, smoothquant."),
-    act_observer: Optional[str] = typer.Option(None, "--act-observer", help="The same for calibrated scales: fp8 "
-                                               "inputs and the KV cache (minmax, percentile or mse)."),
-    percentile: Optional[float] = typer.Option(None, "--percentile", help="For the percentile observers: the "
-                                               "percentile of |x| a scale covers (default 99.99)."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="w4a16 group size (default 128)."),
-    asymmetric: Optional[bool] = typer.Option(None, "--asymmetric/--symmetric", help="w4a16 with zero points "
-                                              "(default symmetric)."),
-    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="int8 or fp8: store the KV cache quantized with "
-                                           "calibrated per-head scales (4x fewer bytes per token than fp32)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="A bundled recipe (int8, int4-gptq, ...; see "
+                                          "profiles/ in the repository) or a .toml file: its [quantize] table sets "
+                                          "the defaults of these options."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: .txt (cut into windows) or .jsonl "
-                                         "(a 'text' field per line). Default: golden/calibration/tinystories_calib.txt."),
-    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration samples (default 128)."),
-    calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="Tokens per calibration sample "
-                                               "(default 512)."),
+                                         "(a 'text' field per line). Default: a TinyStories excerpt that ships "
+                                         "with llmc (llmc/data/tinystories_calib.txt)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="llmc (default) or gptq: the qweight/qzeros/scales/"
                                       "g_idx layout transformers, vLLM and GPTQModel read (scales rounded to fp16)."),
     requantize: bool = typer.Option(False, "--requantize", help="Accept an already-quantized MODEL: its weights "
@@ -226,15 +250,12 @@ def quantize_cmd(
     from llmc.quantized.scheme import recipe_from_options
     from llmc.profiles import option_origins, resolve_options
 
-    given = dict(scheme=scheme, algo=algo, alpha=alpha, awq_clip=awq_clip, observer=observer,
-                 act_observer=act_observer, percentile=percentile, group_size=group_size, asymmetric=asymmetric,
-                 kv_cache=kv_cache, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, format=fmt)
+    given = {**ctx.meta[RECIPE_OPTIONS], "calib": calib, "format": fmt}
     o = resolve_options("quantize", given, {"format": "llmc"}, profile)   # the recipe's defaults fill in the rest
     origins = option_origins("quantize", given, profile)
     with options_named(origins):
         recipe = recipe_from_options(**{k: v for k, v in o.items() if k not in ("calib", "format")})
         check_recipe(recipe)
-        recipe = _fit_default_seqlen(model, recipe, origins)
         for option in sorted(k for k, v in o.items() if v is not None and k not in applicable_options(recipe)):
             if origins[option] == "command line":
                 raise OptionError(option, f"has no effect on {recipe.scheme.name} with {recipe.algorithm}",
@@ -261,7 +282,11 @@ def quantize_cmd(
 
     with options_named(origins):
         r, export = quantize(model, output, recipe, format=fmt, force=force, calib=calib,
-                             allow_requantize=requantize, on_layer=progress)
+                             allow_requantize=requantize, fit_context=origins["calib_seqlen"] == "default",
+                             on_layer=progress)
+    if r.recipe["calib_seqlen"] < recipe.calib_seqlen:
+        err.print(f"note: --calib-seqlen {recipe.calib_seqlen} (the default) was capped at the model's context, "
+                  f"{r.recipe['calib_seqlen']}", highlight=False, soft_wrap=True)
     if as_json:
         _print_json({**asdict(r), "format": fmt, "profile": profile,
                      **({"gptq_export": export} if export else {})})
@@ -282,7 +307,9 @@ def bench_quality_cmd(
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
     seqlen: int = typer.Option(512, "--seqlen", help="Window length in tokens (BOS included)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N tokens of the text."),
-    kernels: str = typer.Option("cpu", "--kernels", help="Kernel set: cpu or reference."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; cpu or "
+                                          "reference on the cpu target)."),
+    device: str = typer.Option("cpu", "--device", help="Device to run on (the cpu target runs on cpu)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON to this file "
                                             "('-': to stdout, instead of the table). An existing file is replaced "
                                             "only if llmc wrote it."),
@@ -295,7 +322,7 @@ def bench_quality_cmd(
     if json_path not in (None, "-"):
         check_output(json_path, inputs, force=True, directory=False, what="result file")   # before the work
     with err.status("scoring") as status:
-        r = quality(path, reference, text, seqlen=seqlen, max_tokens=max_tokens, kernels=kernels,
+        r = quality(path, reference, text, seqlen=seqlen, max_tokens=max_tokens, kernels=kernels, device=device,
                     on_window=lambda w, n: status.update(f"scoring: {w} windows, {n:,} tokens"))
     result = {**asdict(r), "env": _env()}                               # the metrics at the top level
     if json_path == "-":
@@ -341,25 +368,6 @@ def _register_not_built(parent: typer.Typer, name: str, text: str, meanwhile: st
 
 for _parent, _name, _text, _meanwhile in NOT_BUILT:
     _register_not_built(_parent, _name, _text, _meanwhile)
-
-
-def _fit_default_seqlen(model: Path, recipe, origins: dict[str, str]):
-    """--calib-seqlen left at its default is capped by the model's context (with a note); a value
-    the user or a profile gave is checked by the library instead."""
-    from dataclasses import replace as _replace
-
-    from llmc.arch import parse_arch
-    from llmc.checkpoint import read_json
-    from llmc.passes.quant.algorithms import calibrates
-
-    if origins.get("calib_seqlen") != "default" or not calibrates(recipe) or not (Path(model) / "config.json").is_file():
-        return recipe
-    context = parse_arch(read_json(Path(model) / "config.json", "config.json")).max_position_embeddings
-    if recipe.calib_seqlen <= context:
-        return recipe
-    err.print(f"note: --calib-seqlen {recipe.calib_seqlen} (the default) is capped at the model's context, "
-              f"{context}", highlight=False, soft_wrap=True)
-    return _replace(recipe, calib_seqlen=context)
 
 
 @app.command("version")

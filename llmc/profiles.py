@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from llmc.errors import ConfigError
+from llmc.quantized.scheme import quantize_option_types
 from llmc.resources import profile_dir
 
 PROFILE_DIR = profile_dir()      # the bundled profiles: profiles/ of the repository, package llmc.bundled_profiles
 
 # table -> option -> accepted Python types
 SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
-    "quantize": {"scheme": (str,), "algo": (str,), "group_size": (int,), "asymmetric": (bool,),
-                 "kv_cache": (str,), "calib": (str,), "calib_samples": (int,), "calib_seqlen": (int,),
-                 "alpha": (float, int), "awq_clip": (bool,), "observer": (str,), "act_observer": (str,),
-                 "percentile": (float, int), "format": (str,)},
+    "quantize": {**quantize_option_types(), "calib": (str,), "format": (str,)},   # the recipe's, and the driver's
     "compile": {"target": (str,), "passes": (list,)},
 }
 
