@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmc.errors import ModelFormatError
+from llmc.errors import LlmcError, ModelFormatError
+from llmc.quantized.scheme import QuantRecipe
 
 
 @dataclass(frozen=True)
@@ -73,21 +74,17 @@ def inspect(path: Path | str) -> InspectReport:
 
 
 def _describe(q: dict[str, Any] | None, where: Path) -> str | None:
+    """One line for the model's quantization recipe (QuantRecipe.from_dict checks it)."""
     if not q or "recipe" not in q:
         return None
     try:
-        return _recipe_text(q["recipe"])
-    except (KeyError, TypeError, AttributeError):       # the file's recipe is not what llmc writes
-        raise ModelFormatError(f"{where}: the quantization recipe is malformed") from None
-
-
-def _recipe_text(r: dict[str, Any]) -> str:
-    w = r["scheme"]["weight"]
-    group = f", g{w['group_size']}" if w.get("group_size") else ""
-    sym = "" if w.get("symmetric", True) else " asym"
-    act = r["scheme"].get("activation")
-    acts = f"; inputs {act['dtype']}/{act['granularity']}" if act else ""
-    kv = r.get("kv_cache")
-    acts += f"; KV cache {kv['dtype']}" if kv else ""
-    emulated = ", emulated on CPU" if "fp8_e4m3" in (w["dtype"], (act or {}).get("dtype"), (kv or {}).get("dtype")) else ""
-    return f"{r['scheme']['name']} {r['algorithm']} ({w['dtype']}/{w['granularity']}{group}{sym}{acts}{emulated})"
+        r = QuantRecipe.from_dict(q["recipe"])
+    except LlmcError as e:
+        raise ModelFormatError(f"{where}: {e.message}") from None
+    w, act, kv = r.scheme.weight, r.scheme.activation, r.kv_cache
+    group = f", g{w.group_size}" if w.group_size else ""
+    sym = "" if w.symmetric else " asym"
+    extra = f"; inputs {act.dtype}/{act.granularity}" if act else ""
+    extra += f"; KV cache {kv.dtype}" if kv else ""
+    emulated = ", emulated on CPU" if "fp8_e4m3" in (w.dtype, act and act.dtype, kv and kv.dtype) else ""
+    return f"{r.scheme.name} {r.algorithm} ({w.dtype}/{w.granularity}{group}{sym}{extra}{emulated})"
