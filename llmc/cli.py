@@ -57,6 +57,12 @@ def options_named(origins: dict[str, str] | None = None) -> Iterator[None]:
         raise ConfigError(f"{flag(e.option)}{where}: {e.reason}", hint=e.hint) from None
 
 
+def profile_option(table: str, sets: str):
+    """--profile of a verb whose [table] in the profile sets the defaults of `sets`."""
+    return typer.Option(None, "--profile", help=f"A bundled recipe (int8, int4-gptq, ...; see profiles/ in the "
+                        f"repository) or a .toml file: its [{table}] table sets the defaults of {sets}.")
+
+
 def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
@@ -110,9 +116,7 @@ def compile_cmd(
                                          "planned."),
     passes: Optional[str] = typer.Option(None, "--passes", help="Comma-separated pass list replacing the default "
                                          "pipeline, e.g. fuse-qkv,dce ('' for none)."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="A bundled recipe (int8, int4-gptq, ...; see "
-                                          "profiles/ in the repository) or a .toml file: its [compile] table sets "
-                                          "the defaults of --target and --passes."),
+    profile: Optional[str] = profile_option("compile", "--target and --passes"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the graph after each pass into this "
                                            "directory (a new one, or one llmc wrote, with --force)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT (and the --dump-ir directory) if llmc wrote "
@@ -231,9 +235,7 @@ def quantize_cmd(
     ctx: typer.Context,
     model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory (not already quantized)."),
     output: Path = typer.Option(..., "-o", "--output", help="Quantized checkpoint directory to write (atomically)."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="A bundled recipe (int8, int4-gptq, ...; see "
-                                          "profiles/ in the repository) or a .toml file: its [quantize] table sets "
-                                          "the defaults of these options."),
+    profile: Optional[str] = profile_option("quantize", "these options"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: .txt (cut into windows) or .jsonl "
                                          "(a 'text' field per line). Default: a TinyStories excerpt that ships "
                                          "with llmc (llmc/data/tinystories_calib.txt)."),

@@ -232,15 +232,23 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_leftovers(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask applies, as for open()
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with removed_on_failure(tmp):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask applies, as for open()
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write it ({e.strerror or e})") from None
+
+
+@contextmanager
+def removed_on_failure(tmp: Path) -> Iterator[Path]:
+    """The temporary file `tmp` is removed when the block raises anything (an error, an interrupt),
+    and the exception goes on."""
+    try:
+        yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from llmc.io import removed_on_failure
+
 SOURCE = Path(__file__).with_name("gemm.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 MAX_ROWS = 8             # above this, torch's GEMM (MKL/oneDNN) is as fast or faster (benchmarked)
@@ -272,14 +274,11 @@ def _build(d: Path, cc: str) -> ctypes.CDLL:
     except OSError as e:
         raise _Refused(f"cannot write to {d}: {e.strerror}") from None
     try:
-        _compile(cc, tmp)
-        digest, lib = _sha256(tmp), _load(tmp)
+        with removed_on_failure(tmp):
+            _compile(cc, tmp)
+            digest, lib = _sha256(tmp), _load(tmp)
     except _Mismatch as e:
-        tmp.unlink(missing_ok=True)
         raise _Unavailable(f"the freshly built {LIB_NAME} is unusable: {e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     os.replace(tmp, d / LIB_NAME)                   # atomic: readers see the old file or the new one
     _write_atomic(d / DIGEST_NAME, f"{digest}  {LIB_NAME}\n")
     return lib
