@@ -183,7 +183,7 @@ def generate_cmd(
     s = r.stats
     sys.stderr.write(f"{s.generated_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:,.1f} tok/s "
                      f"({len(prompt)} prompt(s), {s.prompt_tokens} prompt tokens, {s.steps} steps, "
-                     f"{r.backend['kernels']} kernels on {r.backend['device']})\n")
+                     f"{r.backend['kernels']} kernels)\n")
 
 
 RECIPE_OPTIONS = "llmc.recipe_options"        # ctx.meta key: the recipe options `llmc quantize` was given
