@@ -61,6 +61,12 @@ def make_checkpoint(directory: Path, model_type: str, seed: int = 0, tokenizer: 
     return directory, model
 
 
+def fast_kernel_sets() -> list[str]:
+    """Every registered kernel set but the reference: what parity tests compare with the reference."""
+    from llmc.kernels import KERNEL_SETS
+    return [name for name in KERNEL_SETS if name != "reference"]
+
+
 def backend(model, kernels: str = "cpu"):
     """The backend that runs `model` (its target's) with the kernel set `kernels`, on the CPU."""
     from llmc.runtime.runner import RuntimeConfig

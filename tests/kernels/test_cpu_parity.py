@@ -9,12 +9,13 @@ from llmc.ir import OPS
 from llmc.kernels import KERNEL_SETS, context, kernel_for
 from llmc.runtime.batch import RaggedBatch
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
+from tests.helpers import fast_kernel_sets
 from tests.tolerances import TOL
 
 G = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
 
 
-FAST = [name for name in KERNEL_SETS if name != "reference"]
+FAST = fast_kernel_sets()
 fast_sets = pytest.mark.parametrize("impl", FAST)
 
 

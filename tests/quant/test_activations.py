@@ -11,6 +11,7 @@ from llmc.kernels.reference.quant import fake_quant_fp8_tensor, quant_int8_rowwi
 from llmc.kernels.reference.dequant import dequantize
 from llmc.quantized.formats import quantize
 from llmc.quantized.scheme import FP8, W8A8
+from tests.helpers import fast_kernel_sets
 from tests.tolerances import sqnr_db
 
 
@@ -44,14 +45,15 @@ def test_smoothquant_raises_w8a8_sqnr_on_outlier_channels():
     assert smoothed > plain + 6, (plain, smoothed)
 
 
+@pytest.mark.parametrize("impl", fast_kernel_sets())
 @pytest.mark.parametrize("scheme", [W8A8, FP8], ids=["w8a8", "fp8"])
 @pytest.mark.parametrize("m", [1, 5, 33])
-def test_cpu_matches_reference(scheme, m):
+def test_fast_kernels_match_reference(impl, scheme, m):
     g = torch.Generator().manual_seed(m)
     x, w = torch.randn(m, 96, generator=g), torch.randn(40, 96, generator=g)
     qw = replace(quantize(w, scheme.weight), act=scheme.activation,
                  act_scale=torch.tensor([4.0 / 448]) if scheme is FP8 else None)
     ref = kernel_for("linear", "reference").fn(KernelContext(), x, qw)
-    cpu = kernel_for("linear", "cpu").fn(KernelContext(), x, qw)
+    cpu = kernel_for("linear", impl).fn(KernelContext(), x, qw)
     torch.testing.assert_close(cpu, ref, rtol=1e-5, atol=1e-4)
     assert sqnr_db(x @ dequantize(qw).T, ref) > 15                 # the input really is quantized, not skipped

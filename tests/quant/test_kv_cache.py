@@ -7,6 +7,7 @@ import torch
 from llmc.kernels import context, kernel_for
 from llmc.kernels.reference.kv_quant import KV_DTYPES
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
+from tests.helpers import fast_kernel_sets
 from tests.kernels.test_cpu_parity import mixed_batch
 from tests.tolerances import sqnr_db
 
@@ -39,13 +40,14 @@ def test_quantized_cache_attention(heads, kv_heads, kv):
     top = 127.0 if kv == "int8" else 448.0
     scales = (torch.full((kv_heads,), 4.5 / top), torch.full((kv_heads,), 4.5 / top))   # |randn| < 4.5 here
     exact = attend("reference", torch.float32, (), q, k, v, heads, kv_heads)
-    for impl in ("reference", "cpu"):
+    for impl in ("reference", *fast_kernel_sets()):
         out = attend(impl, KV_DTYPES[kv], scales, q, k, v, heads, kv_heads)
         bound = KV_INT8_MIN_SQNR_DB if kv == "int8" else KV_FP8_MIN_SQNR_DB
         assert sqnr_db(exact, out) > bound, (impl, sqnr_db(exact, out))
     ref = attend("reference", KV_DTYPES[kv], scales, q, k, v, heads, kv_heads)
-    cpu = attend("cpu", KV_DTYPES[kv], scales, q, k, v, heads, kv_heads)
-    torch.testing.assert_close(cpu, ref, rtol=1e-5, atol=1e-5)
+    for impl in fast_kernel_sets():
+        torch.testing.assert_close(attend(impl, KV_DTYPES[kv], scales, q, k, v, heads, kv_heads), ref,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_kv_int8_end_to_end(tmp_path, stories_w8a16, stories_w4a16):

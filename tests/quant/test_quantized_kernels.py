@@ -6,6 +6,7 @@ import torch
 
 from llmc.kernels import KernelContext, kernel_for
 from llmc.quantized.formats import TensorQuant, quantize
+from tests.helpers import fast_kernel_sets
 
 FORMATS = [TensorQuant(dtype="int8", granularity="channel"),
            TensorQuant(dtype="int4", granularity="group", group_size=32),
@@ -21,26 +22,28 @@ def call(op, impl, values, weights):
     return out if isinstance(out, (tuple, list)) else (out,)
 
 
+@pytest.mark.parametrize("impl", fast_kernel_sets())
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.key)
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 40])       # 9 and 40 rows take the prefill path
 @pytest.mark.parametrize("k", [64, 172, 301])                    # partial groups; odd widths
-def test_linear(fmt, m, k):
+def test_linear(impl, fmt, m, k):
     g = torch.Generator().manual_seed(m + k)
     x, w, b = torch.randn(m, k, generator=g), torch.randn(48, k, generator=g), torch.randn(48, generator=g)
     qw = quantize(w, fmt)
     for bias in ([], [b]):
         ref, = call("linear", "reference", [x], [qw] + bias)
-        cpu, = call("linear", "cpu", [x], [qw] + bias)
+        cpu, = call("linear", impl, [x], [qw] + bias)
         torch.testing.assert_close(cpu, ref, rtol=1e-5, atol=1e-4)   # fp32 sums of k terms, other order
 
 
+@pytest.mark.parametrize("impl", fast_kernel_sets())
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.key)
-def test_fused_linears(fmt):
+def test_fused_linears(impl, fmt):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 96, generator=g)
     ws = [quantize(torch.randn(n, 96, generator=g), fmt) for n in (64, 32, 32)]
     for op, weights in (("qkv_linear", ws), ("gate_up_silu", ws[1:])):
-        for a, b in zip(call(op, "reference", [x], weights), call(op, "cpu", [x], weights)):
+        for a, b in zip(call(op, "reference", [x], weights), call(op, impl, [x], weights)):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
 
 
