@@ -298,7 +298,7 @@ def quantize_cmd(
               f"peak memory {_human_bytes(r.peak_rss_bytes)}\n")
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality (throughput and serve are not built yet).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality and throughput (serve is not built yet).")
 app.add_typer(bench_app, name="bench")
 
 
@@ -341,6 +341,72 @@ def bench_quality_cmd(
     out.print(t)
 
 
+@bench_app.command("throughput")
+def bench_throughput_cmd(
+    path: Path = typer.Argument(..., help="The model to measure: checkpoint, quantized checkpoint or engine."),
+    batch: str = typer.Option("1,8,32", "--batch", help="Comma-separated batch sizes: one Runner each, the whole "
+                              "batch prefilled in one step."),
+    input_len: int = typer.Option(128, "--input-len", help="Prompt length: random token ids (seeded; the "
+                                  "tokenizer's BOS/EOS and ids below 3 excluded)."),
+    output_len: int = typer.Option(128, "--output-len", help="Tokens generated per prompt (greedy, EOS ignored)."),
+    repeat: int = typer.Option(3, "--repeat", help="Timed runs per batch size: median, min and max over them."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs per batch size before the timed ones."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for the run (default: the cores "
+                                          "this process may use)."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; e.g. cpu or "
+                                          "reference on the cpu target)."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results (schema "
+                                            "llmc.bench.throughput/1, every raw sample) as JSON to this file ('-': "
+                                            "to stdout, instead of the table). An existing file is replaced only "
+                                            "if llmc wrote it."),
+) -> None:
+    """Offline throughput over a sweep of batch sizes: prefill, decode and end-to-end tok/s, time to first token."""
+    from llmc.bench.throughput import parse_batches, throughput
+    from llmc.io import check_output, stamp_json, write_result_json
+
+    with options_named():
+        batches = parse_batches(batch)
+    if json_path not in (None, "-"):
+        check_output(json_path, [path], force=True, directory=False, what="result file")   # before the work
+
+    def progress(b: int, label: str, s) -> None:
+        decode = f"{s.decode_tok_s:,.1f}" if s.decode_tok_s is not None else "-"
+        err.print(f"  batch {b} {label}: prefill {s.prefill_tok_s:,.1f} tok/s, decode {decode} tok/s, "
+                  f"TTFT {s.ttft_ms:,.1f} ms", highlight=False, soft_wrap=True)
+
+    with options_named(), err.status(f"measuring {path}"):
+        r = throughput(path, batches, input_len=input_len, output_len=output_len, repeat=repeat, warmup=warmup,
+                       threads=threads, kernels=kernels, on_run=progress)
+    result = r.to_json()
+    if json_path == "-":
+        _print_json(stamp_json(result))
+        return
+    if json_path is not None:
+        write_result_json(Path(json_path), result, [path])
+    _throughput_table(r, path)
+
+
+def _throughput_table(r, path: Path) -> None:
+    """The result as a table on stdout: medians, and the decode spread over the timed runs."""
+    def fmt(m, spread: bool = False) -> str:
+        if m is None:
+            return "-"
+        return f"{m['median']:,.1f}" + (f" [{m['min']:,.1f}–{m['max']:,.1f}]" if spread else "")
+
+    c, env = r.config, r.env
+    t = Table(*(Column(h, justify="right") for h in ("batch", "prefill tok/s", "decode tok/s median \\[min–max]",
+                                                       "e2e tok/s", "TTFT ms")),
+              title=f"llmc bench throughput · {path}",
+              caption=f"input {c['input_len']}, output {c['output_len']} tokens, greedy, medians of {c['repeat']} "
+                      f"runs after {c['warmup']} warm-up\n{env['threads']} threads, {r.backend['kernels']} "
+                      f"kernels; 1-min load {env['loadavg_start'][0]:.1f} → {env['loadavg_end'][0]:.1f}; "
+                      f"peak RSS {_human_bytes(r.peak_rss_bytes)}")
+    for b in r.results:
+        t.add_row(str(b.batch), fmt(b.stat("prefill_tok_s")), fmt(b.stat("decode_tok_s"), spread=True),
+                  fmt(b.stat("e2e_tok_s")), fmt(b.stat("ttft_ms")))
+    out.print(t)
+
+
 def _env() -> dict:
     import torch
 
@@ -351,8 +417,6 @@ def _env() -> dict:
 # Verbs of the design that are not built yet: they say so (exit 2) instead of "No such command".
 NOT_BUILT = [  # (typer app, name, help, what to do meanwhile)
     (app, "serve", "An OpenAI-compatible server over an engine.", "generate with 'llmc generate' meanwhile"),
-    (bench_app, "throughput", "Offline throughput over a sweep of batch sizes.",
-     "benchmarks/decode_cpu.py measures decode speed meanwhile"),
     (bench_app, "serve", "Online load against a server.", "it needs 'llmc serve', which is not built yet either"),
     (app, "gate", "Compare bench results with a baseline; exit 1 on a regression.",
      "compare 'llmc bench quality --json' results yourself meanwhile"),

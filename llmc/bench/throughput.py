@@ -1,0 +1,277 @@
+"""`bench throughput`: offline prefill and decode speed of a model over a sweep of batch sizes.
+
+Protocol, per batch size B: one Runner (max_num_seqs=B, max_batched_tokens=B*input_len so the whole
+batch prefills in one step, a KV cache of exactly the blocks the batch needs) runs `warmup` untimed
+and then `repeat` timed generations. Each generation submits B prompts of `input_len` random token
+ids (uniform over [3, vocab) minus the tokenizer's BOS/EOS ids, from a fixed seed; batch B uses the
+first B of the same prompts) and generates exactly `output_len` tokens each, greedy, EOS ignored.
+
+Per timed run (a Sample): the prefill is the steps until every request has its first token, the
+decode the steps after them. prefill tok/s = B*input_len / prefill seconds; decode tok/s =
+B*(output_len-1) / decode seconds (none when output_len is 1); end-to-end tok/s = generated tokens /
+(submission to the last token); TTFT = the mean over the batch of submission to each request's first
+token. The tokens are counted as the Runner emits them, and a run that generated other than
+B*output_len is a bug. Results give the median, min and max over the timed runs and keep every raw
+sample, so each number can be recomputed.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from llmc.errors import OptionError
+
+SCHEMA = "llmc.bench.throughput/1"
+PROMPT_SEED = 4321
+FIRST_PROMPT_ID = 3               # below it: the usual <unk>/<s>/</s> slots of a vocabulary
+BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generation of a batch: raw times and counts, and the rates derived from them."""
+    batch: int
+    input_len: int
+    output_len: int
+    generated_tokens: int          # counted from the Runner's token events
+    prefill_steps: int
+    decode_steps: int
+    prefill_s: float               # first step until every request has its first token
+    decode_s: float                # the steps after that
+    total_s: float                 # submission of the batch until its last token
+    ttft_s: float                  # mean over the batch: submission until the request's first token
+    loadavg_1m: float              # right after the run: above the thread count means a shared CPU
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.batch * self.input_len / self.prefill_s
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        """None when nothing was decoded (output_len 1)."""
+        return self.batch * (self.output_len - 1) / self.decode_s if self.decode_steps else None
+
+    @property
+    def e2e_tok_s(self) -> float:
+        return self.generated_tokens / self.total_s
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.ttft_s * 1e3
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), **{name: getattr(self, name) for name in METRICS}}
+
+
+METRICS = {  # per-sample rate -> (unit, which way is better)
+    "prefill_tok_s": ("tok/s", "higher"),
+    "decode_tok_s": ("tok/s", "higher"),
+    "e2e_tok_s": ("tok/s", "higher"),
+    "ttft_ms": ("ms", "lower"),
+}
+
+
+def metric(values: list[float | None], unit: str, direction: str) -> dict[str, Any] | None:
+    """Median and spread of one rate over the timed runs, with what a comparison needs; None when a
+    run has no value (decode of a single output token)."""
+    if any(v is None for v in values):
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "unit": unit,
+            "direction": direction}
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch: int
+    samples: list[Sample]          # the timed runs
+    runtime: dict[str, Any]        # the RuntimeConfig of this batch size's Runner
+    backend: dict[str, Any]        # its backend's report(): per op, the variant counts, warm-up included
+
+    def stat(self, name: str) -> dict[str, Any] | None:
+        return metric([getattr(s, name) for s in self.samples], *METRICS[name])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batch": self.batch, **{name: self.stat(name) for name in METRICS},
+                "samples": [s.to_json() for s in self.samples], "runtime": self.runtime, "backend": self.backend}
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    model: dict[str, Any]          # path, kind, architecture, parameters, quantization, ...
+    config: dict[str, Any]         # every option, and how the prompts were made
+    env: dict[str, Any]            # versions, CPU, threads, load at the start and the end
+    results: list[BatchResult]
+    peak_rss_bytes: int
+    backend: dict[str, Any]        # what ran (target, device, kernel set), without the per-op counts
+
+    def to_json(self) -> dict[str, Any]:
+        """The result file's content (llmc.io.stamp_json adds the producer)."""
+        return {"schema": SCHEMA, "model": self.model, "config": self.config, "env": self.env,
+                "results": [r.to_json() for r in self.results], "peak_rss_bytes": self.peak_rss_bytes,
+                "backend": self.backend}
+
+
+OnRun = Callable[[int, str, Sample], None]       # (batch, "warm-up 1/1" | "run 2/3", sample)
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """`--batch 1,8,32` -> (1, 8, 32)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise OptionError("batch", f"expected comma-separated batch sizes such as 1,8,32, got {text!r}") from None
+
+
+def check_options(batches, input_len: int, output_len: int, repeat: int, warmup: int,
+                  threads: int | None) -> tuple[int, ...]:
+    """Every option in range before any work; returns the batch sizes, sorted and distinct."""
+    if not isinstance(batches, (list, tuple)) or not batches:
+        raise OptionError("batch", f"give at least one batch size, got {batches!r}")
+    bad = [b for b in batches if not isinstance(b, int) or isinstance(b, bool) or b < 1]
+    if bad:
+        raise OptionError("batch", f"batch sizes must be integers of at least 1, got {', '.join(map(repr, bad))}")
+    for name, value, least in (("input_len", input_len, 1), ("output_len", output_len, 1),
+                               ("repeat", repeat, 1), ("warmup", warmup, 0), ("threads", threads, 1)):
+        if value is not None and value < least:
+            raise OptionError(name, f"must be at least {least}, got {value}")
+    return tuple(sorted(set(batches)))
+
+
+def check_context(input_len: int, output_len: int, context: int) -> None:
+    if input_len + output_len > context:
+        raise OptionError("output_len", f"a prompt of {input_len} tokens and {output_len} generated make "
+                          f"{input_len + output_len}, more than the model's context ({context})",
+                          hint="shorten the prompt or the output")
+
+
+def default_threads() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def make_prompts(count: int, length: int, vocab: int, special: set[int]) -> list[list[int]]:
+    """`count` prompts of `length` ids, uniform over [FIRST_PROMPT_ID, vocab) minus `special`."""
+    allowed = torch.tensor([i for i in range(FIRST_PROMPT_ID, vocab) if i not in special])
+    picks = torch.randint(0, len(allowed), (count, length), generator=torch.Generator().manual_seed(PROMPT_SEED))
+    return allowed[picks].tolist()
+
+
+def runtime_for(batch: int, input_len: int, output_len: int, kernels: str | None):
+    """A Runner config where the batch prefills in one step and the KV cache holds the whole batch,
+    no more: B * ceil((input_len + output_len) / BLOCK_SIZE) blocks."""
+    from llmc.runtime.runner import RuntimeConfig
+
+    return RuntimeConfig(kernels=kernels, block_size=BLOCK_SIZE, max_num_seqs=batch,
+                         max_batched_tokens=batch * input_len,
+                         num_blocks=batch * -(-(input_len + output_len) // BLOCK_SIZE))
+
+
+def run_once(runner, prompts: list[list[int]], output_len: int) -> Sample:
+    """One generation of the batch through `runner`, timed (see the module docstring)."""
+    from llmc.runtime.sampler import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    gc.collect()
+    submitted = time.perf_counter()
+    reqs = [runner.add(p, params) for p in prompts]
+    first: dict[str, float] = {}
+    generated = prefill_steps = decode_steps = 0
+    start = now = time.perf_counter()
+    while len(first) < len(reqs) and runner.has_work:
+        events = runner.step()
+        now = time.perf_counter()
+        for e in events:
+            first.setdefault(e.request_id, now)
+        generated += len(events)
+        prefill_steps += 1
+    prefilled = now
+    while runner.has_work:
+        generated += len(runner.step())
+        decode_steps += 1
+    end = time.perf_counter()
+    if generated != len(prompts) * output_len:
+        raise RuntimeError(f"the batch generated {generated} tokens, not {len(prompts)} x {output_len}")
+    return Sample(batch=len(prompts), input_len=len(prompts[0]), output_len=output_len, generated_tokens=generated,
+                  prefill_steps=prefill_steps, decode_steps=decode_steps, prefill_s=prefilled - start,
+                  decode_s=end - prefilled, total_s=end - submitted,
+                  ttft_s=statistics.fmean(t - submitted for t in first.values()), loadavg_1m=os.getloadavg()[0])
+
+
+def bench_batch(model, prompts: list[list[int]], output_len: int, repeat: int, warmup: int, kernels: str | None,
+                on_run: OnRun | None) -> BatchResult:
+    """Warm-up and timed runs of one batch size through one Runner."""
+    from llmc.runtime.runner import Runner
+
+    batch = len(prompts)
+    runtime = runtime_for(batch, len(prompts[0]), output_len, kernels)
+    runner = Runner(model, runtime)
+    samples = []
+    for i in range(warmup + repeat):
+        sample = run_once(runner, prompts, output_len)
+        label = f"warm-up {i + 1}/{warmup}" if i < warmup else f"run {i - warmup + 1}/{repeat}"
+        if i >= warmup:
+            samples.append(sample)
+        if on_run is not None:
+            on_run(batch, label, sample)
+    return BatchResult(batch=batch, samples=samples, runtime=asdict(runtime), backend=runner.backend.report())
+
+
+def describe_model(path: Path | str) -> dict[str, Any]:
+    """What the result says about the model, from llmc.inspection.inspect."""
+    from llmc.inspection import inspect
+
+    r = inspect(path)
+    keys = ("path", "kind", "target", "architecture", "parameters", "layers", "hidden_size", "vocab_size",
+            "max_position_embeddings", "dtype", "compute_dtype", "kv_cache_dtype", "bytes_on_disk", "quantization")
+    return {k: getattr(r, k) for k in keys}
+
+
+def throughput(path: Path | str, batches=(1,), input_len: int = 128, output_len: int = 128, repeat: int = 3,
+               warmup: int = 1, threads: int | None = None, kernels: str | None = None,
+               on_run: OnRun | None = None) -> ThroughputResult:
+    """Measure prefill, decode and end-to-end speed and time to first token of the model at `path`
+    (checkpoint, quantized checkpoint or engine) at each batch size (the protocol in the module
+    docstring), with torch running `threads` threads (default: the cores this process may use; the
+    previous count is restored after) and the kernel set `kernels` (None: the target's default).
+    `on_run(batch, label, sample)` is called after every run, warm-up included."""
+    from llmc.bench.environment import environment
+    from llmc.loader import load_model
+
+    batches = check_options(batches, input_len, output_len, repeat, warmup, threads)
+    threads = threads or default_threads()
+    model_info = describe_model(path)
+    check_context(input_len, output_len, model_info["max_position_embeddings"])
+    model = load_model(path)
+    info = model.tokenizer.info
+    special = {*info.eos_token_ids, *([info.bos_token_id] if info.bos_token_id is not None else [])}
+    prompts = make_prompts(max(batches), input_len, model.arch.vocab_size, special)
+    config = {"batches": list(batches), "input_len": input_len, "output_len": output_len, "repeat": repeat,
+              "warmup": warmup, "threads": threads, "kernels": kernels, "block_size": BLOCK_SIZE,
+              "sampling": "greedy, EOS ignored", "prompt_seed": PROMPT_SEED,
+              "prompt_ids": f"uniform over [{FIRST_PROMPT_ID}, {model.arch.vocab_size}) minus BOS/EOS "
+                            f"{sorted(special)}; batch B uses the first B prompts"}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        env = environment(threads=torch.get_num_threads())
+        results = [bench_batch(model, prompts[:b], output_len, repeat, warmup, kernels, on_run) for b in batches]
+        env["loadavg_end"] = list(os.getloadavg())
+    finally:
+        torch.set_num_threads(previous)
+    backend = {k: v for k, v in results[0].backend.items() if k != "ops"}     # per-op counts: per batch size
+    return ThroughputResult(model=model_info, config=config, env=env, results=results,
+                            peak_rss_bytes=peak_rss_bytes(), backend=backend)
