@@ -38,7 +38,7 @@ def test_tokenizer_matches_transformers(transformers_greedy):
         assert model.tokenizer.encode(text) == tok(text).input_ids, repr(text)
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "reference"])
+@pytest.mark.parametrize("kernels", ["cpu", "reference", "native"])
 def test_same_greedy_continuation_everywhere(engine, transformers_greedy, kernels):
     ids, expected, tok = transformers_greedy
     params = SamplingParams(max_tokens=100)

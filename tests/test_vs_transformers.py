@@ -52,14 +52,15 @@ def test_prefill_logits_match(case):
     path, hf, model = case
     ids = prompt_ids(23, 0)
     ref = hf(torch.tensor([ids])).logits[0]
-    for kernels in ("cpu", "reference"):
+    for kernels in ("cpu", "reference", "native"):
         ours = forward_all(model, ids, kernels)
         err = (ours - ref).abs().max().item()
         assert err <= MODEL_VS_TRANSFORMERS_ATOL, f"{kernels}: max abs {err:.2e}"
 
 
 @torch.no_grad()
-def test_incremental_decode_matches(case):
+@pytest.mark.parametrize("kernels", ["cpu", "native"])
+def test_incremental_decode_matches(case, kernels):
     """Prefill 11 tokens, then 16 single-token steps through the paged cache (block size 4, blocks
     deliberately out of order), each against transformers' logits at that position."""
     path, hf, model = case
@@ -68,7 +69,7 @@ def test_incremental_decode_matches(case):
     for _ in range(16):                                   # transformers' greedy continuation
         ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
     ref = hf(torch.tensor([ids])).logits[0]
-    ex = backend(model, "cpu")
+    ex = backend(model, kernels)
     kv = PagedKVCache(KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim), num_blocks=12, block_size=4)
     table = [9, 2, 7, 0, 11, 4, 5, 1]
     n0 = 11

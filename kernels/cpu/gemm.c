@@ -10,7 +10,7 @@
 
 /* The interface version llmc checks after loading this library (native.ABI_VERSION): bump both
  * when an exported function is added, removed or changes its signature. */
-#define LLMC_ABI_VERSION 1
+#define LLMC_ABI_VERSION 2
 
 int llmc_abi_version(void) { return LLMC_ABI_VERSION; }
 
@@ -47,12 +47,15 @@ DEFINE_BLOCK(2)
 DEFINE_BLOCK(3)
 DEFINE_BLOCK(4)
 
-/* one dot product; the simd reduction lets the compiler vectorise and reassociate */
+/* one dot product, summed exactly as the blocks above sum each of theirs (16 lanes, then the lanes in
+ * order, then the tail), so a row's result does not depend on how many rows the call has */
 static inline float dot(const float *a, const float *b, int64_t K) {
-    float acc = 0.0f;
-    #pragma omp simd reduction(+:acc)
-    for (int64_t k = 0; k < K; k++) acc += a[k] * b[k];
-    return acc;
+    vf acc = {0};
+    int64_t kv = K - K % VL;
+    for (int64_t k = 0; k < kv; k += VL) acc += *(const vf *)(a + k) * *(const vf *)(b + k);
+    float s = hsum(acc);
+    for (int64_t k = kv; k < K; k++) s += a[k] * b[k];
+    return s;
 }
 
 void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y,
@@ -60,7 +63,10 @@ void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y
 {
     if (M == 1) {                       /* a plain streaming dot per weight row is fastest here */
         #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t n = 0; n < N; n++) y[n] = dot(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
+        for (int64_t n = 0; n < N; n++) {
+            y[n] = dot(x, w + n * K, K);
+            if (bias) y[n] += bias[n];
+        }
         return;
     }
     int64_t nfull = N / NB;

@@ -46,10 +46,10 @@ from torch import Tensor
 
 from llmc.io import removed_on_failure
 
-SOURCE = Path(__file__).with_name("gemm.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "step.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 MAX_ROWS = 8             # above this, torch's GEMM (MKL/oneDNN) is as fast or faster (benchmarked)
-ABI_VERSION = 1          # what gemm.c's llmc_abi_version() returns: bump both when an export changes
+ABI_VERSION = 2          # what gemm.c's llmc_abi_version() returns: bump both when an export changes
 LIB_NAME = "libllmc_cpu.so"
 DIGEST_NAME = LIB_NAME + ".sha256"
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -59,6 +59,7 @@ SIGNATURES = {           # every export llmc calls: (argtypes, restype)
     "llmc_linear_i8": ([_P] * 5 + [_I64] * 3 + [_INT], None),
     "llmc_linear_i4g": ([_P] * 6 + [_I64] * 4 + [_INT], None),
     "llmc_dequant_i4g": ([_P] * 4 + [_I64] * 3 + [_INT], None),
+    "llmc_step": ([_P, _P], None),
 }
 _HOST = socket.gethostname()
 _TEMP = re.compile(rf"\.(?:{re.escape(LIB_NAME)}|{re.escape(DIGEST_NAME)})\.{re.escape(_HOST)}\.(?P<pid>\d+)\.tmp")
@@ -128,7 +129,7 @@ def _cpu_signature() -> str:
 
 
 def _cache_key(cc: str) -> str:
-    parts = (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cc.encode(), _cpu_signature().encode(),
+    parts = (*(f.read_bytes() for f in SOURCES), " ".join(FLAGS).encode(), cc.encode(), _cpu_signature().encode(),
              f"abi {ABI_VERSION}".encode())
     return hashlib.sha256(b"".join(parts)).hexdigest()[:16]
 
@@ -285,10 +286,10 @@ def _build(d: Path, cc: str) -> ctypes.CDLL:
 
 
 def _compile(cc: str, out: Path) -> None:
-    r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+    r = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"], capture_output=True, text=True)
     if r.returncode != 0:
         last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit status {r.returncode}"
-        raise _Unavailable(f"compiling {SOURCE.name} failed: {last}")
+        raise _Unavailable(f"compiling {' and '.join(f.name for f in SOURCES)} failed: {last}")
     os.chmod(out, 0o700)                            # the linker may have recreated the file
 
 

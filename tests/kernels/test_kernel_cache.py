@@ -34,7 +34,8 @@ print(lib.llmc_abi_version())
 
 def _stub_source(abi: int, dequant: bool = True, marker: Path | None = None) -> str:
     lines = [f"int llmc_abi_version(void) {{ return {abi}; }}",
-             "void llmc_linear_f32(void) {}", "void llmc_linear_i8(void) {}", "void llmc_linear_i4g(void) {}"]
+             "void llmc_linear_f32(void) {}", "void llmc_linear_i8(void) {}", "void llmc_linear_i4g(void) {}",
+             "void llmc_step(void) {}"]
     if dequant:
         lines.append("void llmc_dequant_i4g(void) {}")
     if marker is not None:                          # a planted library's constructor runs as the caller
@@ -99,7 +100,7 @@ def stub(tmp_path, monkeypatch) -> Path:
     """native builds a stub with gemm.c's symbols instead of gemm.c: the same cache logic, in 0.1 s."""
     src = tmp_path / "stub.c"
     src.write_text(_stub_source(ABI))
-    monkeypatch.setattr(native, "SOURCE", src)
+    monkeypatch.setattr(native, "SOURCES", (src,))
     return src
 
 

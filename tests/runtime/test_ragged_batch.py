@@ -50,13 +50,13 @@ def mixed_vs_alone(model, kernels: str) -> list[float]:
             for row, s in enumerate((A, B, C, D, E))]
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "reference"])
+@pytest.mark.parametrize("kernels", ["cpu", "reference", "native"])
 def test_mixed_batch_matches_each_sequence_alone(random_model, kernels):
     errs = mixed_vs_alone(random_model, kernels)
     assert max(errs) <= RAGGED_VS_ALONE_ATOL, [f"{e:.2e}" for e in errs]
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "reference"])
+@pytest.mark.parametrize("kernels", ["cpu", "reference", "native"])
 def test_mixed_batch_on_the_golden_model(model, kernels):
     # The golden model's logits reach |15|, where fp32 GEMMs of different row counts differ by
     # ~10 ULP (~1e-5) even with the reference kernels: the bound scales with the logits.

@@ -1,0 +1,257 @@
+/* llmc native executor: one call runs a whole step of the optimised Graph over a ragged batch.
+ *
+ * Python lowers the Graph once, at load, to a plan (llmc/backends/native.py): an array of ops over
+ * values that live in one workspace (a value is `width` floats per row, `ld` apart, at `off`), with
+ * the weights laid out for the kernels (fused q/k/v and gate/up matrices concatenated). Each step
+ * passes the batch (tokens, positions, KV slots, per sequence its rows, context and block table) and
+ * gets the logits of the rows that sample. Every op has a reference twin in kernels/reference/, and
+ * tests/kernels/test_native_step.py holds the two to stated tolerances.
+ *
+ * Batch invariance: every row is computed on its own, in a fixed order that does not depend on the
+ * other rows or on where the row lands (the linears accumulate each row the same way whatever the
+ * number of rows; attention runs per sequence and head), so a request's logits are bit-identical
+ * whatever else is in the batch.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y,
+                     int64_t M, int64_t N, int64_t K, int nthreads);
+void llmc_linear_i8(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
+                    int64_t M, int64_t N, int64_t K, int nthreads);
+void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
+                     const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads);
+
+enum { OP_EMBED = 1, OP_RMS_NORM, OP_ADD, OP_ADD_RMS_NORM, OP_LINEAR, OP_SILU_MUL, OP_GATE_UP_SILU,
+       OP_ROPE, OP_ATTENTION, OP_LOGITS };
+enum { W_F32 = 0, W_I8 = 1, W_I4 = 2 };
+
+typedef struct { int64_t off, ld, width; } llmc_val;
+
+typedef struct {
+    int64_t kind, n, k, group;          /* W_*; logical [n, k]; int4 group size */
+    const void *data;                    /* f32 [n, k] | int8 [n, k] | packed uint4 [n, ceil(k/2)] */
+    const float *scale;                  /* int8 [n]; int4 [n, G] */
+    const uint8_t *zero;                 /* int4 [n, G] */
+    const float *bias;                   /* [n] or NULL */
+} llmc_weight;
+
+typedef struct {
+    int64_t op;
+    int64_t in[3], out[2];               /* value ids (-1: none) */
+    llmc_weight w;                       /* linears, logits, embed (table: data), norms (data: weight [group]) */
+    int64_t i[6];                        /* norm: group | rope: head_dim | attention: layer, heads, kv heads,
+                                            head_dim, window (0: none) | gate_up: intermediate size */
+    double f[2];                         /* norm: eps | attention: scale */
+    const float *cos, *sin;              /* rope: tables [max_positions, head_dim / 2] */
+} llmc_op;
+
+typedef struct {
+    int64_t nops;
+    const llmc_op *ops;
+    const llmc_val *vals;
+    float *ws;                            /* the workspace every value lives in */
+    float *const *k_cache, *const *v_cache;   /* per layer: [num_blocks, block_size, kv_heads, head_dim] */
+    int64_t block_size;
+    int nthreads;
+} llmc_plan;
+
+typedef struct {
+    int64_t T, S;                         /* rows, sequences */
+    const int64_t *tokens, *positions, *slots;           /* [T] */
+    const int64_t *q_start, *q_len, *ctx_len;            /* [S] */
+    const int64_t *block_tables;                          /* [S, max_blocks] */
+    int64_t max_blocks;
+    int64_t nlogits;
+    const int64_t *logit_rows;                            /* [nlogits] */
+    float *logits;                                        /* [nlogits, vocab] */
+} llmc_batch;
+
+#define V(p, id) (&(p)->vals[id])
+#define ROW(p, id, r) ((p)->ws + V(p, id)->off + (r) * V(p, id)->ld)
+
+/* the linear of one weight over M dense rows into y [M, n]; the kernels of gemm.c accumulate each
+ * row in the same order whatever M is */
+static void linear(const llmc_weight *w, const float *x, float *y, int64_t M, int nt) {
+    switch (w->kind) {
+        case W_F32: llmc_linear_f32(x, (const float *)w->data, w->bias, y, M, w->n, w->k, nt); break;
+        case W_I8: llmc_linear_i8(x, (const int8_t *)w->data, w->scale, w->bias, y, M, w->n, w->k, nt); break;
+        case W_I4: llmc_linear_i4g(x, (const uint8_t *)w->data, w->scale, w->zero, w->bias, y, M, w->n, w->k,
+                                   w->group, nt); break;
+    }
+}
+
+/* x / rms(x) * weight over consecutive groups of `group` features; the sum of squares in float, in
+ * order (the reference computes it in fp32 too) */
+static void rms_norm_row(const float *x, const float *weight, float *y, int64_t width, int64_t group, double eps) {
+    for (int64_t g0 = 0; g0 < width; g0 += group) {
+        float ss = 0.0f;
+        for (int64_t j = 0; j < group; j++) ss += x[g0 + j] * x[g0 + j];
+        float r = 1.0f / sqrtf(ss / (float)group + (float)eps);
+        for (int64_t j = 0; j < group; j++) y[g0 + j] = weight[j] * (x[g0 + j] * r);
+    }
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* rotate-half rope of `heads` heads of d at one position, from the tables */
+static void rope_row(const float *x, float *y, int64_t heads, int64_t d, const float *c, const float *s) {
+    int64_t half = d / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        const float *xh = x + h * d;
+        float *yh = y + h * d;
+        for (int64_t j = 0; j < half; j++) {
+            float a = xh[j], b = xh[j + half];
+            yh[j] = a * c[j] - b * s[j];
+            yh[j + half] = b * c[j] + a * s[j];
+        }
+    }
+}
+
+/* attention of one query row (head h) over its sequence's keys [lo, pos] through the block table */
+static void attend_row(const float *q, float *out, const float *kc, const float *vc, const int64_t *table,
+                       int64_t lo, int64_t pos, int64_t bs, int64_t kvh, int64_t kv, int64_t d, float scale,
+                       float *scores) {
+    float mx = -INFINITY;
+    for (int64_t j = lo; j <= pos; j++) {
+        const float *kj = kc + ((table[j / bs] * bs + j % bs) * kvh + kv) * d;
+        float s = 0.0f;
+        for (int64_t e = 0; e < d; e++) s += q[e] * kj[e];
+        s *= scale;
+        scores[j - lo] = s;
+        if (s > mx) mx = s;
+    }
+    float sum = 0.0f;
+    for (int64_t j = lo; j <= pos; j++) sum += (scores[j - lo] = expf(scores[j - lo] - mx));
+    for (int64_t e = 0; e < d; e++) out[e] = 0.0f;
+    for (int64_t j = lo; j <= pos; j++) {
+        const float *vj = vc + ((table[j / bs] * bs + j % bs) * kvh + kv) * d;
+        float p = scores[j - lo] / sum;
+        for (int64_t e = 0; e < d; e++) out[e] += p * vj[e];
+    }
+}
+
+static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
+    int64_t layer = o->i[0], H = o->i[1], KVH = o->i[2], d = o->i[3], window = o->i[4], bs = p->block_size;
+    float *kc = p->k_cache[layer], *vc = p->v_cache[layer];
+    for (int64_t t = 0; t < b->T; t++) {                  /* this step's keys and values into the cache */
+        int64_t slot = b->slots[t];
+        memcpy(kc + slot * KVH * d, ROW(p, o->in[1], t), sizeof(float) * (size_t)(KVH * d));
+        memcpy(vc + slot * KVH * d, ROW(p, o->in[2], t), sizeof(float) * (size_t)(KVH * d));
+    }
+    int64_t longest = 0;
+    for (int64_t s = 0; s < b->S; s++) longest = b->ctx_len[s] > longest ? b->ctx_len[s] : longest;
+    int64_t group = H / KVH, units = 0;
+    for (int64_t s = 0; s < b->S; s++) units += b->q_len[s] * H;
+    #pragma omp parallel num_threads(p->nthreads)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(longest > 0 ? longest : 1));
+        #pragma omp for schedule(dynamic, 4)
+        for (int64_t u = 0; u < units; u++) {             /* one (row, head) pair each */
+            int64_t s = 0, rest = u;
+            while (rest >= b->q_len[s] * H) rest -= b->q_len[s++] * H;
+            int64_t i = rest / H, h = rest % H, t = b->q_start[s] + i;
+            int64_t pos = b->ctx_len[s] - b->q_len[s] + i;
+            int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+            attend_row(ROW(p, o->in[0], t) + h * d, ROW(p, o->out[0], t) + h * d, kc, vc,
+                       b->block_tables + s * b->max_blocks, lo, pos, bs, KVH, h / group, d, (float)o->f[1], scores);
+        }
+        free(scores);
+    }
+}
+
+/* a dense copy of value `id`'s rows (for a linear whose input is a view of a wider value) */
+static const float *dense_rows(const llmc_plan *p, int64_t id, int64_t T, float **scratch) {
+    const llmc_val *v = V(p, id);
+    if (v->ld == v->width) return p->ws + v->off;
+    *scratch = malloc(sizeof(float) * (size_t)(T * v->width));
+    for (int64_t t = 0; t < T; t++) memcpy(*scratch + t * v->width, ROW(p, id, t), sizeof(float) * (size_t)v->width);
+    return *scratch;
+}
+
+static void run_op(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
+    int64_t T = b->T;
+    int nt = p->nthreads;
+    switch (o->op) {
+    case OP_EMBED: {
+        int64_t width = V(p, o->out[0])->width;
+        for (int64_t t = 0; t < T; t++)
+            memcpy(ROW(p, o->out[0], t), (const float *)o->w.data + b->tokens[t] * width, sizeof(float) * (size_t)width);
+        break;
+    }
+    case OP_RMS_NORM: {
+        int64_t width = V(p, o->out[0])->width;
+        #pragma omp parallel for num_threads(nt) schedule(static) if (T > 16)
+        for (int64_t t = 0; t < T; t++)
+            rms_norm_row(ROW(p, o->in[0], t), (const float *)o->w.data, ROW(p, o->out[0], t), width, o->i[0], o->f[0]);
+        break;
+    }
+    case OP_ADD: case OP_ADD_RMS_NORM: {
+        int64_t width = V(p, o->in[0])->width, hid = o->op == OP_ADD ? o->out[0] : o->out[1];
+        #pragma omp parallel for num_threads(nt) schedule(static) if (T > 16)
+        for (int64_t t = 0; t < T; t++) {
+            const float *x = ROW(p, o->in[0], t), *r = ROW(p, o->in[1], t);
+            float *h = ROW(p, hid, t);
+            for (int64_t j = 0; j < width; j++) h[j] = x[j] + r[j];
+            if (o->op == OP_ADD_RMS_NORM)
+                rms_norm_row(h, (const float *)o->w.data, ROW(p, o->out[0], t), width, o->i[0], o->f[0]);
+        }
+        break;
+    }
+    case OP_LINEAR: {
+        float *scratch = NULL;
+        linear(&o->w, dense_rows(p, o->in[0], T, &scratch), ROW(p, o->out[0], 0), T, nt);
+        free(scratch);
+        break;
+    }
+    case OP_SILU_MUL: {
+        int64_t width = V(p, o->out[0])->width;
+        for (int64_t t = 0; t < T; t++) {
+            const float *g = ROW(p, o->in[0], t), *u = ROW(p, o->in[1], t);
+            float *y = ROW(p, o->out[0], t);
+            for (int64_t j = 0; j < width; j++) y[j] = silu(g[j]) * u[j];
+        }
+        break;
+    }
+    case OP_GATE_UP_SILU: {                               /* one matmul into [T, 2I], then silu(g) * u */
+        int64_t I = o->i[0];
+        float *gu = malloc(sizeof(float) * (size_t)(T * 2 * I)), *scratch = NULL;
+        linear(&o->w, dense_rows(p, o->in[0], T, &scratch), gu, T, nt);
+        #pragma omp parallel for num_threads(nt) schedule(static) if (T > 4)
+        for (int64_t t = 0; t < T; t++) {
+            float *y = ROW(p, o->out[0], t);
+            for (int64_t j = 0; j < I; j++) y[j] = silu(gu[t * 2 * I + j]) * gu[t * 2 * I + I + j];
+        }
+        free(gu);
+        free(scratch);
+        break;
+    }
+    case OP_ROPE: {
+        int64_t d = o->i[0], half = d / 2;
+        for (int64_t t = 0; t < T; t++) {
+            const float *c = o->cos + b->positions[t] * half, *s = o->sin + b->positions[t] * half;
+            for (int k = 0; k < 2; k++)
+                rope_row(ROW(p, o->in[k], t), ROW(p, o->out[k], t), V(p, o->in[k])->width / d, d, c, s);
+        }
+        break;
+    }
+    case OP_ATTENTION:
+        attention(p, o, b);
+        break;
+    case OP_LOGITS: {                                     /* only the rows that sample */
+        int64_t width = V(p, o->in[0])->width;
+        float *rows = malloc(sizeof(float) * (size_t)(b->nlogits * width));
+        for (int64_t r = 0; r < b->nlogits; r++)
+            memcpy(rows + r * width, ROW(p, o->in[0], b->logit_rows[r]), sizeof(float) * (size_t)width);
+        linear(&o->w, rows, b->logits, b->nlogits, nt);
+        free(rows);
+        break;
+    }
+    }
+}
+
+void llmc_step(const llmc_plan *p, const llmc_batch *b) {
+    for (int64_t i = 0; i < p->nops; i++) run_op(p, &p->ops[i], b);
+}

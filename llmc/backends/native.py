@@ -1,0 +1,272 @@
+"""The native executor of the cpu target: the optimised Graph lowered, once at load, to a plan that
+`kernels/cpu/step.c` runs for a whole ragged batch in one call per step.
+
+Lowering: every value of the graph gets a place in one workspace of `capacity` rows (values whose
+lives do not overlap share columns; q, k and v are column ranges of the fused qkv output), and
+every node becomes an op with its weights laid out for the kernels (the q/k/v and gate/up matrices
+concatenated, as the cpu kernel set does). The plan holds pointers into tensors this object keeps
+alive. Per step, Python only packs the batch (tokens, positions, slots, per sequence its rows,
+context and block table) into arrays.
+
+What it runs: float32 models whose matrices are float32, int8 per channel or int4 group-wise
+(weight-only), with a float32 KV cache, every op the decoder builder and the default passes emit.
+`unsupported(model)` says why anything else cannot run here (activation-quantized weights, a
+quantized KV cache, 16-bit compute, no C compiler); the cpu kernel set runs those.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmc.errors import ConfigError
+from llmc.engine import RUNTIME_INPUTS
+from llmc.ir import OPS, Graph
+from llmc.kernels.cpu import native
+from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
+from llmc.quantized.formats import QuantizedWeight
+from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
+
+_I64, _P, _D = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
+OP_CODES = {"embed": 1, "rms_norm": 2, "add": 3, "add_rms_norm": 4, "linear": 5, "qkv_linear": 5, "silu_mul": 6,
+            "gate_up_silu": 7, "rope": 8, "attention": 9, "logits": 10}
+W_F32, W_I8, W_I4 = 0, 1, 2
+WEIGHT_KINDS = {"int8/channel": W_I8, "int4/group": W_I4, "int4/group-asym": W_I4}   # TensorQuant.key -> kind
+
+
+class Val(ctypes.Structure):
+    _fields_ = [("off", _I64), ("ld", _I64), ("width", _I64)]
+
+
+class Weight(ctypes.Structure):
+    _fields_ = [("kind", _I64), ("n", _I64), ("k", _I64), ("group", _I64), ("data", _P), ("scale", _P),
+                ("zero", _P), ("bias", _P)]
+
+
+class Op(ctypes.Structure):
+    _fields_ = [("op", _I64), ("inp", _I64 * 3), ("out", _I64 * 2), ("w", Weight), ("i", _I64 * 6), ("f", _D * 2),
+                ("cos", _P), ("sin", _P)]
+
+
+class Plan(ctypes.Structure):
+    _fields_ = [("nops", _I64), ("ops", ctypes.POINTER(Op)), ("vals", ctypes.POINTER(Val)), ("ws", _P),
+                ("k_cache", _P), ("v_cache", _P), ("block_size", _I64), ("nthreads", ctypes.c_int)]
+
+
+class Batch(ctypes.Structure):
+    _fields_ = [("T", _I64), ("S", _I64), ("tokens", _P), ("positions", _P), ("slots", _P), ("q_start", _P),
+                ("q_len", _P), ("ctx_len", _P), ("block_tables", _P), ("max_blocks", _I64), ("nlogits", _I64),
+                ("logit_rows", _P), ("logits", _P)]
+
+
+def unsupported(model) -> str | None:
+    """Why the native executor cannot run `model`, or None."""
+    if native.library() is None:
+        return f"the native library is unavailable ({native.status()['error']})"
+    if model.dtype != torch.float32:
+        return f"it runs float32 models, not {str(model.dtype).removeprefix('torch.')}"
+    if model.kv_dtype != torch.float32:
+        return "it runs a float32 KV cache, not a quantized one"
+    fmt_of = getattr(model.weights, "quantized_format", lambda name: None)
+    for n in model.graph.nodes:
+        if n.op not in OP_CODES:
+            return f"it has no kernel for op {n.op!r}"
+        if n.op == "attention" and len(n.inputs) > 3:
+            return "it runs no KV-cache scales"
+        for w in n.inputs[OPS[n.op].num_values:]:
+            f = fmt_of(w)
+            if f is not None and (f[1] is not None or f[0].key not in WEIGHT_KINDS):
+                return f"it runs int8 per-channel and int4 group-wise weights, not {f[0].key}" + \
+                       ("" if f[1] is None else f" with {f[1].key} inputs")
+    return None
+
+
+@dataclass
+class _Place:
+    off: int          # in columns: the region starts at off * capacity floats, a view inside its parent
+    width: int
+    ld: int           # row stride: the width of the region it lives in
+    view: int = 0     # a view's column offset inside its parent's rows
+
+
+def _layout(steps: list[tuple[tuple[str, ...], tuple[str, ...]]], widths: dict[str, int],
+            views: dict[str, tuple[str, int]]) -> tuple[dict[str, _Place], int]:
+    """Places for the values the steps (reads, writes) touch: each value that owns storage gets a
+    dense region of `width` columns (capacity rows each), reused first-fit once its last reader has
+    run; a view (q, k, v) lives in its parent's rows at a column offset. Returns the places and the
+    workspace's width in columns."""
+    def owner(v: str) -> str:
+        return views[v][0] if v in views else v
+    last = {owner(v): i for i, (reads, _) in enumerate(steps) for v in reads}
+    free: list[tuple[int, int]] = []                      # released (column, width) ranges
+    places: dict[str, _Place] = {}
+    top = 0
+    for i, (reads, writes) in enumerate(steps):
+        for v in writes:
+            if v in views:
+                parent, col = views[v]
+                places[v] = _Place(places[parent].off, widths[v], places[parent].ld, col)
+                continue
+            w = widths[v]
+            spot = next((j for j, (_, fw) in enumerate(free) if fw >= w), None)
+            if spot is None:
+                col, top = top, top + w
+            else:
+                col, fw = free.pop(spot)
+                if fw > w:
+                    free.append((col + w, fw - w))
+            places[v] = _Place(col, w, w)
+        done = {owner(v) for v in reads if last[owner(v)] == i} | {v for v in writes if v not in views and v not in last}
+        free += [(places[v].off, places[v].width) for v in done if v in places]
+    return places, top
+
+
+class NativeBackend:
+    """The cpu target's native executor: `forward(batch, kv) -> logits`, one native call per step."""
+
+    kernels = "native"
+
+    def __init__(self, model, target: str, device: torch.device | str, capacity: int = 256) -> None:
+        why = unsupported(model)
+        if why is not None:
+            raise ConfigError(f"the native executor cannot run {model.path}: {why}", hint="use --kernels cpu")
+        if torch.device(device).type != "cpu":
+            raise ConfigError(f"the native executor runs on cpu, not {device}")
+        self.target, self.device, self.model = target, torch.device(device), model
+        a = model.arch
+        self.kv_spec = KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, torch.float32)
+        self._keep: list[Any] = []                     # every tensor a pointer in the plan refers to
+        self._calls = 0
+        self._build(model.graph, capacity)
+        self._kv: tuple[int, Any, Any] | None = None
+
+    # ---- lowering ---------------------------------------------------------------------------------
+    def _tensor(self, t: torch.Tensor) -> int:
+        t = t.contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _weight(self, w: Any, bias: torch.Tensor | None = None) -> Weight:
+        b = self._tensor(bias.float()) if bias is not None else None
+        if isinstance(w, QuantizedWeight):
+            kind = WEIGHT_KINDS[w.fmt.key]
+            return Weight(kind, w.shape[0], w.shape[1], w.fmt.group_size or 0, self._tensor(w.data),
+                          self._tensor(w.scale.float()), self._tensor(w.zero) if w.zero is not None else None, b)
+        w = w.float()
+        return Weight(W_F32, w.shape[0], w.shape[1], 0, self._tensor(w), None, None, b)
+
+    def _stacked(self, ws: list[Any], bs: list[torch.Tensor]) -> Weight:
+        w = QuantizedWeight.cat_rows(ws) if isinstance(ws[0], QuantizedWeight) else torch.cat([x.float() for x in ws])
+        return self._weight(w, torch.cat(bs) if bs else None)
+
+    def _build(self, graph: Graph, capacity: int) -> None:
+        from llmc.ir import verify
+        shapes = verify(graph, self.model.weight_shapes())
+        widths = {v: s[-1] for v, s in shapes.items() if v not in RUNTIME_INPUTS}
+        views: dict[str, tuple[str, int]] = {}
+        steps = []
+        for n in graph.nodes:
+            reads = tuple(v for v in n.inputs[: OPS[n.op].num_values] if v not in RUNTIME_INPUTS)
+            writes = tuple(v for v in n.outputs if v not in graph.outputs)
+            if n.op == "qkv_linear":                  # one matmul into a fused value; q, k, v are its columns
+                fused, col = _fused(n), 0
+                widths[fused] = sum(widths[v] for v in n.outputs)
+                for v in n.outputs:
+                    views[v] = (fused, col)
+                    col += widths[v]
+                writes = (fused,) + writes
+            steps.append((reads, writes))
+        self._places, self._columns = _layout(steps, widths, views)
+        self._names = {v: i for i, v in enumerate(self._places)}
+        self._graph = graph
+        self._ops = (Op * len(graph.nodes))(*(self._op(n) for n in graph.nodes))
+        self._resize(capacity)
+
+    def _op(self, n) -> Op:
+        get = self.model.weights.get
+        spec = OPS[n.op]
+        values, weights = n.inputs[: spec.num_values], [get(w) for w in n.inputs[spec.num_values:]]
+        ids = [self._names.get(v, -1) for v in values] + [-1] * (3 - len(values))
+        outs = n.outputs if n.op != "qkv_linear" else (_fused(n),)
+        o = Op(op=OP_CODES[n.op])
+        o.inp[:] = ids[:3]
+        o.out[:] = [self._names.get(v, -1) for v in outs] + [-1] * (2 - len(outs))
+        a = n.attr_dict
+        if n.op in ("rms_norm", "add_rms_norm"):
+            o.w = Weight(W_F32, 0, 0, 0, self._tensor(weights[0].float()), None, None, None)
+            o.i[0], o.f[0] = a["group"], a["eps"]
+        elif n.op == "embed":
+            o.w = Weight(W_F32, 0, 0, 0, self._tensor(weights[0].float()), None, None, None)
+        elif n.op in ("linear", "logits"):
+            o.w = self._weight(weights[0], weights[1] if len(weights) > 1 else None)
+        elif n.op == "qkv_linear":
+            o.w = self._stacked(weights[:3], weights[3:])
+        elif n.op == "gate_up_silu":
+            o.w = self._stacked(weights, [])
+            o.i[0] = weights[0].shape[0]
+        elif n.op == "rope":
+            params = {k: v for k, v in a.items() if k != "head_dim"}
+            positions = torch.arange(self.model.arch.max_position_embeddings)
+            cos, sin = rope_cos_sin(positions, rope_inv_freq(a["head_dim"], **params))
+            half = a["head_dim"] // 2
+            o.cos, o.sin = self._tensor(cos[:, :half]), self._tensor(sin[:, :half])
+            o.i[0] = a["head_dim"]
+        elif n.op == "attention":
+            o.i[:5] = [a["layer"], a["num_heads"], a["num_kv_heads"], a["head_dim"], a["sliding_window"] or 0]
+            o.f[1] = a["scale"]
+        return o
+
+    def _resize(self, capacity: int) -> None:
+        """A workspace for `capacity` rows, and the values' places in it."""
+        self.capacity = capacity
+        self._ws = torch.empty(max(1, self._columns * capacity), dtype=torch.float32)
+        vals = [Val(p.off * capacity + p.view, p.ld, p.width) for p in self._places.values()]
+        self._vals = (Val * len(vals))(*vals)
+
+    # ---- running ----------------------------------------------------------------------------------
+    def allocate_kv(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        return PagedKVCache(self.kv_spec, num_blocks, block_size, self.device)
+
+    def _cache_pointers(self, kv: PagedKVCache) -> tuple[Any, Any]:
+        if self._kv is None or self._kv[0] is not kv:
+            ks = (_P * len(kv.k))(*(t.data_ptr() for t in kv.k))
+            vs = (_P * len(kv.v))(*(t.data_ptr() for t in kv.v))
+            self._kv = (kv, ks, vs)
+        return self._kv[1], self._kv[2]
+
+    @torch.inference_mode()
+    def forward(self, batch, kv: PagedKVCache) -> torch.Tensor:
+        t = len(batch.token_ids)
+        if t > self.capacity:
+            self._resize(max(t, 2 * self.capacity))
+        ks, vs = self._cache_pointers(kv)
+        plan = Plan(len(self._graph.nodes), self._ops, self._vals, self._ws.data_ptr(), ctypes.addressof(ks),
+                    ctypes.addressof(vs), kv.block_size, torch.get_num_threads())
+        starts = torch.tensor([0, *batch.query_lens], dtype=torch.int64).cumsum(0)[:-1]
+        q_len = torch.tensor(batch.query_lens, dtype=torch.int64)
+        ctx_len = torch.tensor(batch.context_lens, dtype=torch.int64)
+        width = max(len(b) for b in batch.block_tables)
+        tables = torch.zeros(batch.num_seqs, width, dtype=torch.int64)
+        for i, b in enumerate(batch.block_tables):
+            tables[i, : len(b)] = torch.tensor(b, dtype=torch.int64)
+        rows = batch.logit_rows if batch.logit_rows is not None else torch.arange(t)
+        rows = rows.to(torch.int64).contiguous()
+        logits = torch.empty(len(rows), self.model.arch.vocab_size, dtype=torch.float32)
+        tokens, positions, slots = batch.tokens.contiguous(), batch.positions.contiguous(), batch.slot_mapping.contiguous()
+        b = Batch(t, batch.num_seqs, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr(), starts.data_ptr(),
+                  q_len.data_ptr(), ctx_len.data_ptr(), tables.data_ptr(), width, len(rows), rows.data_ptr(),
+                  logits.data_ptr())
+        native.library().llmc_step(ctypes.byref(plan), ctypes.byref(b))
+        self._calls += 1
+        return logits
+
+    def report(self) -> dict[str, Any]:
+        ops = {n.op: {"kernels": "native", "variants": {"native step": self._calls}} for n in self._graph.nodes}
+        return {"target": self.target, "device": str(self.device), "kernels": self.kernels, "ops": ops}
+
+
+def _fused(node) -> str:
+    """The name of a qkv_linear node's fused output (q, k and v are views of it)."""
+    return node.outputs[0] + "+qkv"

@@ -1,0 +1,132 @@
+"""The native executor (one native call per step) against the reference kernels on every weight
+format it runs, greedy tokens on both golden models, batch invariance (a request's logits are
+bit-identical whatever else is in the batch and wherever its rows land), and a clear refusal of
+what it does not run. The loader families (bias, q/k norms, sliding windows, rope scalings) are
+covered by tests/test_vs_transformers.py and tests/runtime/test_ragged_batch.py, which run
+`native` beside `cpu` and `reference`."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llmc.backends.native import NativeBackend
+from llmc.errors import ConfigError
+from llmc.generation import generate
+from llmc.loader import load_model
+from llmc.quantized.formats import TensorQuant
+from llmc.quantized.scheme import QuantRecipe, resolve_scheme
+from llmc.runtime.batch import RaggedBatch
+from llmc.runtime.runner import RuntimeConfig
+from llmc.runtime.sampler import SamplingParams
+from tests.conftest import rtn
+from tests.helpers import GOLDEN, STORIES, backend, forward_all
+
+NATIVE_VS_REFERENCE_ATOL = 1e-4      # fp32 sums of up to a few hundred terms in another order, logits up to |15|
+STDLIB = GOLDEN / "stdlib-llama"
+PROMPTS = ["Once upon a time", "Tom and his dog", "The sun"]
+
+WEIGHT_FORMATS = {                   # every weight format the native executor runs (RTN on stories260K)
+    "w8a16": rtn("w8a16"),
+    "w4a16-g32": rtn("w4a16", group_size=32),
+    "w4a16-g48-asym": rtn("w4a16", group_size=48, symmetric=False),     # partial last groups (64 = 48 + 16)
+    "w4a16-g128": rtn("w4a16", group_size=128),                          # one partial group per row of 64 / 172
+}
+
+
+def ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1] + torch.randint(3, 500, (n - 1,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("fmt", ["fp32", *WEIGHT_FORMATS])
+def test_logits_and_greedy_tokens_match_the_reference(fmt, quantized_stories):
+    path = STORIES if fmt == "fp32" else quantized_stories(WEIGHT_FORMATS[fmt])[0]
+    model = load_model(path)
+    prompt = ids(37, 0)
+    err = (forward_all(model, prompt, "native") - forward_all(model, prompt, "reference")).abs().max().item()
+    assert err <= NATIVE_VS_REFERENCE_ATOL, f"{fmt}: max abs {err:.2e}"
+    p = SamplingParams(max_tokens=48)
+    tokens = {k: [c.token_ids for c in generate(None, PROMPTS, p, RuntimeConfig(kernels=k), model=model).completions]
+              for k in ("reference", "native")}
+    assert tokens["native"] == tokens["reference"]
+
+
+def test_greedy_tokens_on_the_second_golden_model(tmp_path):
+    model = load_model(STDLIB)
+    prompts = ["import os\nimport sys\n\ndef main(", "class Path:\n    def __init__(self"]
+    p = SamplingParams(max_tokens=40)
+    tokens = {k: [c.token_ids for c in generate(None, prompts, p, RuntimeConfig(kernels=k), model=model).completions]
+              for k in ("reference", "native")}
+    assert tokens["native"] == tokens["reference"]
+
+
+def _run(be, kv, seqs: list[tuple[list[int], int, int]], tables: list[list[int]], order: list[int]) -> dict[int, torch.Tensor]:
+    """One step: sequence i feeds tokens[start:stop] (its cache holds tokens[:start]); rows in
+    `order`. Returns every row's logits per sequence."""
+    batch = RaggedBatch(token_ids=[t for i in order for t in seqs[i][0][seqs[i][1]:seqs[i][2]]],
+                        query_lens=[seqs[i][2] - seqs[i][1] for i in order],
+                        context_lens=[seqs[i][2] for i in order], block_tables=[tables[i] for i in order],
+                        block_size=4, all_logits=True)
+    out, row, per_seq = be.forward(batch, kv), 0, {}
+    for i in order:
+        n = seqs[i][2] - seqs[i][1]
+        per_seq[i], row = out[row:row + n], row + n
+    return per_seq
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "w4a16-g32"])
+def test_batch_invariance(fmt, quantized_stories):
+    """20 random batch compositions (whole prefills, prefill chunks after cached context, decodes),
+    each request's logits bit-identical to its logits alone, with its blocks elsewhere in the cache."""
+    path = STORIES if fmt == "fp32" else quantized_stories(WEIGHT_FORMATS[fmt])[0]
+    be = backend(load_model(path), "native")
+    r = random.Random(fmt)
+    for composition in range(20):
+        seqs = []
+        for i in range(r.randint(1, 6)):
+            length = r.randint(2, 40)
+            cached = r.choice([0, r.randint(1, length - 1)])
+            new = r.choice([1, length - cached])                     # a decode step or the rest as one chunk
+            seqs.append((ids(length, 100 * composition + i), cached, cached + new))
+        alone = []
+        for s in seqs:                                               # each request alone, from block 0 up
+            kv = be.allocate_kv(16, 4)
+            table = list(range(10))
+            if s[1]:
+                _run(be, kv, [(s[0], 0, s[1])], [table], [0])
+            alone.append(_run(be, kv, [s], [table], [0])[0])
+        kv = be.allocate_kv(16 * len(seqs), 4)                       # together: other blocks, shuffled rows
+        free = list(range(16 * len(seqs)))
+        r.shuffle(free)
+        tables = [free[10 * i:10 * i + 10] for i in range(len(seqs))]
+        history = [i for i, s in enumerate(seqs) if s[1]]
+        if history:
+            _run(be, kv, [(s[0], 0, s[1]) for s in seqs], tables, r.sample(history, len(history)))
+        order = r.sample(range(len(seqs)), len(seqs))
+        together = _run(be, kv, seqs, tables, order)
+        for i in range(len(seqs)):
+            assert torch.equal(together[i], alone[i]), f"composition {composition}, request {i}: {seqs[i][1:]}"
+
+
+def test_a_step_larger_than_the_workspace_grows_it():
+    model = load_model(STORIES)
+    be = NativeBackend(model, "cpu", "cpu", capacity=4)
+    kv = be.allocate_kv(8, 4)
+    prompt = ids(23, 5)
+    out = be.forward(RaggedBatch(prompt, [23], [23], [list(range(6))], 4, all_logits=True), kv)
+    assert be.capacity >= 23
+    torch.testing.assert_close(out, forward_all(model, prompt, "reference"), rtol=0, atol=NATIVE_VS_REFERENCE_ATOL)
+
+
+@pytest.mark.parametrize("recipe,why", [
+    (QuantRecipe(scheme=resolve_scheme("w8a8")), "int8/channel with int8/token inputs"),
+    (QuantRecipe(scheme=resolve_scheme("w8a16"), kv_cache=TensorQuant(dtype="int8"), calib_samples=4,
+                 calib_seqlen=64), "quantized"),
+])
+def test_what_it_does_not_run_is_refused_clearly(recipe, why, quantized_stories):
+    model = load_model(quantized_stories(recipe)[0])
+    with pytest.raises(ConfigError, match=f"native executor cannot run .*{why}") as e:
+        backend(model, "native")
+    assert e.value.hint == "use --kernels cpu"
