@@ -47,15 +47,12 @@ DEFINE_BLOCK(2)
 DEFINE_BLOCK(3)
 DEFINE_BLOCK(4)
 
-/* one dot product, summed exactly as the blocks above sum each of theirs (16 lanes, then the lanes in
- * order, then the tail), so a row's result does not depend on how many rows the call has */
+/* one dot product; the simd reduction lets the compiler vectorise and reassociate */
 static inline float dot(const float *a, const float *b, int64_t K) {
-    vf acc = {0};
-    int64_t kv = K - K % VL;
-    for (int64_t k = 0; k < kv; k += VL) acc += *(const vf *)(a + k) * *(const vf *)(b + k);
-    float s = hsum(acc);
-    for (int64_t k = kv; k < K; k++) s += a[k] * b[k];
-    return s;
+    float acc = 0.0f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t k = 0; k < K; k++) acc += a[k] * b[k];
+    return acc;
 }
 
 void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y,
@@ -63,10 +60,7 @@ void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y
 {
     if (M == 1) {                       /* a plain streaming dot per weight row is fastest here */
         #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            y[n] = dot(x, w + n * K, K);
-            if (bias) y[n] += bias[n];
-        }
+        for (int64_t n = 0; n < N; n++) y[n] = dot(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
         return;
     }
     int64_t nfull = N / NB;
@@ -87,6 +81,19 @@ void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y
     if (bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
+}
+
+/* The same product with every output a `dot` of its own, so each row's result is bit-identical
+ * whatever the other rows are (the native executor's batch invariance); the weight row stays in L1
+ * while the rows of x pass over it, so memory traffic is still one read of w. */
+void llmc_linear_f32_rows(const float *x, const float *w, const float *bias, float *y,
+                          int64_t M, int64_t N, int64_t K, int nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const float *wn = w + n * K;
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = dot(x + m * K, wn, K) + (bias ? bias[n] : 0.0f);
+    }
 }
 
 /* ---- weight-only quantized linears: the weight stays packed in memory and each 16-value piece is

@@ -17,8 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y,
-                     int64_t M, int64_t N, int64_t K, int nthreads);
+void llmc_linear_f32_rows(const float *x, const float *w, const float *bias, float *y,
+                          int64_t M, int64_t N, int64_t K, int nthreads);
 void llmc_linear_i8(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
                     int64_t M, int64_t N, int64_t K, int nthreads);
 void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
@@ -72,11 +72,11 @@ typedef struct {
 #define V(p, id) (&(p)->vals[id])
 #define ROW(p, id, r) ((p)->ws + V(p, id)->off + (r) * V(p, id)->ld)
 
-/* the linear of one weight over M dense rows into y [M, n]; the kernels of gemm.c accumulate each
+/* the linear of one weight over M dense rows into y [M, n]; these kernels of gemm.c accumulate each
  * row in the same order whatever M is */
 static void linear(const llmc_weight *w, const float *x, float *y, int64_t M, int nt) {
     switch (w->kind) {
-        case W_F32: llmc_linear_f32(x, (const float *)w->data, w->bias, y, M, w->n, w->k, nt); break;
+        case W_F32: llmc_linear_f32_rows(x, (const float *)w->data, w->bias, y, M, w->n, w->k, nt); break;
         case W_I8: llmc_linear_i8(x, (const int8_t *)w->data, w->scale, w->bias, y, M, w->n, w->k, nt); break;
         case W_I4: llmc_linear_i4g(x, (const uint8_t *)w->data, w->scale, w->zero, w->bias, y, M, w->n, w->k,
                                    w->group, nt); break;
