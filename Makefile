@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -P -m pytest -q
 
 demo: setup
 	$(LLMC) inspect golden/stories260K

@@ -14,8 +14,14 @@
 
 int llmc_abi_version(void) { return LLMC_ABI_VERSION; }
 
-typedef float vf __attribute__((vector_size(64), aligned(4)));   /* 16 floats, unaligned access */
+/* one vector register of floats: 16 with AVX-512, else 8 (AVX2: a wider generic vector would be split
+ * into halves that the int8/int4 widening has to pass through memory) */
+#if defined(__AVX512F__)
 #define VL 16
+#else
+#define VL 8
+#endif
+typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));   /* unaligned access */
 #define NB 4
 
 static inline float hsum(vf v) { float s = 0.0f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
@@ -96,7 +102,7 @@ void llmc_linear_f32_rows(const float *x, const float *w, const float *bias, flo
     }
 }
 
-/* ---- weight-only quantized linears: the weight stays packed in memory and each 16-value piece is
+/* ---- weight-only quantized linears: the weight stays packed in memory and each VL-value piece is
  * widened to floats in registers, once for up to 4 input rows, so memory traffic is the packed size
  * and no float copy of a row is written.
  * Reference: kernels/reference/dense.py linear over passes/quant/formats.py dequantize. */
@@ -106,17 +112,12 @@ void llmc_linear_f32_rows(const float *x, const float *w, const float *bias, flo
 #include <immintrin.h>
 #endif
 
-/* 16 int8 -> 16 floats (the compilers scalarise __builtin_convertvector from bytes, hence intrinsics) */
+/* VL int8 -> VL floats (the compilers scalarise __builtin_convertvector from bytes, hence intrinsics) */
 static inline vf widen_i8(const int8_t *p) {
 #if defined(__AVX512F__)
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 #elif defined(__AVX2__)
-    __m128i b = _mm_loadu_si128((const __m128i *)p);
-    __m256 h[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
-                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
-    vf r;
-    memcpy(&r, h, sizeof r);
-    return r;
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 #else
     vf r;
     for (int i = 0; i < VL; i++) r[i] = (float)p[i];
@@ -124,19 +125,16 @@ static inline vf widen_i8(const int8_t *p) {
 #endif
 }
 
-/* 16 bytes of packed uint4 -> their 16 low nibbles and 16 high nibbles as floats */
+/* VL bytes of packed uint4 -> their VL low nibbles and VL high nibbles as floats */
 static inline void widen_u4(const uint8_t *p, vf *lo, vf *hi) {
 #if defined(__AVX512F__)
     __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     *lo = (vf)_mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(15)));
     *hi = (vf)_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 4));
 #elif defined(__AVX2__)
-    __m128i b = _mm_loadu_si128((const __m128i *)p);
-    __m256i w0 = _mm256_cvtepu8_epi32(b), w1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), m = _mm256_set1_epi32(15);
-    __m256 l[2] = {_mm256_cvtepi32_ps(_mm256_and_si256(w0, m)), _mm256_cvtepi32_ps(_mm256_and_si256(w1, m))};
-    __m256 h[2] = {_mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 4))};
-    memcpy(lo, l, sizeof *lo);
-    memcpy(hi, h, sizeof *hi);
+    __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = (vf)_mm256_cvtepi32_ps(_mm256_and_si256(w, _mm256_set1_epi32(15)));
+    *hi = (vf)_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
 #else
     for (int i = 0; i < VL; i++) { (*lo)[i] = (float)(p[i] & 15); (*hi)[i] = (float)(p[i] >> 4); }
 #endif
@@ -184,14 +182,15 @@ void llmc_linear_i8(const float *x, const int8_t *q, const float *scale, const f
 
 /* packed uint4 [N, ceil(K/2)] (element 2i in the low nibble of byte i), scale and zero [N, G], groups
  * of gs along K:  y[m, n] = sum_g scale[n, g] * (sum_{k in g} x[m, k] * u[n, k] - zero[n, g] * xs[m, g])
- * with xs[m, g] = sum_{k in g} x[m, k]. Inside each group, pieces of 32 values (16 bytes) give their
- * even values from the low nibbles and their odd values from the high nibbles; the input is
- * de-interleaved to match once per call (xd: per piece, its 16 even values then its 16 odd ones).
+ * with xs[m, g] = sum_{k in g} x[m, k]. Inside each group, pieces of 2 * VL values (VL bytes) give
+ * their even values from the low nibbles and their odd values from the high nibbles; the input is
+ * de-interleaved to match once per call (xd: per piece, its VL even values then its VL odd ones).
  * The rest of a group (and every value when gs is odd, so pieces would not start on a byte) is
  * taken one value at a time. */
 static inline float nibble(const uint8_t *p, int64_t k) { return (float)((p[k >> 1] >> ((k & 1) * 4)) & 15); }
 
-static inline int64_t pieces(int64_t len, int64_t gs) { return gs % 2 ? 0 : len / 32; }
+#define PIECE (2 * VL)
+static inline int64_t pieces(int64_t len, int64_t gs) { return gs % 2 ? 0 : len / PIECE; }
 
 #define DEFINE_I4(MB)                                                                              \
 static void i4_rows_##MB(const float *xd, const float *xs, int64_t K, int64_t G, int64_t gs,       \
@@ -203,16 +202,16 @@ static void i4_rows_##MB(const float *xd, const float *xs, int64_t K, int64_t G,
         int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K, np = pieces(k1 - k0, gs);             \
         vf acc[MB] = {{0}};                                                                        \
         for (int64_t j = 0; j < np; j++) {                                                         \
-            int64_t kb = k0 + 32 * j;                                                              \
+            int64_t kb = k0 + PIECE * j;                                                           \
             vf lo, hi;                                                                             \
             widen_u4(pn + kb / 2, &lo, &hi);                                                       \
             for (int i = 0; i < MB; i++)                                                           \
-                acc[i] += *(const vf *)(xd + i * K + kb) * lo + *(const vf *)(xd + i * K + kb + 16) * hi; \
+                acc[i] += *(const vf *)(xd + i * K + kb) * lo + *(const vf *)(xd + i * K + kb + VL) * hi; \
         }                                                                                          \
         float s = sn[g], z = (float)zn[g];                                                         \
         for (int i = 0; i < MB; i++) {                                                             \
             float t = 0.0f;                                                                        \
-            for (int64_t k = k0 + 32 * np; k < k1; k++) t += xd[i * K + k] * nibble(pn, k);        \
+            for (int64_t k = k0 + PIECE * np; k < k1; k++) t += xd[i * K + k] * nibble(pn, k);     \
             tot[i] += s * acc[i];                                                                  \
             rest[i] += s * (t - z * xs[i * G + g]);                                                \
         }                                                                                          \
@@ -237,10 +236,10 @@ void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, 
             float sum = 0.0f;
             for (int64_t k = k0; k < k1; k++) { sum += xm[k]; dm[k] = xm[k]; }
             for (int64_t j = 0; j < np; j++)
-                for (int i = 0; i < 16; i++) {
-                    int64_t b = k0 + 32 * j;
+                for (int i = 0; i < VL; i++) {
+                    int64_t b = k0 + PIECE * j;
                     dm[b + i] = xm[b + 2 * i];
-                    dm[b + 16 + i] = xm[b + 2 * i + 1];
+                    dm[b + VL + i] = xm[b + 2 * i + 1];
                 }
             xs[m * G + g] = sum;
         }
