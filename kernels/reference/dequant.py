@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from llmc.quantized.formats import QuantizedWeight, grouped, ungrouped
+from llmc.quantized.formats import QuantizedWeight, decode, grouped, ungrouped
 
 
 def dequantize(qw: QuantizedWeight) -> Tensor:
-    """QuantizedWeight -> fp32 [N, K]: (code - zero) * scale, per channel, group or tensor."""
+    """QuantizedWeight -> fp32 [N, K]: the codes decoded, (code - zero) * scale, with the scale and
+    zero point of each channel, group or the whole tensor."""
     n, k = qw.shape
     fmt = qw.fmt
-    vals = fmt.number.unpack(qw.data, k).float()
+    codes = fmt.number.unpack(qw.data, k)
     if fmt.granularity == "group":
-        g = grouped(vals, fmt.group_size)
-        if qw.zero is not None:
-            g = g - qw.zero.float()[..., None]
-        return ungrouped(g * qw.scale[..., None], k)
-    if qw.zero is not None:
-        vals = vals - qw.zero.float()
-    return vals * qw.scale if fmt.granularity == "channel" else vals * qw.scale.reshape(())
+        zero = None if qw.zero is None else qw.zero[..., None]
+        return ungrouped(decode(grouped(codes.float(), fmt.group_size), qw.scale[..., None], zero), k)
+    scale = qw.scale if fmt.granularity == "channel" else qw.scale.reshape(())
+    return decode(codes, scale, qw.zero)
