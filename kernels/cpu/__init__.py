@@ -122,7 +122,7 @@ def _linear(ctx, x, weight, bias=None):
     return linear(ctx, x, weight, bias)
 
 
-def _concat_rows(weights, attrs):
+def concat_rows(weights, attrs=None):
     """(wq, wk, wv[, bq, bk, bv]) -> (w_cat[, b_cat], split sizes): one matmul instead of three."""
     n = len(weights) // 2 if len(weights) == 6 else len(weights)
     ws, bs = weights[:n], weights[n:]
@@ -135,7 +135,7 @@ def _concat_rows(weights, attrs):
     return fused + (sizes,)
 
 
-@register_kernel("qkv_linear", C, prepare=_concat_rows)
+@register_kernel("qkv_linear", C, prepare=concat_rows)
 def _qkv_linear(ctx, x, w, *rest):
     bias, sizes = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
     return linear(ctx, x, w, bias).split(sizes, dim=-1)
@@ -146,7 +146,7 @@ def _silu_mul(ctx, gate, up):
     return F.silu(gate).mul_(up)
 
 
-@register_kernel("gate_up_silu", C, prepare=_concat_rows)
+@register_kernel("gate_up_silu", C, prepare=concat_rows)
 def _gate_up_silu(ctx, x, w, sizes):
     gate, up = linear(ctx, x, w).split(sizes, dim=-1)
     return F.silu(gate).mul_(up)

@@ -23,8 +23,8 @@ import torch
 
 from llmc.errors import ConfigError
 from llmc.engine import RUNTIME_INPUTS
-from llmc.ir import OPS, Graph
-from llmc.kernels.cpu import native
+from llmc.ir import OPS, Graph, verify
+from llmc.kernels.cpu import concat_rows, native
 from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
 from llmc.quantized.formats import QuantizedWeight
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
@@ -140,7 +140,7 @@ class NativeBackend:
         self._keep: list[Any] = []                     # every tensor a pointer in the plan refers to
         self._calls = 0
         self._build(model.graph, capacity)
-        self._kv: tuple[int, Any, Any] | None = None
+        self._kv: tuple[PagedKVCache, Any, Any] | None = None     # the cache the pointer arrays are of
 
     # ---- lowering ---------------------------------------------------------------------------------
     def _tensor(self, t: torch.Tensor) -> int:
@@ -157,12 +157,12 @@ class NativeBackend:
         w = w.float()
         return Weight(W_F32, w.shape[0], w.shape[1], 0, self._tensor(w), None, None, b)
 
-    def _stacked(self, ws: list[Any], bs: list[torch.Tensor]) -> Weight:
-        w = QuantizedWeight.cat_rows(ws) if isinstance(ws[0], QuantizedWeight) else torch.cat([x.float() for x in ws])
-        return self._weight(w, torch.cat(bs) if bs else None)
+    def _stacked(self, weights: list[Any]) -> Weight:
+        """The matrices of a fused node (q/k/v or gate/up) as one, stacked as the cpu kernel set does."""
+        fused = concat_rows(tuple(weights))                  # (w[, bias], split sizes)
+        return self._weight(fused[0], fused[1] if len(fused) == 3 else None)
 
     def _build(self, graph: Graph, capacity: int) -> None:
-        from llmc.ir import verify
         shapes = verify(graph, self.model.weight_shapes())
         widths = {v: s[-1] for v, s in shapes.items() if v not in RUNTIME_INPUTS}
         views: dict[str, tuple[str, int]] = {}
@@ -202,9 +202,9 @@ class NativeBackend:
         elif n.op in ("linear", "logits"):
             o.w = self._weight(weights[0], weights[1] if len(weights) > 1 else None)
         elif n.op == "qkv_linear":
-            o.w = self._stacked(weights[:3], weights[3:])
+            o.w = self._stacked(weights)
         elif n.op == "gate_up_silu":
-            o.w = self._stacked(weights, [])
+            o.w = self._stacked(weights)
             o.i[0] = weights[0].shape[0]
         elif n.op == "rope":
             params = {k: v for k, v in a.items() if k != "head_dim"}
