@@ -39,12 +39,13 @@ class InspectReport:
     recipe: dict[str, Any] | None
 
 
-def inspect(path: Path | str) -> InspectReport:
+def inspect(path: Path | str, model=None) -> InspectReport:
+    """The report of the checkpoint or engine at `path`; `model` (already loaded from it) skips loading."""
     from llmc.engine import ENGINE_FILE
     from llmc.loader import load_model
     from llmc.runtime.kv_cache import KVCacheSpec
 
-    m = load_model(path)
+    m = model or load_model(path)
     a = m.arch
     names = m.graph.weight_names()
     params = 0

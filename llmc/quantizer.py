@@ -10,7 +10,6 @@ the per-layer error (SQNR of the dequantized weights) is reported.
 from __future__ import annotations
 
 import fnmatch
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -25,7 +24,7 @@ from llmc.arch import parse_arch
 from llmc.checkpoint import INDEX_FILE, TOKENIZER_FILES, WeightStore, check_model_files, check_path, read_json
 from llmc.decoder import EMBED as EMBED_NAME, build_decoder_graph
 from llmc.errors import ConfigError, ModelFormatError, OptionError
-from llmc.allocator import return_large_blocks_to_system
+from llmc.allocator import peak_rss_bytes, return_large_blocks_to_system
 from llmc.io import atomic_directory, check_output, temp_path, write_json_atomic
 from llmc.kernels.reference.dequant import dequantize
 from llmc.passes.quant.algorithms import (AlgorithmSpec, InputStats, LayerWork, attach_activation_format,
@@ -178,7 +177,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     bytes_out = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
     return QuantizeResult(output=str(out), source=str(src), recipe=recipe.to_dict(), layers=reports,
                           seconds=time.perf_counter() - t0,
-                          peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                          peak_rss_bytes=peak_rss_bytes(),
                           bytes_in=store.nbytes(), bytes_out=bytes_out, skipped=skip, calibration=calibration)
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from llmc.allocator import peak_rss_bytes
 from llmc.errors import OptionError
 
 SCHEMA = "llmc.bench.throughput/1"
@@ -158,11 +157,6 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def make_prompts(count: int, length: int, vocab: int, special: set[int]) -> list[list[int]]:
     """`count` prompts of `length` ids, uniform over [FIRST_PROMPT_ID, vocab) minus `special`."""
     allowed = torch.tensor([i for i in range(FIRST_PROMPT_ID, vocab) if i not in special])
@@ -230,11 +224,11 @@ def bench_batch(model, prompts: list[list[int]], output_len: int, repeat: int, w
     return BatchResult(batch=batch, samples=samples, runtime=asdict(runtime), backend=runner.backend.report())
 
 
-def describe_model(path: Path | str) -> dict[str, Any]:
-    """What the result says about the model, from llmc.inspection.inspect."""
+def describe_model(path: Path | str, model) -> dict[str, Any]:
+    """What the result says about the model (loaded from `path`), from llmc.inspection.inspect."""
     from llmc.inspection import inspect
 
-    r = inspect(path)
+    r = inspect(path, model=model)
     keys = ("path", "kind", "target", "architecture", "parameters", "layers", "hidden_size", "vocab_size",
             "max_position_embeddings", "dtype", "compute_dtype", "kv_cache_dtype", "bytes_on_disk", "quantization")
     return {k: getattr(r, k) for k in keys}
@@ -253,9 +247,9 @@ def throughput(path: Path | str, batches=(1,), input_len: int = 128, output_len:
 
     batches = check_options(batches, input_len, output_len, repeat, warmup, threads)
     threads = threads or default_threads()
-    model_info = describe_model(path)
-    check_context(input_len, output_len, model_info["max_position_embeddings"])
     model = load_model(path)
+    check_context(input_len, output_len, model.arch.max_position_embeddings)
+    model_info = describe_model(path, model)
     info = model.tokenizer.info
     special = {*info.eos_token_ids, *([info.bos_token_id] if info.bos_token_id is not None else [])}
     prompts = make_prompts(max(batches), input_len, model.arch.vocab_size, special)
