@@ -63,6 +63,25 @@ def profile_option(table: str, sets: str):
                         f"repository) or a .toml file: its [{table}] table sets the defaults of {sets}.")
 
 
+def _check_result_file(json_path: str | None, inputs: list) -> None:
+    """A bench's --json FILE may be written (a new file, or one llmc wrote): checked before the work."""
+    from llmc.io import check_output
+    if json_path not in (None, "-"):
+        check_output(json_path, inputs, force=True, directory=False, what="result file")
+
+
+def _write_result(json_path: str | None, result: dict, inputs: list) -> bool:
+    """A bench's result to --json: `-` prints it instead of the table (returns True), a path gets it
+    written atomically, stamped as llmc's."""
+    from llmc.io import stamp_json, write_result_json
+    if json_path == "-":
+        _print_json(stamp_json(result))
+        return True
+    if json_path is not None:
+        write_result_json(Path(json_path), result, inputs)
+    return False
+
+
 def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
@@ -318,20 +337,14 @@ def bench_quality_cmd(
 ) -> None:
     """Perplexity, KL divergence from the reference and top-1 agreement, over non-overlapping windows."""
     from llmc.bench.quality import quality
-    from llmc.io import check_output, stamp_json, write_result_json
 
     inputs = [path, reference, text]
-    if json_path not in (None, "-"):
-        check_output(json_path, inputs, force=True, directory=False, what="result file")   # before the work
+    _check_result_file(json_path, inputs)
     with err.status("scoring") as status:
         r = quality(path, reference, text, seqlen=seqlen, max_tokens=max_tokens, kernels=kernels, device=device,
                     on_window=lambda w, n: status.update(f"scoring: {w} windows, {n:,} tokens"))
-    result = {**asdict(r), "env": _env()}                               # the metrics at the top level
-    if json_path == "-":
-        _print_json(stamp_json(result))
+    if _write_result(json_path, {**asdict(r), "env": _env()}, inputs):   # the metrics at the top level
         return
-    if json_path is not None:
-        write_result_json(Path(json_path), result, inputs)
     t = Table(*(Column(c, justify="right") for c in ("tokens", "perplexity", "reference ppl", "Δ ppl",
                                                       "KL (nats/token)", "top-1 agree")),
               title=f"llmc bench quality · {path} vs {reference}")
@@ -362,12 +375,10 @@ def bench_throughput_cmd(
 ) -> None:
     """Offline throughput over a sweep of batch sizes: prefill, decode and end-to-end tok/s, time to first token."""
     from llmc.bench.throughput import parse_batches, throughput
-    from llmc.io import check_output, stamp_json, write_result_json
 
     with options_named():
         batches = parse_batches(batch)
-    if json_path not in (None, "-"):
-        check_output(json_path, [path], force=True, directory=False, what="result file")   # before the work
+    _check_result_file(json_path, [path])
 
     def progress(b: int, label: str, s) -> None:
         decode = f"{s.decode_tok_s:,.1f}" if s.decode_tok_s is not None else "-"
@@ -377,13 +388,8 @@ def bench_throughput_cmd(
     with options_named(), err.status(f"measuring {path}"):
         r = throughput(path, batches, input_len=input_len, output_len=output_len, repeat=repeat, warmup=warmup,
                        threads=threads, kernels=kernels, on_run=progress)
-    result = r.to_json()
-    if json_path == "-":
-        _print_json(stamp_json(result))
-        return
-    if json_path is not None:
-        write_result_json(Path(json_path), result, [path])
-    _throughput_table(r, path)
+    if not _write_result(json_path, r.to_json(), [path]):
+        _throughput_table(r, path)
 
 
 def _throughput_table(r, path: Path) -> None:
