@@ -1,129 +1,162 @@
-/* llmc fast CPU linear for few rows (decode): y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
+/* llmc fast CPU linears: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), x and y fp32 rows.
  *
- * x [M, K], w [N, K], y [M, N]: row-major fp32. BLAS libraries are tuned for large M; at decode
- * time M is the batch (1..8) and the matmul is bound by streaming w from memory. Here every weight
- * row is read from memory once per call and reused from L1 for all M input rows, with blocks of
- * NB weight rows x up to 4 input rows accumulated in vector registers. Parallel over weight rows
- * with OpenMP (the process's runtime: torch's libgomp). Reference: kernels/reference/dense.py linear.
+ * The weight stays as stored (fp32, bf16, fp16, int8 per channel, packed int4 groups) and each piece
+ * of VL values is widened to floats in registers, so memory traffic is the stored size and no float
+ * copy of the weight is written. A tile is MB input rows x NB weight rows with one vector accumulator
+ * per output: the NB*MB independent chains keep the FMA units busy at one row (decode) and reuse
+ * each loaded piece MB times at many (prefill). Rows are taken in chunks of MC so that a chunk of x
+ * stays in L2 while every weight tile passes over it; threads (OpenMP, the runtime torch has loaded)
+ * split the weight rows.
+ *
+ * Every output is one accumulator over k in steps of VL, then its lanes summed in order, then the
+ * tail of k one value at a time, then scale and bias: the same arithmetic whatever the tile, the
+ * number of rows or the row's place, so a row's result never depends on the other rows (the native
+ * executor's batch invariance). Reference: kernels/reference/dense.py linear over
+ * kernels/reference/dequant.py; tests/kernels/ hold them to stated tolerances.
  */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include "linear.h"
 
 /* The interface version llmc checks after loading this library (native.ABI_VERSION): bump both
  * when an exported function is added, removed or changes its signature. */
-#define LLMC_ABI_VERSION 2
+#define LLMC_ABI_VERSION 3
 
 int llmc_abi_version(void) { return LLMC_ABI_VERSION; }
 
 /* one vector register of floats: 16 with AVX-512, else 8 (AVX2: a wider generic vector would be split
- * into halves that the int8/int4 widening has to pass through memory) */
+ * into halves that the widening has to pass through memory) */
 #if defined(__AVX512F__)
 #define VL 16
 #else
 #define VL 8
 #endif
 typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));   /* unaligned access */
-#define NB 4
+#define MC 48            /* rows of x per chunk: 48 rows of 1536 floats are 288 KiB, inside L2 */
 
 static inline float hsum(vf v) { float s = 0.0f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
+static inline vf vzero(void) { vf z; for (int i = 0; i < VL; i++) z[i] = 0.0f; return z; }
 
-#define DEFINE_BLOCK(MBX)                                                                          \
-static void block_##MBX(const float *x, const float *w, float *y, int64_t m0, int64_t n0,          \
-                        int64_t N, int64_t K) {                                                    \
-    vf acc[MBX][NB] = {{{0}}};                                                                     \
-    const float *xr[MBX], *wr[NB];                                                                 \
-    for (int i = 0; i < MBX; i++) xr[i] = x + (m0 + i) * K;                                        \
-    for (int j = 0; j < NB; j++) wr[j] = w + (n0 + j) * K;                                         \
-    int64_t kv = K - K % VL;                                                                       \
-    for (int64_t k = 0; k < kv; k += VL) {                                                         \
-        vf wv[NB];                                                                                 \
-        for (int j = 0; j < NB; j++) wv[j] = *(const vf *)(wr[j] + k);                             \
-        for (int i = 0; i < MBX; i++) {                                                            \
-            vf xv = *(const vf *)(xr[i] + k);                                                      \
-            for (int j = 0; j < NB; j++) acc[i][j] += xv * wv[j];                                  \
-        }                                                                                          \
-    }                                                                                              \
-    for (int i = 0; i < MBX; i++)                                                                  \
-        for (int j = 0; j < NB; j++) {                                                             \
-            float s = hsum(acc[i][j]);                                                             \
-            for (int64_t k = kv; k < K; k++) s += xr[i][k] * wr[j][k];                             \
-            y[(m0 + i) * N + n0 + j] = s;                                                          \
-        }                                                                                          \
-}
-DEFINE_BLOCK(2)
-DEFINE_BLOCK(3)
-DEFINE_BLOCK(4)
+/* ---- widening: VL stored values at element k of a weight row -> VL floats; and one value ---------- */
+static inline vf wide_f32(const void *p, int64_t k) { return *(const vf *)((const float *)p + k); }
+static inline float one_f32(const void *p, int64_t k) { return ((const float *)p)[k]; }
 
-/* one dot product; the simd reduction lets the compiler vectorise and reassociate */
-static inline float dot(const float *a, const float *b, int64_t K) {
-    float acc = 0.0f;
-    #pragma omp simd reduction(+:acc)
-    for (int64_t k = 0; k < K; k++) acc += a[k] * b[k];
-    return acc;
-}
-
-void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y,
-                     int64_t M, int64_t N, int64_t K, int nthreads)
-{
-    if (M == 1) {                       /* a plain streaming dot per weight row is fastest here */
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t n = 0; n < N; n++) y[n] = dot(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
-        return;
-    }
-    int64_t nfull = N / NB;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < nfull; b++) {
-        int64_t n0 = b * NB, m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) block_4(x, w, y, m0, n0, N, K);
-        switch (M - m0) {
-            case 3: block_3(x, w, y, m0, n0, N, K); break;
-            case 2: block_2(x, w, y, m0, n0, N, K); break;
-            case 1:
-                for (int j = 0; j < NB; j++) y[m0 * N + n0 + j] = dot(x + m0 * K, w + (n0 + j) * K, K);
-                break;
-        }
-    }
-    for (int64_t m = 0; m < M; m++)                 /* the last N % NB weight rows */
-        for (int64_t n = nfull * NB; n < N; n++) y[m * N + n] = dot(x + m * K, w + n * K, K);
-    if (bias)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
-}
-
-/* The same product with every output a `dot` of its own, so each row's result is bit-identical
- * whatever the other rows are (the native executor's batch invariance); the weight row stays in L1
- * while the rows of x pass over it, so memory traffic is still one read of w. */
-void llmc_linear_f32_rows(const float *x, const float *w, const float *bias, float *y,
-                          int64_t M, int64_t N, int64_t K, int nthreads)
-{
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const float *wn = w + n * K;
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = dot(x + m * K, wn, K) + (bias ? bias[n] : 0.0f);
-    }
-}
-
-/* ---- weight-only quantized linears: the weight stays packed in memory and each VL-value piece is
- * widened to floats in registers, once for up to 4 input rows, so memory traffic is the packed size
- * and no float copy of a row is written.
- * Reference: kernels/reference/dense.py linear over passes/quant/formats.py dequantize. */
-#include <stdlib.h>
-#include <string.h>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-/* VL int8 -> VL floats (the compilers scalarise __builtin_convertvector from bytes, hence intrinsics) */
-static inline vf widen_i8(const int8_t *p) {
+/* the compilers scalarise __builtin_convertvector from bytes, hence intrinsics */
+static inline vf wide_i8(const void *p, int64_t k) {
+    const int8_t *q = (const int8_t *)p + k;
 #if defined(__AVX512F__)
-    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
 #elif defined(__AVX2__)
-    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
 #else
     vf r;
-    for (int i = 0; i < VL; i++) r[i] = (float)p[i];
+    for (int i = 0; i < VL; i++) r[i] = (float)q[i];
     return r;
 #endif
 }
+static inline float one_i8(const void *p, int64_t k) { return (float)((const int8_t *)p)[k]; }
+
+/* bf16 is the high half of an fp32: zero-extend and shift */
+static inline vf wide_bf16(const void *p, int64_t k) {
+    const uint16_t *q = (const uint16_t *)p + k;
+#if defined(__AVX512F__)
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)q)), 16);
+#elif defined(__AVX2__)
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)q)), 16);
+#else
+    vf r;
+    for (int i = 0; i < VL; i++) { uint32_t u = (uint32_t)q[i] << 16; memcpy(&r[i], &u, 4); }
+    return r;
+#endif
+}
+static inline float one_bf16(const void *p, int64_t k) {
+    uint32_t u = (uint32_t)((const uint16_t *)p)[k] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline vf wide_f16(const void *p, int64_t k) {
+    const _Float16 *q = (const _Float16 *)p + k;
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)q));
+#elif defined(__F16C__) && defined(__AVX2__)
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+#else
+    vf r;
+    for (int i = 0; i < VL; i++) r[i] = (float)q[i];
+    return r;
+#endif
+}
+static inline float one_f16(const void *p, int64_t k) { return (float)((const _Float16 *)p)[k]; }
+
+/* ---- float-widenable kinds: MB x NB tiles ---------------------------------------------------------
+ * x: MB rows ldx apart; w: NB rows ldw bytes apart; y: MB rows ldy apart, NB outputs each (raw sums:
+ * the caller applies scale and bias). */
+#define DEFINE_TILE(KIND, MB, NB)                                                                  \
+static void tile_##KIND##_##MB##x##NB(const float *x, int64_t ldx, const char *w, int64_t ldw,     \
+                                      float *y, int64_t ldy, int64_t K) {                          \
+    vf acc[MB][NB];                                                                                \
+    for (int i = 0; i < MB; i++)                                                                   \
+        for (int j = 0; j < NB; j++) acc[i][j] = vzero();                                          \
+    int64_t kv = K - K % VL;                                                                       \
+    for (int64_t k = 0; k < kv; k += VL) {                                                         \
+        vf wv[NB];                                                                                 \
+        for (int j = 0; j < NB; j++) wv[j] = wide_##KIND(w + j * ldw, k);                          \
+        for (int i = 0; i < MB; i++) {                                                             \
+            vf xv = *(const vf *)(x + i * ldx + k);                                                \
+            for (int j = 0; j < NB; j++) acc[i][j] += xv * wv[j];                                  \
+        }                                                                                          \
+    }                                                                                              \
+    for (int i = 0; i < MB; i++)                                                                   \
+        for (int j = 0; j < NB; j++) {                                                             \
+            float s = hsum(acc[i][j]);                                                             \
+            for (int64_t k = kv; k < K; k++) s += x[i * ldx + k] * one_##KIND(w + j * ldw, k);     \
+            y[i * ldy + j] = s;                                                                    \
+        }                                                                                          \
+}
+
+/* rows [m0, m1) of x against weight rows [n0, n0 + nb) (nb <= 4) */
+#define DEFINE_KIND(KIND)                                                                          \
+DEFINE_TILE(KIND, 1, 4) DEFINE_TILE(KIND, 2, 4) DEFINE_TILE(KIND, 3, 4)                            \
+DEFINE_TILE(KIND, 1, 1) DEFINE_TILE(KIND, 2, 1) DEFINE_TILE(KIND, 3, 1)                            \
+static void block_##KIND(const float *x, int64_t m0, int64_t m1, int64_t K, const char *w, int64_t ldw, \
+                         int64_t nb, float *y, int64_t N) {                                        \
+    for (int64_t m = m0; m < m1;) {                                                                \
+        int64_t mb = m1 - m < 3 ? m1 - m : 3;                                                      \
+        const float *xm = x + m * K;                                                               \
+        float *ym = y + m * N;                                                                     \
+        if (nb == 4) {                                                                             \
+            if (mb == 3) tile_##KIND##_3x4(xm, K, w, ldw, ym, N, K);                               \
+            else if (mb == 2) tile_##KIND##_2x4(xm, K, w, ldw, ym, N, K);                          \
+            else tile_##KIND##_1x4(xm, K, w, ldw, ym, N, K);                                       \
+        } else                                                                                     \
+            for (int64_t j = 0; j < nb; j++) {                                                     \
+                if (mb == 3) tile_##KIND##_3x1(xm, K, w + j * ldw, ldw, ym + j, N, K);             \
+                else if (mb == 2) tile_##KIND##_2x1(xm, K, w + j * ldw, ldw, ym + j, N, K);        \
+                else tile_##KIND##_1x1(xm, K, w + j * ldw, ldw, ym + j, N, K);                     \
+            }                                                                                      \
+        m += mb;                                                                                   \
+    }                                                                                              \
+}
+DEFINE_KIND(f32)
+DEFINE_KIND(bf16)
+DEFINE_KIND(f16)
+DEFINE_KIND(i8)
+
+/* ---- packed int4 groups ----------------------------------------------------------------------------
+ * packed uint4 [N, ceil(K/2)] (element 2i in the low nibble of byte i), scale and zero [N, G], groups
+ * of gs along K:  y[m, n] = sum_g scale[n, g] * (sum_{k in g} x[m, k] * u[n, k] - zero[n, g] * xs[m, g])
+ * with xs[m, g] = sum_{k in g} x[m, k]. Inside each group, pieces of 2 * VL values (VL bytes) give
+ * their even values from the low nibbles and their odd values from the high nibbles; the input is
+ * de-interleaved to match once per call (xd: per piece, its VL even values then its VL odd ones).
+ * The rest of a group (and every value when gs is odd, so pieces would not start on a byte) is
+ * taken one value at a time. */
+static inline float nibble(const uint8_t *p, int64_t k) { return (float)((p[k >> 1] >> ((k & 1) * 4)) & 15); }
 
 /* VL bytes of packed uint4 -> their VL low nibbles and VL high nibbles as floats */
 static inline void widen_u4(const uint8_t *p, vf *lo, vf *hi) {
@@ -140,94 +173,45 @@ static inline void widen_u4(const uint8_t *p, vf *lo, vf *hi) {
 #endif
 }
 
-/* q int8 [N, K], scale [N]: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] */
-#define DEFINE_I8(MB)                                                                              \
-static void i8_rows_##MB(const float *x, int64_t K, const int8_t *qn, float *out, int64_t ostride) { \
-    vf acc[MB] = {{0}};                                                                            \
-    int64_t kv = K - K % VL;                                                                       \
-    for (int64_t k = 0; k < kv; k += VL) {                                                         \
-        vf w = widen_i8(qn + k);                                                                   \
-        for (int i = 0; i < MB; i++) acc[i] += *(const vf *)(x + i * K + k) * w;                   \
-    }                                                                                              \
-    for (int i = 0; i < MB; i++) {                                                                 \
-        float s = hsum(acc[i]);                                                                    \
-        for (int64_t k = kv; k < K; k++) s += x[i * K + k] * (float)qn[k];                         \
-        out[i * ostride] = s;                                                                      \
-    }                                                                                              \
-}
-DEFINE_I8(1)
-DEFINE_I8(2)
-DEFINE_I8(3)
-DEFINE_I8(4)
-
-void llmc_linear_i8(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
-                    int64_t M, int64_t N, int64_t K, int nthreads)
-{
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *qn = q + n * K;
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const float *xm = x + m0 * K;
-            float *out = y + m0 * N + n;
-            switch (M - m0 < 4 ? M - m0 : 4) {
-                case 4: i8_rows_4(xm, K, qn, out, N); break;
-                case 3: i8_rows_3(xm, K, qn, out, N); break;
-                case 2: i8_rows_2(xm, K, qn, out, N); break;
-                default: i8_rows_1(xm, K, qn, out, N); break;
-            }
-        }
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = y[m * N + n] * scale[n] + (bias ? bias[n] : 0.0f);
-    }
-}
-
-/* packed uint4 [N, ceil(K/2)] (element 2i in the low nibble of byte i), scale and zero [N, G], groups
- * of gs along K:  y[m, n] = sum_g scale[n, g] * (sum_{k in g} x[m, k] * u[n, k] - zero[n, g] * xs[m, g])
- * with xs[m, g] = sum_{k in g} x[m, k]. Inside each group, pieces of 2 * VL values (VL bytes) give
- * their even values from the low nibbles and their odd values from the high nibbles; the input is
- * de-interleaved to match once per call (xd: per piece, its VL even values then its VL odd ones).
- * The rest of a group (and every value when gs is odd, so pieces would not start on a byte) is
- * taken one value at a time. */
-static inline float nibble(const uint8_t *p, int64_t k) { return (float)((p[k >> 1] >> ((k & 1) * 4)) & 15); }
-
 #define PIECE (2 * VL)
 static inline int64_t pieces(int64_t len, int64_t gs) { return gs % 2 ? 0 : len / PIECE; }
 
-#define DEFINE_I4(MB)                                                                              \
-static void i4_rows_##MB(const float *xd, const float *xs, int64_t K, int64_t G, int64_t gs,       \
-                         const uint8_t *pn, const float *sn, const uint8_t *zn, float *out,        \
-                         int64_t ostride) {                                                        \
-    vf tot[MB] = {{0}};                                                                            \
-    float rest[MB] = {0};                                                                          \
+/* one row of x (de-interleaved xd, group sums xs) against NB weight rows kb bytes apart */
+#define DEFINE_I4(NB)                                                                              \
+static void i4_tile_##NB(const float *xd, const float *xs, int64_t K, int64_t G, int64_t gs,       \
+                         const uint8_t *pn, int64_t kb, const float *sn, const uint8_t *zn,        \
+                         float *out) {                                                             \
+    vf tot[NB];                                                                                    \
+    float rest[NB];                                                                                \
+    for (int j = 0; j < NB; j++) { tot[j] = vzero(); rest[j] = 0.0f; }                             \
     for (int64_t g = 0; g < G; g++) {                                                              \
         int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K, np = pieces(k1 - k0, gs);             \
-        vf acc[MB] = {{0}};                                                                        \
-        for (int64_t j = 0; j < np; j++) {                                                         \
-            int64_t kb = k0 + PIECE * j;                                                           \
-            vf lo, hi;                                                                             \
-            widen_u4(pn + kb / 2, &lo, &hi);                                                       \
-            for (int i = 0; i < MB; i++)                                                           \
-                acc[i] += *(const vf *)(xd + i * K + kb) * lo + *(const vf *)(xd + i * K + kb + VL) * hi; \
+        vf acc[NB];                                                                                \
+        for (int j = 0; j < NB; j++) acc[j] = vzero();                                             \
+        for (int64_t p = 0; p < np; p++) {                                                         \
+            int64_t b = k0 + PIECE * p;                                                            \
+            vf xe = *(const vf *)(xd + b), xo = *(const vf *)(xd + b + VL);                        \
+            for (int j = 0; j < NB; j++) {                                                         \
+                vf lo, hi;                                                                         \
+                widen_u4(pn + j * kb + b / 2, &lo, &hi);                                           \
+                acc[j] += xe * lo + xo * hi;                                                       \
+            }                                                                                      \
         }                                                                                          \
-        float s = sn[g], z = (float)zn[g];                                                         \
-        for (int i = 0; i < MB; i++) {                                                             \
-            float t = 0.0f;                                                                        \
-            for (int64_t k = k0 + PIECE * np; k < k1; k++) t += xd[i * K + k] * nibble(pn, k);     \
-            tot[i] += s * acc[i];                                                                  \
-            rest[i] += s * (t - z * xs[i * G + g]);                                                \
+        for (int j = 0; j < NB; j++) {                                                             \
+            float s = sn[j * G + g], z = (float)zn[j * G + g], t = 0.0f;                           \
+            for (int64_t k = k0 + PIECE * np; k < k1; k++) t += xd[k] * nibble(pn + j * kb, k);    \
+            tot[j] += s * acc[j];                                                                  \
+            rest[j] += s * (t - z * xs[g]);                                                        \
         }                                                                                          \
     }                                                                                              \
-    for (int i = 0; i < MB; i++) out[i * ostride] = hsum(tot[i]) + rest[i];                        \
+    for (int j = 0; j < NB; j++) out[j] = hsum(tot[j]) + rest[j];                                  \
 }
-DEFINE_I4(1)
-DEFINE_I4(2)
-DEFINE_I4(3)
 DEFINE_I4(4)
+DEFINE_I4(1)
 
-void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
-                     const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads)
-{
-    int64_t G = (K + gs - 1) / gs, kb = (K + 1) / 2;
-    float *xd = malloc(sizeof(float) * (size_t)(M * K)), *xs = malloc(sizeof(float) * (size_t)(M * G));
+/* x [M, K] -> xd (each group's pieces de-interleaved) and xs (group sums) */
+static void i4_prepare(const float *x, float *xd, float *xs, int64_t M, int64_t K, int64_t gs) {
+    int64_t G = (K + gs - 1) / gs;
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         float *dm = xd + m * K;
@@ -244,29 +228,89 @@ void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, 
             xs[m * G + g] = sum;
         }
     }
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const float *d = xd + m0 * K, *s = xs + m0 * G;
-            const uint8_t *pn = packed + n * kb, *zn = zero + n * G;
-            const float *sn = scale + n * G;
-            float *out = y + m0 * N + n;
-            switch (M - m0 < 4 ? M - m0 : 4) {
-                case 4: i4_rows_4(d, s, K, G, gs, pn, sn, zn, out, N); break;
-                case 3: i4_rows_3(d, s, K, G, gs, pn, sn, zn, out, N); break;
-                case 2: i4_rows_2(d, s, K, G, gs, pn, sn, zn, out, N); break;
-                default: i4_rows_1(d, s, K, G, gs, pn, sn, zn, out, N); break;
+}
+
+static void block_i4(const float *xd, const float *xs, int64_t m0, int64_t m1, int64_t K, int64_t gs,
+                     const llmc_weight *w, int64_t n0, int64_t nb, float *y, int64_t N) {
+    int64_t G = (K + gs - 1) / gs, kb = (K + 1) / 2;
+    const uint8_t *pn = (const uint8_t *)w->data + n0 * kb, *zn = w->zero + n0 * G;
+    const float *sn = w->scale + n0 * G;
+    for (int64_t m = m0; m < m1; m++) {
+        const float *d = xd + m * K, *s = xs + m * G;
+        if (nb == 4) i4_tile_4(d, s, K, G, gs, pn, kb, sn, zn, y + m * N + n0);
+        else
+            for (int64_t j = 0; j < nb; j++)
+                i4_tile_1(d, s, K, G, gs, pn + j * kb, kb, sn + j * G, zn + j * G, y + m * N + n0 + j);
+    }
+}
+
+/* ---- the driver ------------------------------------------------------------------------------------ */
+static int64_t row_bytes(const llmc_weight *w) {
+    switch (w->kind) {
+        case W_F32: return 4 * w->k;
+        case W_BF16: case W_F16: return 2 * w->k;
+        case W_I8: return w->k;
+        default: return (w->k + 1) / 2;
+    }
+}
+
+void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t M, int nthreads) {
+    int64_t N = w->n, K = w->k, ldw = row_bytes(w), nblocks = (N + 3) / 4;
+    float *xd = NULL, *xs = NULL;
+    if (w->kind == W_I4) {
+        int64_t G = (K + w->group - 1) / w->group;
+        xd = malloc(sizeof(float) * (size_t)(M * K));
+        xs = malloc(sizeof(float) * (size_t)(M * G));
+        i4_prepare(x, xd, xs, M, K, w->group);
+    }
+    #pragma omp parallel num_threads(nthreads)
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        int64_t m1 = m0 + MC < M ? m0 + MC : M;
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            int64_t n0 = 4 * b, nb = N - n0 < 4 ? N - n0 : 4;
+            const char *wn = (const char *)w->data + n0 * ldw;
+            switch (w->kind) {
+                case W_F32: block_f32(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
+                case W_BF16: block_bf16(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
+                case W_F16: block_f16(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
+                case W_I8: block_i8(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
+                case W_I4: block_i4(xd, xs, m0, m1, K, w->group, w, n0, nb, y, N); break;
             }
+            if (w->kind == W_I8)
+                for (int64_t m = m0; m < m1; m++)
+                    for (int64_t n = n0; n < n0 + nb; n++)
+                        y[m * N + n] = y[m * N + n] * w->scale[n] + (w->bias ? w->bias[n] : 0.0f);
+            else if (w->bias)
+                for (int64_t m = m0; m < m1; m++)
+                    for (int64_t n = n0; n < n0 + nb; n++) y[m * N + n] += w->bias[n];
         }
-        if (bias)
-            for (int64_t m = 0; m < M; m++) y[m * N + n] += bias[n];
     }
     free(xd);
     free(xs);
 }
 
+/* ---- the entry points of the cpu kernel set (kernels/cpu/native.py) ------------------------------- */
+void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y,
+                     int64_t M, int64_t N, int64_t K, int nthreads) {
+    llmc_weight lw = {W_F32, N, K, 0, w, NULL, NULL, bias};
+    llmc_linear_weight(&lw, x, y, M, nthreads);
+}
+
+void llmc_linear_i8(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
+                    int64_t M, int64_t N, int64_t K, int nthreads) {
+    llmc_weight lw = {W_I8, N, K, 0, q, scale, NULL, bias};
+    llmc_linear_weight(&lw, x, y, M, nthreads);
+}
+
+void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
+                     const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
+    llmc_weight lw = {W_I4, N, K, gs, packed, scale, zero, bias};
+    llmc_linear_weight(&lw, x, y, M, nthreads);
+}
+
 /* packed uint4 [N, ceil(K/2)], scale and zero [N, G] -> w [N, K] fp32: (u - zero) * scale, exactly as
- * passes/quant/formats.py dequantize computes it (prefill: dequantize once, then a GEMM). */
+ * formats.decode computes it (the cpu kernel set's prefill: dequantize once, then a GEMM). */
 void llmc_dequant_i4g(const uint8_t *packed, const float *scale, const uint8_t *zero, float *w,
                       int64_t N, int64_t K, int64_t gs, int nthreads)
 {

@@ -47,9 +47,10 @@ from torch import Tensor
 from llmc.io import removed_on_failure
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "step.c"))
+HEADERS = (Path(__file__).with_name("linear.h"),)      # included by the sources: part of the cache key
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 MAX_ROWS = 8             # above this, torch's GEMM (MKL/oneDNN) is as fast or faster (benchmarked)
-ABI_VERSION = 2          # what gemm.c's llmc_abi_version() returns: bump both when an export changes
+ABI_VERSION = 3          # what gemm.c's llmc_abi_version() returns: bump both when an export changes
 LIB_NAME = "libllmc_cpu.so"
 DIGEST_NAME = LIB_NAME + ".sha256"
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -129,7 +130,7 @@ def _cpu_signature() -> str:
 
 
 def _cache_key(cc: str) -> str:
-    parts = (*(f.read_bytes() for f in SOURCES), " ".join(FLAGS).encode(), cc.encode(), _cpu_signature().encode(),
+    parts = (*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(), cc.encode(), _cpu_signature().encode(),
              f"abi {ABI_VERSION}".encode())
     return hashlib.sha256(b"".join(parts)).hexdigest()[:16]
 

@@ -17,26 +17,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-void llmc_linear_f32_rows(const float *x, const float *w, const float *bias, float *y,
-                          int64_t M, int64_t N, int64_t K, int nthreads);
-void llmc_linear_i8(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
-                    int64_t M, int64_t N, int64_t K, int nthreads);
-void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
-                     const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads);
+#include "linear.h"
 
 enum { OP_EMBED = 1, OP_RMS_NORM, OP_ADD, OP_ADD_RMS_NORM, OP_LINEAR, OP_SILU_MUL, OP_GATE_UP_SILU,
        OP_ROPE, OP_ATTENTION, OP_LOGITS };
-enum { W_F32 = 0, W_I8 = 1, W_I4 = 2 };
 
 typedef struct { int64_t off, ld, width; } llmc_val;
-
-typedef struct {
-    int64_t kind, n, k, group;          /* W_*; logical [n, k]; int4 group size */
-    const void *data;                    /* f32 [n, k] | int8 [n, k] | packed uint4 [n, ceil(k/2)] */
-    const float *scale;                  /* int8 [n]; int4 [n, G] */
-    const uint8_t *zero;                 /* int4 [n, G] */
-    const float *bias;                   /* [n] or NULL */
-} llmc_weight;
 
 typedef struct {
     int64_t op;
@@ -71,17 +57,6 @@ typedef struct {
 
 #define V(p, id) (&(p)->vals[id])
 #define ROW(p, id, r) ((p)->ws + V(p, id)->off + (r) * V(p, id)->ld)
-
-/* the linear of one weight over M dense rows into y [M, n]; these kernels of gemm.c accumulate each
- * row in the same order whatever M is */
-static void linear(const llmc_weight *w, const float *x, float *y, int64_t M, int nt) {
-    switch (w->kind) {
-        case W_F32: llmc_linear_f32_rows(x, (const float *)w->data, w->bias, y, M, w->n, w->k, nt); break;
-        case W_I8: llmc_linear_i8(x, (const int8_t *)w->data, w->scale, w->bias, y, M, w->n, w->k, nt); break;
-        case W_I4: llmc_linear_i4g(x, (const uint8_t *)w->data, w->scale, w->zero, w->bias, y, M, w->n, w->k,
-                                   w->group, nt); break;
-    }
-}
 
 /* x / rms(x) * weight over consecutive groups of `group` features; the sum of squares in float, in
  * order (the reference computes it in fp32 too) */
@@ -175,10 +150,25 @@ static void run_op(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
     int64_t T = b->T;
     int nt = p->nthreads;
     switch (o->op) {
-    case OP_EMBED: {
+    case OP_EMBED: {                                      /* the table's rows, widened to fp32 */
         int64_t width = V(p, o->out[0])->width;
-        for (int64_t t = 0; t < T; t++)
-            memcpy(ROW(p, o->out[0], t), (const float *)o->w.data + b->tokens[t] * width, sizeof(float) * (size_t)width);
+        for (int64_t t = 0; t < T; t++) {
+            float *y = ROW(p, o->out[0], t);
+            int64_t r = b->tokens[t] * width;
+            switch (o->w.kind) {
+                case W_BF16:
+                    for (int64_t j = 0; j < width; j++) {
+                        uint32_t u = (uint32_t)((const uint16_t *)o->w.data)[r + j] << 16;
+                        memcpy(y + j, &u, 4);
+                    }
+                    break;
+                case W_F16:
+                    for (int64_t j = 0; j < width; j++) y[j] = (float)((const _Float16 *)o->w.data)[r + j];
+                    break;
+                default:
+                    memcpy(y, (const float *)o->w.data + r, sizeof(float) * (size_t)width);
+            }
+        }
         break;
     }
     case OP_RMS_NORM: {
@@ -202,7 +192,7 @@ static void run_op(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
     }
     case OP_LINEAR: {
         float *scratch = NULL;
-        linear(&o->w, dense_rows(p, o->in[0], T, &scratch), ROW(p, o->out[0], 0), T, nt);
+        llmc_linear_weight(&o->w, dense_rows(p, o->in[0], T, &scratch), ROW(p, o->out[0], 0), T, nt);
         free(scratch);
         break;
     }
@@ -218,7 +208,7 @@ static void run_op(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
     case OP_GATE_UP_SILU: {                               /* one matmul into [T, 2I], then silu(g) * u */
         int64_t I = o->i[0];
         float *gu = malloc(sizeof(float) * (size_t)(T * 2 * I)), *scratch = NULL;
-        linear(&o->w, dense_rows(p, o->in[0], T, &scratch), gu, T, nt);
+        llmc_linear_weight(&o->w, dense_rows(p, o->in[0], T, &scratch), gu, T, nt);
         #pragma omp parallel for num_threads(nt) schedule(static) if (T > 4)
         for (int64_t t = 0; t < T; t++) {
             float *y = ROW(p, o->out[0], t);
@@ -245,7 +235,7 @@ static void run_op(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
         float *rows = malloc(sizeof(float) * (size_t)(b->nlogits * width));
         for (int64_t r = 0; r < b->nlogits; r++)
             memcpy(rows + r * width, ROW(p, o->in[0], b->logit_rows[r]), sizeof(float) * (size_t)width);
-        linear(&o->w, rows, b->logits, b->nlogits, nt);
+        llmc_linear_weight(&o->w, rows, b->logits, b->nlogits, nt);
         free(rows);
         break;
     }

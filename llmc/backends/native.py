@@ -8,10 +8,10 @@ concatenated, as the cpu kernel set does). The plan holds pointers into tensors 
 alive. Per step, Python only packs the batch (tokens, positions, slots, per sequence its rows,
 context and block table) into arrays.
 
-What it runs: float32 models whose matrices are float32, int8 per channel or int4 group-wise
-(weight-only), with a float32 KV cache, every op the decoder builder and the default passes emit.
+What it runs: models whose matrices are float32, bfloat16, float16 (read as stored, computed in
+float32), int8 per channel or int4 group-wise (weight-only), with a float32 KV cache, every op the decoder builder and the default passes emit.
 `unsupported(model)` says why anything else cannot run here (activation-quantized weights, a
-quantized KV cache, 16-bit compute, no C compiler); the cpu kernel set runs those.
+quantized KV cache, no C compiler); the cpu kernel set runs those.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 _I64, _P, _D = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 OP_CODES = {"embed": 1, "rms_norm": 2, "add": 3, "add_rms_norm": 4, "linear": 5, "qkv_linear": 5, "silu_mul": 6,
             "gate_up_silu": 7, "rope": 8, "attention": 9, "logits": 10}
-W_F32, W_I8, W_I4 = 0, 1, 2
+W_F32, W_I8, W_I4, W_BF16, W_F16 = 0, 1, 2, 3, 4          # kernels/cpu/linear.h
+FLOAT_KINDS = {torch.float32: W_F32, torch.bfloat16: W_BF16, torch.float16: W_F16}   # stored as is, fp32 compute
 WEIGHT_KINDS = {"int8/channel": W_I8, "int4/group": W_I4, "int4/group-asym": W_I4}   # TensorQuant.key -> kind
 
 
@@ -65,9 +66,9 @@ def unsupported(model) -> str | None:
     """Why the native executor cannot run `model`, or None."""
     if native.library() is None:
         return f"the native library is unavailable ({native.status()['error']})"
-    if model.dtype != torch.float32:
-        return f"it runs float32 models, not {str(model.dtype).removeprefix('torch.')}"
-    if model.kv_dtype != torch.float32:
+    if model.dtype not in FLOAT_KINDS:
+        return f"it runs float32, bfloat16 and float16 weights, not {str(model.dtype).removeprefix('torch.')}"
+    if model.kv_dtype not in FLOAT_KINDS:
         return "it runs a float32 KV cache, not a quantized one"
     fmt_of = getattr(model.weights, "quantized_format", lambda name: None)
     for n in model.graph.nodes:
@@ -154,8 +155,9 @@ class NativeBackend:
             kind = WEIGHT_KINDS[w.fmt.key]
             return Weight(kind, w.shape[0], w.shape[1], w.fmt.group_size or 0, self._tensor(w.data),
                           self._tensor(w.scale.float()), self._tensor(w.zero) if w.zero is not None else None, b)
-        w = w.float()
-        return Weight(W_F32, w.shape[0], w.shape[1], 0, self._tensor(w), None, None, b)
+        if w.dtype not in FLOAT_KINDS:
+            w = w.float()
+        return Weight(FLOAT_KINDS[w.dtype], w.shape[0], w.shape[1], 0, self._tensor(w), None, None, b)
 
     def _stacked(self, weights: list[Any]) -> Weight:
         """The matrices of a fused node (q/k/v or gate/up) as one, stacked as the cpu kernel set does."""
@@ -197,8 +199,8 @@ class NativeBackend:
         if n.op in ("rms_norm", "add_rms_norm"):
             o.w = Weight(W_F32, 0, 0, 0, self._tensor(weights[0].float()), None, None, None)
             o.i[0], o.f[0] = a["group"], a["eps"]
-        elif n.op == "embed":
-            o.w = Weight(W_F32, 0, 0, 0, self._tensor(weights[0].float()), None, None, None)
+        elif n.op == "embed":                     # rows widened to fp32 as they are looked up
+            o.w = self._weight(weights[0])
         elif n.op in ("linear", "logits"):
             o.w = self._weight(weights[0], weights[1] if len(weights) > 1 else None)
         elif n.op == "qkv_linear":

@@ -6,6 +6,7 @@ covered by tests/test_vs_transformers.py and tests/runtime/test_ragged_batch.py,
 `native` beside `cpu` and `reference`."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -16,7 +17,7 @@ from llmc.errors import ConfigError
 from llmc.generation import generate
 from llmc.loader import load_model
 from llmc.quantized.formats import TensorQuant
-from llmc.quantized.scheme import QuantRecipe, resolve_scheme
+from llmc.quantized.scheme import HEAD_FORMATS, QuantRecipe, resolve_scheme
 from llmc.runtime.batch import RaggedBatch
 from llmc.runtime.runner import RuntimeConfig
 from llmc.runtime.sampler import SamplingParams
@@ -32,6 +33,8 @@ WEIGHT_FORMATS = {                   # every weight format the native executor r
     "w4a16-g32": rtn("w4a16", group_size=32),
     "w4a16-g48-asym": rtn("w4a16", group_size=48, symmetric=False),     # partial last groups (64 = 48 + 16)
     "w4a16-g128": rtn("w4a16", group_size=128),                          # one partial group per row of 64 / 172
+    "w8a16-head-int8": dataclasses.replace(rtn("w8a16"), head=HEAD_FORMATS["int8"]),    # its own (untied) head
+    "w4a16-head-int4": dataclasses.replace(rtn("w4a16", group_size=32), head=HEAD_FORMATS["int4"]),
 }
 
 
@@ -50,6 +53,26 @@ def test_logits_and_greedy_tokens_match_the_reference(fmt, quantized_stories):
     p = SamplingParams(max_tokens=48)
     tokens = {k: [c.token_ids for c in generate(None, PROMPTS, p, RuntimeConfig(kernels=k), model=model).completions]
               for k in ("reference", "native")}
+    assert tokens["native"] == tokens["reference"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_16_bit_weights_match_the_reference_on_the_same_rounded_weights(dtype, tmp_path):
+    """`compile --dtype bf16|fp16`: the native executor reads the 16-bit weights as stored and
+    computes in fp32, so it matches the fp32 reference over the same rounded weights (and keeps
+    the reference's greedy tokens, whose own compute is 16-bit, within the usual tolerance)."""
+    from llmc.compiler import compile
+    engine = tmp_path / f"{dtype}.engine"
+    compile(STORIES, engine, dtype=dtype)
+    model = load_model(engine)
+    assert model.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    rounded = dataclasses.replace(model, dtype=torch.float32)
+    prompt = ids(37, 1)
+    err = (forward_all(model, prompt, "native") - forward_all(rounded, prompt, "reference")).abs().max().item()
+    assert err <= NATIVE_VS_REFERENCE_ATOL, f"{dtype}: max abs {err:.2e}"
+    p = SamplingParams(max_tokens=32)
+    tokens = {k: [c.token_ids for c in generate(None, PROMPTS, p, RuntimeConfig(kernels=k), model=m).completions]
+              for k, m in (("reference", rounded), ("native", model))}
     assert tokens["native"] == tokens["reference"]
 
 

@@ -1,0 +1,23 @@
+/* llmc CPU kernels: the weight of a linear as gemm.c's kernels read it, shared with step.c. */
+#ifndef LLMC_LINEAR_H
+#define LLMC_LINEAR_H
+#include <stdint.h>
+
+/* how a weight's values are stored: float kinds are widened to fp32 in registers; W_I8 is int8 per
+ * output channel (scale [n]); W_I4 is packed uint4 in groups along k (scale and zero [n, G]) */
+enum { W_F32 = 0, W_I8 = 1, W_I4 = 2, W_BF16 = 3, W_F16 = 4 };
+
+typedef struct {
+    int64_t kind, n, k, group;          /* W_*; logical [n, k]; int4 group size */
+    const void *data;                    /* f32 | bf16 | f16 | int8 [n, k] | packed uint4 [n, ceil(k/2)] */
+    const float *scale;                  /* int8 [n]; int4 [n, G] */
+    const uint8_t *zero;                 /* int4 [n, G] */
+    const float *bias;                   /* [n] or NULL */
+} llmc_weight;
+
+/* y [M, n] = x [M, k] @ w.T (+ bias), fp32 rows; each output is accumulated in one fixed order that
+ * depends only on k (never on M or on where the row is), so every row's result is bit-identical
+ * whatever the other rows are */
+void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t M, int nthreads);
+
+#endif
