@@ -135,6 +135,9 @@ def compile_cmd(
                                          "planned."),
     passes: Optional[str] = typer.Option(None, "--passes", help="Comma-separated pass list replacing the default "
                                          "pipeline, e.g. fuse-qkv,dce ('' for none)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16: what the engine stores its "
+                                        "float weights as (a quantized checkpoint's packed matrices stay packed). "
+                                        "Default: fp32."),
     profile: Optional[str] = profile_option("compile", "--target and --passes"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the graph after each pass into this "
                                            "directory (a new one, or one llmc wrote, with --force)."),
@@ -152,7 +155,7 @@ def compile_cmd(
     o = resolve_options("compile", options, dict(target=DEFAULT_TARGET), profile)
     target, names = o["target"], o["passes"]
     with options_named(option_origins("compile", options, profile)), err.status(f"compiling {model} for {target}"):
-        r = compile(model, output, target=target, passes=names, dump_ir=dump_ir, force=force)
+        r = compile(model, output, target=target, passes=names, dump_ir=dump_ir, force=force, dtype=dtype)
     if as_json:
         _print_json({**asdict(r), "bytes": r.bytes})
         return

@@ -29,16 +29,23 @@ class CompileResult:
 
 
 def compile(model: Path | str, out: Path | str, target: str = DEFAULT_TARGET, passes: list[str] | None = None,
-            dump_ir: Path | str | None = None, force: bool = False) -> CompileResult:
-    """Compile a Hugging Face checkpoint into an engine directory at `out` (written atomically)."""
+            dump_ir: Path | str | None = None, force: bool = False, dtype: str | None = None) -> CompileResult:
+    """Compile a Hugging Face checkpoint into an engine directory at `out` (written atomically).
+
+    `dtype` (fp32, bf16, fp16; default: the checkpoint's compute dtype, fp32) is what the engine's
+    float weights are stored as and the reference and cpu kernel sets compute in; a quantized
+    checkpoint's packed matrices stay packed and only its float layers change. The native executor
+    reads 16-bit weights as they are and computes in fp32."""
     from llmc.checkpoint import check_path
     from llmc.engine import ENGINE_FILE, write_engine
-    from llmc.model import load_checkpoint
+    from llmc.model import WEIGHT_DTYPES, load_checkpoint
     from llmc.passes import PassManager
 
     t0 = time.perf_counter()
     src, out = check_path(model), Path(out)
     tgt = get_target(target)
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
     if (src / ENGINE_FILE).exists():
         raise ConfigError(f"{src} is already an engine", hint="compile the checkpoint it was made from")
     check_output(out, [src], force=force, what="engine directory")
@@ -50,6 +57,8 @@ def compile(model: Path | str, out: Path | str, target: str = DEFAULT_TARGET, pa
         with atomic_directory(dump_ir, overwrite=force, inputs=[src, out]) as tmp:
             PassManager([r.name for r in m.passes]).run(build_decoder_graph(m.arch), m.weight_shapes(), tmp)
             (tmp / "final.txt").write_text(format_graph(m.graph))
+    if dtype is not None:
+        m.dtype = WEIGHT_DTYPES[dtype]
     manifest = write_engine(m, out, tgt.name, overwrite=force, inputs=[src])
     return CompileResult(engine=str(out), target=tgt.name, source=str(src), seconds=time.perf_counter() - t0,
                          nodes=len(m.graph.nodes), passes=manifest["passes"], files=manifest["files"],

@@ -24,6 +24,7 @@ from llmc.targets import DEFAULT_TARGET
 from llmc.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # `compile --dtype`
 QUANTIZED_WEIGHT_OPS = ("linear", "qkv_linear", "gate_up_silu", "logits")   # their kernels take a QuantizedWeight
 
 
