@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from llmc import __version__
 from llmc.arch import parse_arch
 from llmc.checkpoint import INDEX_FILE, TOKENIZER_FILES, WeightStore, check_model_files, check_path, read_json
-from llmc.decoder import EMBED as EMBED_NAME, build_decoder_graph
+from llmc.decoder import EMBED as EMBED_NAME, LM_HEAD, build_decoder_graph
 from llmc.errors import ConfigError, ModelFormatError, OptionError
 from llmc.allocator import peak_rss_bytes, return_large_blocks_to_system
 from llmc.io import atomic_directory, check_output, temp_path, write_json_atomic
@@ -30,7 +30,7 @@ from llmc.kernels.reference.dequant import dequantize
 from llmc.passes.quant.algorithms import (AlgorithmSpec, InputStats, LayerWork, attach_activation_format,
                                           calibrates, check_recipe, input_width, kv_head_scales, sqnr_db)
 from llmc.paths import copy_model_file
-from llmc.quantized.formats import QuantizedWeight
+from llmc.quantized.formats import QuantizedWeight, quantize as quantize_weight
 from llmc.quantized.scheme import QuantRecipe
 from llmc.quantized.store import QuantizedEntry, manifest_section
 
@@ -127,6 +127,8 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
         calibration = data.provenance
         runner = LayerRunner(arch, graph, data.samples)
         hidden = runner.embed(store.get(EMBED_NAME))
+    head_src = next(n.inputs[1] for n in graph.nodes if n.op == "logits")
+    untie = recipe.head is not None and head_src == EMBED_NAME    # the embeddings stay float: own head copy
     producers = graph.producers()
     entries: dict[str, QuantizedEntry] = {}
     reports, weight_map = [], {}
@@ -148,6 +150,12 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                 fp_out, kv_stats = _calibrate_layer(runner, int(layer), hidden, work, spec,
                                                     recipe.kv_cache is not None)
             quantized = attach_activation_format(work, spec.fn(work))
+            if recipe.head is not None and head_src in names:        # round to nearest, in its own format
+                head = LM_HEAD if untie else head_src
+                if untie:
+                    names, original[head], work.fp[head] = names + [head], original[head_src], work.fp[head_src]
+                    reference_fp[head] = work.fp[head]
+                quantized[head] = quantize_weight(work.fp[head], recipe.head, head, work.weight_observer)
             if runner is not None and nodes:                 # true sequential: the next layer sees these
                 weights = {**work.fp, **quantized}
                 hidden = [h for h, _ in runner.run(int(layer), hidden, weights.__getitem__)]
@@ -171,7 +179,8 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                                              "weight_map": weight_map})
         qcfg = manifest_section(entries, recipe=recipe.to_dict(), llmc_version=__version__,
                                 source=str(src), skipped=skip, calibration=calibration)
-        write_json_atomic(tmp / "config.json", {**cfg, "quantization_config": qcfg})
+        write_json_atomic(tmp / "config.json", {**cfg, **({"tie_word_embeddings": False} if untie else {}),
+                                                "quantization_config": qcfg})
         for name in TOKENIZER_FILES:
             copy_model_file(src, name, tmp)
     bytes_out = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")

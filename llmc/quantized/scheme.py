@@ -46,6 +46,8 @@ FP8 = QuantScheme(name="fp8", weight=TensorQuant(dtype="fp8_e4m3", granularity="
                   activation=TensorQuant(dtype="fp8_e4m3", granularity="tensor"))
 SCHEMES = {s.name: s for s in (W8A16, W4A16, W8A8, FP8)}
 KV_CACHE_DTYPES = {"int8": "int8", "fp8": "fp8_e4m3"}
+HEAD_FORMATS = {"int8": TensorQuant(dtype="int8", granularity="channel"),          # `--head`; float: None
+                "int4": TensorQuant(dtype="int4", granularity="group", group_size=32)}
 
 
 def resolve_scheme(name: str, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
@@ -68,6 +70,15 @@ def resolve_scheme(name: str, group_size: int | None = None, symmetric: bool | N
 def _scheme_from_options(scheme: str, group_size: int | None, asymmetric: bool) -> QuantScheme:
     """--scheme with --group-size and --asymmetric (--symmetric, the default, changes nothing)."""
     return resolve_scheme(scheme, group_size, False if asymmetric else None)
+
+
+def _head_from_option(name: str) -> TensorQuant | None:
+    """The LM head's format `--head NAME` stands for; float (None) keeps it as stored."""
+    if name == "float":
+        return None
+    if name not in HEAD_FORMATS:
+        raise OptionError("head", f"unknown head format {name!r}; choose {', '.join(HEAD_FORMATS)} or float")
+    return HEAD_FORMATS[name]
 
 
 def _kv_cache_from_option(name: str | None) -> TensorQuant | None:
@@ -160,6 +171,10 @@ class QuantRecipe:                                     # how we get there
     kv_cache: TensorQuant | None = recipe_field(
         Option("kv_cache", str, "int8 or fp8: store the KV cache quantized with calibrated per-head scales (4x "
                "fewer bytes per token than fp32)."), build=_kv_cache_from_option, default=None)
+    head: TensorQuant | None = recipe_field(
+        Option("head", str, "int8 (per channel) or int4 (groups of 32): quantize the LM head too, round to nearest "
+               "(a tied head gets its own copy; the embeddings stay float). Default: float.", default="float"),
+        build=_head_from_option, default=None)
     calib_samples: int = recipe_field(Option("calib_samples", int, "Calibration samples.", default=128, low=1))
     calib_seqlen: int = recipe_field(
         Option("calib_seqlen", int, "Tokens per calibration sample; the default is capped by the model's context.",

@@ -250,7 +250,7 @@ def applicable_options(recipe: QuantRecipe) -> set[str]:
     giving any other one is a mistake the CLI reports."""
     spec = ALGORITHMS[recipe.algorithm]
     w = recipe.scheme.weight
-    used = {"scheme", "algo", "kv_cache", "format"}
+    used = {"scheme", "algo", "kv_cache", "format", "head"}
     if w.granularity == "group":
         used.add("group_size")
     if w.dtype == "int4":

@@ -113,3 +113,24 @@ def test_cli_exports_gptq_format(tmp_path, capsys):
     assert isinstance(m.weights.get("model.layers.0.mlp.down_proj.weight"), QuantizedWeight)
     main(["generate", str(out), "--prompt", "w5 w6 w7", "--max-tokens", "4", "--json"])
     assert len(json.loads(capsys.readouterr().out)[0]["token_ids"]) == 4
+
+
+@pytest.mark.parametrize("head", ["int8", "int4"])
+def test_quantized_head_of_a_tied_model_is_its_own_tensor(head, quantized_stories):
+    """`--head int8|int4` on tied embeddings: the head becomes lm_head.weight, quantized round to
+    nearest; the embedding table stays float and the model still generates close to fp32."""
+    from dataclasses import replace
+    from llmc.quantized.scheme import HEAD_FORMATS
+    path, res = quantized_stories(replace(recipe("w8a16"), head=HEAD_FORMATS[head]))
+    cfg = json.loads((path / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert cfg["tie_word_embeddings"] is False and q["recipe"]["head"]["dtype"] == head
+    assert q["weights"]["lm_head.weight"]["format"]["dtype"] == head and "model.embed_tokens.weight" not in q["weights"]
+    m = load_model(path)
+    assert isinstance(m.weights.get("lm_head.weight"), QuantizedWeight)
+    assert not isinstance(m.weights.get("model.embed_tokens.weight"), QuantizedWeight)
+    assert res.layers[-1].quantized == 1
+    ref = generate(STORIES, [PROMPT], SamplingParams(max_tokens=40)).completions[0].token_ids
+    got = generate(path, [PROMPT], SamplingParams(max_tokens=40)).completions[0].token_ids
+    prefix = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
+    assert prefix / len(ref) >= (1.0 if head == "int8" else 0.3), (prefix, got)     # int4: 16 of 40 agree
