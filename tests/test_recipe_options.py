@@ -133,8 +133,8 @@ def _accepted_recipes() -> list[QuantRecipe]:
             for kv in (None, *KV_CACHE_DTYPES):
                 changed = dict(calib_samples=7, calib_seqlen=64, alpha=0.25, awq_clip=False, act_observer="mse",
                                percentile=99.5, observer="percentile" if spec.observes_weights else None)
-                if scheme == "w4a16":
-                    changed.update(group_size=32, asymmetric=True)
+                if scheme in ("w4a16", "w4a8"):
+                    changed.update(group_size=64, asymmetric=True, head="int8")
                 for options in ({}, changed):
                     try:
                         recipe = recipe_from_options(scheme, algo=algo, kv_cache=kv, **options)
@@ -148,7 +148,7 @@ def _accepted_recipes() -> list[QuantRecipe]:
 def test_from_dict_reads_what_to_dict_writes():
     recipes = _accepted_recipes()
     combinations = {(r.scheme.name, r.algorithm, r.kv_cache) for r in recipes}
-    assert len(combinations) == (4 + 2 + 2 + 1) * 3      # rtn: 4 schemes, gptq and awq: 2, smoothquant: 1; x 3 caches
+    assert len(combinations) == (5 + 3 + 3 + 1) * 3      # rtn: 5 schemes, gptq and awq: 3, smoothquant: 1; x 3 caches
     for r in recipes:
         d = r.to_dict()
         assert list(d) == RECORD_KEYS
@@ -203,7 +203,7 @@ def _stored(**changes) -> dict:
     (_stored(kv_cache="int8"), "kv_cache is 'int8', not an object"),
     (_stored(scheme__skip=["lm_head.weight", 3]), "scheme.skip[1] is 3, not str"),
     (_stored(algorithm="magic"), "algorithm is 'magic', not one of rtn, gptq, awq, smoothquant"),
-    (_stored(scheme__name="w3a16"), "scheme.name is 'w3a16', not one of w8a16, w4a16, w8a8, fp8"),
+    (_stored(scheme__name="w3a16"), "scheme.name is 'w3a16', not one of w8a16, w4a16, w8a8, w4a8, fp8"),
     (_stored(scheme="w4a16"), "scheme is 'w4a16', not an object"),
     (_stored(scheme__weight__dtype="int3"), "scheme.weight.dtype is 'int3'"),
     (_stored(scheme__weight__group_size=0), "scheme.weight.group_size: must be in [1, 65536], got 0"),

@@ -14,7 +14,7 @@ from llmc.kernels.cpu import native
 from llmc.kernels.cpu.attention import AttentionPlans, paged_attention
 from llmc.kernels.reference import dense
 from llmc.kernels.reference.dequant import dequantize
-from llmc.kernels.reference.quant import fake_quant_fp8_tensor, fake_quant_int8_rowwise
+from llmc.kernels.reference.quant import fake_quant_fp8_tensor, fake_quant_int8_groupwise, fake_quant_int8_rowwise
 from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
 from llmc.quantized.formats import QuantizedWeight
 from llmc.registry import Registry
@@ -93,6 +93,14 @@ def _linear_int4(ctx, x, qw, bias):
 def _linear_w8a8(ctx, x, qw, bias):
     """Per-token dynamic int8 inputs times int8 weights: integer products summed in fp32."""
     return _linear_int8(ctx, fake_quant_int8_rowwise(x), qw, bias)
+
+
+@register_qlinear("int4/group+int8/group")
+@register_qlinear("int4/group-asym+int8/group")
+def _linear_w4a8(ctx, x, qw, bias):
+    """Group-wise dynamic int8 inputs times int4 group weights (the native executor multiplies the
+    integers; here the quantized inputs go through the float int4 kernels)."""
+    return _linear_int4(ctx, fake_quant_int8_groupwise(x, qw.act.group_size), qw, bias)
 
 
 @register_qlinear("fp8_e4m3/channel+fp8_e4m3/tensor")

@@ -14,6 +14,7 @@
  * executor's batch invariance). Reference: kernels/reference/dense.py linear over
  * kernels/reference/dequant.py; tests/kernels/ hold them to stated tolerances.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,20 @@ int llmc_abi_version(void) { return LLMC_ABI_VERSION; }
 #endif
 typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));   /* unaligned access */
 #define MC 48            /* rows of x per chunk: 48 rows of 1536 floats are 288 KiB, inside L2 */
+
+/* a * b + c rounded once. The library is built with -ffp-contract=off, so the compiler never fuses a
+ * multiply and an add on its own (it did so in some tiles and not in others); every fusion is
+ * written here, the same in every tile */
+static inline vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+static inline vf vbroadcast(float s) { vf r; for (int i = 0; i < VL; i++) r[i] = s; return r; }
 
 static inline float hsum(vf v) { float s = 0.0f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 static inline vf vzero(void) { vf z; for (int i = 0; i < VL; i++) z[i] = 0.0f; return z; }
@@ -98,8 +113,8 @@ static inline float one_f16(const void *p, int64_t k) { return (float)((const _F
  * x: MB rows ldx apart; w: NB rows ldw bytes apart; y: MB rows ldy apart, NB outputs each (raw sums:
  * the caller applies scale and bias). */
 #define DEFINE_TILE(KIND, MB, NB)                                                                  \
-static void tile_##KIND##_##MB##x##NB(const float *x, int64_t ldx, const char *w, int64_t ldw,     \
-                                      float *y, int64_t ldy, int64_t K) {                          \
+static void tile_##KIND##_##MB##x##NB(const float *x, int64_t ldx,                               \
+        const char *w, int64_t ldw, float *y, int64_t ldy, int64_t K) {                            \
     vf acc[MB][NB];                                                                                \
     for (int i = 0; i < MB; i++)                                                                   \
         for (int j = 0; j < NB; j++) acc[i][j] = vzero();                                          \
@@ -109,13 +124,13 @@ static void tile_##KIND##_##MB##x##NB(const float *x, int64_t ldx, const char *w
         for (int j = 0; j < NB; j++) wv[j] = wide_##KIND(w + j * ldw, k);                          \
         for (int i = 0; i < MB; i++) {                                                             \
             vf xv = *(const vf *)(x + i * ldx + k);                                                \
-            for (int j = 0; j < NB; j++) acc[i][j] += xv * wv[j];                                  \
+            for (int j = 0; j < NB; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);                    \
         }                                                                                          \
     }                                                                                              \
     for (int i = 0; i < MB; i++)                                                                   \
         for (int j = 0; j < NB; j++) {                                                             \
             float s = hsum(acc[i][j]);                                                             \
-            for (int64_t k = kv; k < K; k++) s += x[i * ldx + k] * one_##KIND(w + j * ldw, k);     \
+            for (int64_t k = kv; k < K; k++) s = fmaf(x[i * ldx + k], one_##KIND(w + j * ldw, k), s); \
             y[i * ldy + j] = s;                                                                    \
         }                                                                                          \
 }
@@ -194,13 +209,13 @@ static void i4_tile_##NB(const float *xd, const float *xs, int64_t K, int64_t G,
             for (int j = 0; j < NB; j++) {                                                         \
                 vf lo, hi;                                                                         \
                 widen_u4(pn + j * kb + b / 2, &lo, &hi);                                           \
-                acc[j] += xe * lo + xo * hi;                                                       \
+                acc[j] = vfma(xo, hi, vfma(xe, lo, acc[j]));                                       \
             }                                                                                      \
         }                                                                                          \
         for (int j = 0; j < NB; j++) {                                                             \
             float s = sn[j * G + g], z = (float)zn[j * G + g], t = 0.0f;                           \
-            for (int64_t k = k0 + PIECE * np; k < k1; k++) t += xd[k] * nibble(pn + j * kb, k);    \
-            tot[j] += s * acc[j];                                                                  \
+            for (int64_t k = k0 + PIECE * np; k < k1; k++) t = fmaf(xd[k], nibble(pn + j * kb, k), t); \
+            tot[j] = vfma(vbroadcast(s), acc[j], tot[j]);                                          \
             rest[j] += s * (t - z * xs[g]);                                                        \
         }                                                                                          \
     }                                                                                              \
@@ -244,12 +259,140 @@ static void block_i4(const float *xd, const float *xs, int64_t m0, int64_t m1, i
     }
 }
 
+/* ---- integer dot products: int8 inputs, quantized at run time -------------------------------------
+ * Each row of x is quantized symmetrically over spans of `span` features (w4a8: the weight's groups;
+ * w8a8: the whole row): scale = absmax / 127 (1 for an all-zero span), q = x / scale rounded half to
+ * even, exactly as kernels/reference/quant.py does. Products of codes are summed exactly in int32
+ * and scaled once per span: sum_g sw * sx * (sum_k q[k] * u[k] - zero * sum_k q[k]). */
+static void quant_span(const float *x, int8_t *q, int64_t len, float *scale, int32_t *qsum) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < len; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+    float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < len; k++) {
+        float v = nearbyintf(x[k] / s);
+        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+        q[k] = (int8_t)v;
+        sum += q[k];
+    }
+    *scale = s;
+    *qsum = sum;
+}
+
+/* w4a8: x [M, K] -> codes (each group's pieces of 32 de-interleaved as the nibbles are: 16 even
+ * values, then 16 odd ones), scales and code sums [M, G] */
+#define IPIECE 32
+static inline int64_t ipieces(int64_t len, int64_t gs) { return gs % 2 ? 0 : len / IPIECE; }
+
+static void quant_groups(const float *x, int8_t *q, float *scale, int32_t *qsum, int64_t M, int64_t K,
+                         int64_t gs) {
+    int64_t G = (K + gs - 1) / gs;
+    int8_t tmp[IPIECE];
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
+            int8_t *qg = q + m * K + k0;
+            quant_span(x + m * K + k0, qg, k1 - k0, scale + m * G + g, qsum + m * G + g);
+            for (int64_t p = 0; p < ipieces(k1 - k0, gs); p++) {
+                int8_t *piece = qg + IPIECE * p;
+                for (int i = 0; i < IPIECE / 2; i++) { tmp[i] = piece[2 * i]; tmp[IPIECE / 2 + i] = piece[2 * i + 1]; }
+                memcpy(piece, tmp, IPIECE);
+            }
+        }
+}
+
+/* the int32 sum of 32 uint4 codes (16 packed bytes) times 32 de-interleaved int8 codes */
+static inline int32_t idot_u4_32(const uint8_t *p, const int8_t *xq) {
+#if defined(__AVX2__)
+    __m128i b = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq)),
+                                  _mm256_set1_epi16(1));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+    return _mm_cvtsi128_si32(h);
+#else
+    int32_t s = 0;
+    for (int i = 0; i < 16; i++) s += (p[i] & 15) * xq[i] + (p[i] >> 4) * xq[16 + i];
+    return s;
+#endif
+}
+
+/* one row of codes against NB weight rows kb bytes apart: groups summed exactly, scaled in fp32 */
+#define DEFINE_I4A8(NB)                                                                            \
+static void i4a8_tile_##NB(const int8_t *xq, const float *xsc, const int32_t *xsum, int64_t K,     \
+                           int64_t G, int64_t gs, const uint8_t *pn, int64_t kb, const float *sn,  \
+                           const uint8_t *zn, float *out) {                                        \
+    float tot[NB];                                                                                 \
+    for (int j = 0; j < NB; j++) tot[j] = 0.0f;                                                    \
+    for (int64_t g = 0; g < G; g++) {                                                              \
+        int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K, np = ipieces(k1 - k0, gs);            \
+        for (int j = 0; j < NB; j++) {                                                             \
+            const uint8_t *pj = pn + j * kb;                                                       \
+            int32_t acc = 0;                                                                       \
+            for (int64_t p = 0; p < np; p++) acc += idot_u4_32(pj + (k0 + IPIECE * p) / 2, xq + k0 + IPIECE * p); \
+            for (int64_t k = k0 + IPIECE * np; k < k1; k++)                                       \
+                acc += (int32_t)((pj[k >> 1] >> ((k & 1) * 4)) & 15) * xq[k];                     \
+            acc -= (int32_t)zn[j * G + g] * xsum[g];                                               \
+            tot[j] += (sn[j * G + g] * xsc[g]) * (float)acc;                                       \
+        }                                                                                          \
+    }                                                                                              \
+    for (int j = 0; j < NB; j++) out[j] = tot[j];                                                  \
+}
+DEFINE_I4A8(4)
+DEFINE_I4A8(1)
+
+/* w8a8: the int32 sum of K int8 weight codes times K int8 input codes */
+static inline int32_t idot_i8(const int8_t *w, const int8_t *xq, int64_t K) {
+    int64_t k = 0;
+    int32_t s = 0;
+#if defined(__AVX2__)
+    __m256i acc = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
+    for (; k + 32 <= K; k += 32) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(w + k)), b = _mm256_loadu_si256((const __m256i *)(xq + k));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(a, a),
+                                                                           _mm256_sign_epi8(b, a)), ones));
+    }
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+    s = _mm_cvtsi128_si32(h);
+#endif
+    for (; k < K; k++) s += (int32_t)w[k] * xq[k];
+    return s;
+}
+
+static void block_int(const llmc_weight *w, const int8_t *xq, const float *xsc, const int32_t *xsum,
+                      int64_t m0, int64_t m1, int64_t n0, int64_t nb, float *y) {
+    int64_t N = w->n, K = w->k;
+    if (w->kind == W_I8A8) {
+        const int8_t *q = (const int8_t *)w->data;
+        for (int64_t m = m0; m < m1; m++)
+            for (int64_t n = n0; n < n0 + nb; n++)
+                y[m * N + n] = (float)idot_i8(q + n * K, xq + m * K, K) * (xsc[m] * w->scale[n]);
+        return;
+    }
+    int64_t gs = w->group, G = (K + gs - 1) / gs, kb = (K + 1) / 2;
+    const uint8_t *pn = (const uint8_t *)w->data + n0 * kb, *zn = w->zero + n0 * G;
+    const float *sn = w->scale + n0 * G;
+    for (int64_t m = m0; m < m1; m++) {
+        const int8_t *q = xq + m * K;
+        const float *s = xsc + m * G;
+        const int32_t *c = xsum + m * G;
+        if (nb == 4) i4a8_tile_4(q, s, c, K, G, gs, pn, kb, sn, zn, y + m * N + n0);
+        else
+            for (int64_t j = 0; j < nb; j++)
+                i4a8_tile_1(q, s, c, K, G, gs, pn + j * kb, kb, sn + j * G, zn + j * G, y + m * N + n0 + j);
+    }
+}
+
 /* ---- the driver ------------------------------------------------------------------------------------ */
 static int64_t row_bytes(const llmc_weight *w) {
     switch (w->kind) {
         case W_F32: return 4 * w->k;
         case W_BF16: case W_F16: return 2 * w->k;
-        case W_I8: return w->k;
+        case W_I8: case W_I8A8: return w->k;
         default: return (w->k + 1) / 2;
     }
 }
@@ -257,11 +400,21 @@ static int64_t row_bytes(const llmc_weight *w) {
 void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t M, int nthreads) {
     int64_t N = w->n, K = w->k, ldw = row_bytes(w), nblocks = (N + 3) / 4;
     float *xd = NULL, *xs = NULL;
+    int8_t *xq = NULL;
+    int32_t *xsum = NULL;
     if (w->kind == W_I4) {
         int64_t G = (K + w->group - 1) / w->group;
         xd = malloc(sizeof(float) * (size_t)(M * K));
         xs = malloc(sizeof(float) * (size_t)(M * G));
         i4_prepare(x, xd, xs, M, K, w->group);
+    } else if (w->kind == W_I4A8 || w->kind == W_I8A8) {
+        int64_t span = w->kind == W_I4A8 ? w->group : K, G = (K + span - 1) / span;
+        xq = malloc((size_t)(M * K));
+        xs = malloc(sizeof(float) * (size_t)(M * G));
+        xsum = malloc(sizeof(int32_t) * (size_t)(M * G));
+        if (w->kind == W_I4A8) quant_groups(x, xq, xs, xsum, M, K, span);
+        else
+            for (int64_t m = 0; m < M; m++) quant_span(x + m * K, xq + m * K, K, xs + m, xsum + m);
     }
     #pragma omp parallel num_threads(nthreads)
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
@@ -276,6 +429,7 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
                 case W_F16: block_f16(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
                 case W_I8: block_i8(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
                 case W_I4: block_i4(xd, xs, m0, m1, K, w->group, w, n0, nb, y, N); break;
+                case W_I4A8: case W_I8A8: block_int(w, xq, xs, xsum, m0, m1, n0, nb, y); break;
             }
             if (w->kind == W_I8)
                 for (int64_t m = m0; m < m1; m++)
@@ -288,6 +442,8 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
     }
     free(xd);
     free(xs);
+    free(xq);
+    free(xsum);
 }
 
 /* ---- the entry points of the cpu kernel set (kernels/cpu/native.py) ------------------------------- */

@@ -4,8 +4,10 @@
 #include <stdint.h>
 
 /* how a weight's values are stored: float kinds are widened to fp32 in registers; W_I8 is int8 per
- * output channel (scale [n]); W_I4 is packed uint4 in groups along k (scale and zero [n, G]) */
-enum { W_F32 = 0, W_I8 = 1, W_I4 = 2, W_BF16 = 3, W_F16 = 4 };
+ * output channel (scale [n]); W_I4 is packed uint4 in groups along k (scale and zero [n, G]).
+ * W_I4A8 and W_I8A8 are the same weights multiplied as integers with int8 inputs quantized at run
+ * time: per group of the weight's groups (w4a8) or per row (w8a8). */
+enum { W_F32 = 0, W_I8 = 1, W_I4 = 2, W_BF16 = 3, W_F16 = 4, W_I4A8 = 5, W_I8A8 = 6 };
 
 typedef struct {
     int64_t kind, n, k, group;          /* W_*; logical [n, k]; int4 group size */

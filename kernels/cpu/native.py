@@ -48,7 +48,7 @@ from llmc.io import removed_on_failure
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "step.c"))
 HEADERS = (Path(__file__).with_name("linear.h"),)      # included by the sources: part of the cache key
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")   # fusions explicit
 MAX_ROWS = 8             # above this, torch's GEMM (MKL/oneDNN) is as fast or faster (benchmarked)
 ABI_VERSION = 3          # what gemm.c's llmc_abi_version() returns: bump both when an export changes
 LIB_NAME = "libllmc_cpu.so"
@@ -60,6 +60,7 @@ SIGNATURES = {           # every export llmc calls: (argtypes, restype)
     "llmc_linear_i8": ([_P] * 5 + [_I64] * 3 + [_INT], None),
     "llmc_linear_i4g": ([_P] * 6 + [_I64] * 4 + [_INT], None),
     "llmc_dequant_i4g": ([_P] * 4 + [_I64] * 3 + [_INT], None),
+    "llmc_linear_weight": ([_P, _P, _P, _I64, _INT], None),
     "llmc_step": ([_P, _P], None),
 }
 _HOST = socket.gethostname()

@@ -32,9 +32,11 @@ from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 _I64, _P, _D = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 OP_CODES = {"embed": 1, "rms_norm": 2, "add": 3, "add_rms_norm": 4, "linear": 5, "qkv_linear": 5, "silu_mul": 6,
             "gate_up_silu": 7, "rope": 8, "attention": 9, "logits": 10}
-W_F32, W_I8, W_I4, W_BF16, W_F16 = 0, 1, 2, 3, 4          # kernels/cpu/linear.h
+W_F32, W_I8, W_I4, W_BF16, W_F16, W_I4A8, W_I8A8 = 0, 1, 2, 3, 4, 5, 6    # kernels/cpu/linear.h
 FLOAT_KINDS = {torch.float32: W_F32, torch.bfloat16: W_BF16, torch.float16: W_F16}   # stored as is, fp32 compute
-WEIGHT_KINDS = {"int8/channel": W_I8, "int4/group": W_I4, "int4/group-asym": W_I4}   # TensorQuant.key -> kind
+WEIGHT_KINDS = {"int8/channel": W_I8, "int4/group": W_I4, "int4/group-asym": W_I4,  # QuantizedWeight.kernel_key
+                "int4/group+int8/group": W_I4A8, "int4/group-asym+int8/group": W_I4A8,   # integer dot products
+                "int8/channel+int8/token": W_I8A8}
 
 
 class Val(ctypes.Structure):
@@ -78,9 +80,12 @@ def unsupported(model) -> str | None:
             return "it runs no KV-cache scales"
         for w in n.inputs[OPS[n.op].num_values:]:
             f = fmt_of(w)
-            if f is not None and (f[1] is not None or f[0].key not in WEIGHT_KINDS):
-                return f"it runs int8 per-channel and int4 group-wise weights, not {f[0].key}" + \
-                       ("" if f[1] is None else f" with {f[1].key} inputs")
+            if f is None:
+                continue
+            key = f[0].key if f[1] is None else f"{f[0].key}+{f[1].key}"
+            if key not in WEIGHT_KINDS or (f[1] is not None and f[1].group_size != f[0].group_size):
+                return f"it runs int8 per-channel and int4 group-wise weights (w8a16, w4a16, w8a8, w4a8), not " \
+                       f"{f[0].key}" + ("" if f[1] is None else f" with {f[1].key} inputs")
     return None
 
 
@@ -152,7 +157,7 @@ class NativeBackend:
     def _weight(self, w: Any, bias: torch.Tensor | None = None) -> Weight:
         b = self._tensor(bias.float()) if bias is not None else None
         if isinstance(w, QuantizedWeight):
-            kind = WEIGHT_KINDS[w.fmt.key]
+            kind = WEIGHT_KINDS[w.kernel_key]
             return Weight(kind, w.shape[0], w.shape[1], w.fmt.group_size or 0, self._tensor(w.data),
                           self._tensor(w.scale.float()), self._tensor(w.zero) if w.zero is not None else None, b)
         if w.dtype not in FLOAT_KINDS:

@@ -44,7 +44,9 @@ W8A8 = QuantScheme(name="w8a8", weight=TensorQuant(dtype="int8", granularity="ch
                    activation=TensorQuant(dtype="int8", granularity="token"))
 FP8 = QuantScheme(name="fp8", weight=TensorQuant(dtype="fp8_e4m3", granularity="channel"),
                   activation=TensorQuant(dtype="fp8_e4m3", granularity="tensor"))
-SCHEMES = {s.name: s for s in (W8A16, W4A16, W8A8, FP8)}
+W4A8 = QuantScheme(name="w4a8", weight=TensorQuant(dtype="int4", granularity="group", group_size=32),
+                   activation=TensorQuant(dtype="int8", granularity="group", group_size=32))   # Q4_0 x Q8_0
+SCHEMES = {s.name: s for s in (W8A16, W4A16, W8A8, W4A8, FP8)}
 KV_CACHE_DTYPES = {"int8": "int8", "fp8": "fp8_e4m3"}
 HEAD_FORMATS = {"int8": TensorQuant(dtype="int8", granularity="channel"),          # `--head`; float: None
                 "int4": TensorQuant(dtype="int4", granularity="group", group_size=32)}
@@ -58,11 +60,13 @@ def resolve_scheme(name: str, group_size: int | None = None, symmetric: bool | N
     w = scheme.weight
     if group_size is not None:
         if w.granularity != "group":
-            raise OptionError("group_size", f"applies to group-wise schemes (w4a16), not {name}")
+            raise OptionError("group_size", f"applies to group-wise schemes (w4a16, w4a8), not {name}")
         w = replace(w, group_size=group_size)
+        if scheme.activation is not None and scheme.activation.granularity == "group":   # w4a8: the same groups
+            scheme = replace(scheme, activation=replace(scheme.activation, group_size=group_size))
     if symmetric is not None and symmetric != w.symmetric:
         if w.dtype != "int4":
-            raise OptionError("asymmetric", f"applies to int4 weights (w4a16), not {name}")
+            raise OptionError("asymmetric", f"applies to int4 weights (w4a16, w4a8), not {name}")
         w = replace(w, symmetric=symmetric)
     return replace(scheme, weight=w)
 
@@ -159,14 +163,16 @@ def recipe_field(*options: Option, build: Callable[..., Any] | None = None, defa
 class QuantRecipe:                                     # how we get there
     scheme: QuantScheme = recipe_field(
         Option("scheme", str, "w8a16: int8 per-channel weights (~4x smaller than fp32); w4a16: int4 group-wise "
-               "weights (~7x smaller); w8a8: int8 weights and per-token int8 inputs; fp8: e4m3 weights and inputs "
+               "weights (~7x smaller); w8a8: int8 weights and per-token int8 inputs; w4a8: int4 weights and int8 inputs in groups "
+               "of 32 (integer dot products, as llama.cpp's Q4_0 x Q8_0); fp8: e4m3 weights and inputs "
                "(static scales; emulated on CPU). Required unless the profile sets it."),
-        Option("group_size", int, f"w4a16 group size (default {W4A16.weight.group_size}, the scheme's)."),
-        Option("asymmetric", bool, "w4a16 with zero points.", default=False, off="symmetric"),
+        Option("group_size", int, f"w4a16 / w4a8 group size (default {W4A16.weight.group_size} / "
+               f"{W4A8.weight.group_size}, the scheme's)."),
+        Option("asymmetric", bool, "w4a16 / w4a8 with zero points.", default=False, off="symmetric"),
         build=_scheme_from_options)
     algorithm: Literal["rtn", "gptq", "awq", "smoothquant"] = recipe_field(
         Option("algo", str, "rtn (round to nearest); gptq (Hessian-guided error compensation) or awq "
-               "(activation-aware scales) for w8a16/w4a16; smoothquant (outliers moved into the weights) for "
+               "(activation-aware scales) for w8a16/w4a16/w4a8; smoothquant (outliers moved into the weights) for "
                "w8a8. All but rtn calibrate.", default="rtn"))
     kv_cache: TensorQuant | None = recipe_field(
         Option("kv_cache", str, "int8 or fp8: store the KV cache quantized with calibrated per-head scales (4x "

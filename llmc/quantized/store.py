@@ -26,7 +26,7 @@ SCALES: dict[str, Callable[[int, int, TensorQuant], tuple[int, int]]] = {
     "group": lambda n, k, fmt: (n, group_count(k, fmt.group_size)),
     "tensor": lambda n, k, fmt: (1, 1),
 }
-ACT_GRANULARITIES = ("token", "tensor")       # token: dynamic; tensor: a static act_scale [1]
+ACT_GRANULARITIES = ("token", "group", "tensor")   # token, group: dynamic; tensor: a static act_scale [1]
 
 
 def _tensor_quant(d: Any, where: str) -> TensorQuant:

@@ -100,13 +100,13 @@ def register_algorithm(name: str, schemes: tuple[str, ...], calibrated: bool, he
     return ALGORITHMS.decorator(name, lambda fn: AlgorithmSpec(fn, schemes, calibrated, hessian, observes_weights))
 
 
-@register_algorithm("rtn", schemes=("w8a16", "w4a16", "w8a8", "fp8"), calibrated=False)
+@register_algorithm("rtn", schemes=("w8a16", "w4a16", "w8a8", "w4a8", "fp8"), calibrated=False)
 def rtn(work: LayerWork) -> dict[str, QuantizedWeight]:
     """Round to nearest: each weight on its own, no calibration."""
     return _quantize_targets(work)
 
 
-@register_algorithm("gptq", schemes=("w8a16", "w4a16"), calibrated=True, hessian=True)
+@register_algorithm("gptq", schemes=("w8a16", "w4a16", "w4a8"), calibrated=True, hessian=True)
 def gptq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
     from llmc.passes.quant.gptq import gptq
     return {name: gptq(work.fp[name], work.stats[x].hessian, work.fmt, name=name, observer=work.weight_observer)
@@ -137,7 +137,7 @@ def _quantize_targets(work: LayerWork) -> dict[str, QuantizedWeight]:
             for name, _ in work.linears if name in work.targets}
 
 
-@register_algorithm("awq", schemes=("w8a16", "w4a16"), calibrated=True, observes_weights=False)
+@register_algorithm("awq", schemes=("w8a16", "w4a16", "w4a8"), calibrated=True, observes_weights=False)
 def awq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
     """Per shared input, in graph order: search the scales, scale the consumers' columns by s and
     fold 1/s into the producer (norm weight, or the rows of the linear feeding it); then quantize.

@@ -33,11 +33,10 @@ print(lib.llmc_abi_version())
 
 
 def _stub_source(abi: int, dequant: bool = True, marker: Path | None = None) -> str:
-    lines = [f"int llmc_abi_version(void) {{ return {abi}; }}",
-             "void llmc_linear_f32(void) {}", "void llmc_linear_i8(void) {}", "void llmc_linear_i4g(void) {}",
-             "void llmc_step(void) {}"]
-    if dequant:
-        lines.append("void llmc_dequant_i4g(void) {}")
+    """A library exporting every symbol native.SIGNATURES names (but llmc_dequant_i4g unless `dequant`)."""
+    lines = [f"int llmc_abi_version(void) {{ return {abi}; }}"]
+    lines += [f"void {name}(void) {{}}" for name in native.SIGNATURES
+              if name != "llmc_abi_version" and (dequant or name != "llmc_dequant_i4g")]
     if marker is not None:                          # a planted library's constructor runs as the caller
         lines += ["#include <stdio.h>",
                   f'__attribute__((constructor)) static void planted(void) {{ fclose(fopen("{marker}", "w")); }}']

@@ -25,6 +25,12 @@ from tests.conftest import rtn
 from tests.helpers import GOLDEN, STORIES, backend, forward_all
 
 NATIVE_VS_REFERENCE_ATOL = 1e-4      # fp32 sums of up to a few hundred terms in another order, logits up to |15|
+# Inputs quantized at run time (w8a8, w4a8): a difference of one ulp upstream can move a value across a
+# rounding boundary and change its code, so the whole model is only as close as the reference is to
+# itself: 1e-6 relative noise on the inputs of the reference's w4a8 linears moves its logits by 0.21
+# at most and 0.029 on average. The linear itself is held to 1e-5 in tests/kernels/test_native_linear.py.
+DYNAMIC_INPUTS_MAX, DYNAMIC_INPUTS_MEAN = 0.5, 0.05
+DYNAMIC_INPUTS_TOKENS = 32           # greedy tokens that must agree (w4a8-g32 first parts at the 40th)
 STDLIB = GOLDEN / "stdlib-llama"
 PROMPTS = ["Once upon a time", "Tom and his dog", "The sun"]
 
@@ -33,6 +39,9 @@ WEIGHT_FORMATS = {                   # every weight format the native executor r
     "w4a16-g32": rtn("w4a16", group_size=32),
     "w4a16-g48-asym": rtn("w4a16", group_size=48, symmetric=False),     # partial last groups (64 = 48 + 16)
     "w4a16-g128": rtn("w4a16", group_size=128),                          # one partial group per row of 64 / 172
+    "w8a8": rtn("w8a8"),                                                 # integer dot products from here
+    "w4a8-g32": rtn("w4a8"),
+    "w4a8-g48-asym": rtn("w4a8", group_size=48, symmetric=False),        # a piece of 32 and 16 values per group
     "w8a16-head-int8": dataclasses.replace(rtn("w8a16"), head=HEAD_FORMATS["int8"]),    # its own (untied) head
     "w4a16-head-int4": dataclasses.replace(rtn("w4a16", group_size=32), head=HEAD_FORMATS["int4"]),
 }
@@ -48,9 +57,14 @@ def test_logits_and_greedy_tokens_match_the_reference(fmt, quantized_stories):
     path = STORIES if fmt == "fp32" else quantized_stories(WEIGHT_FORMATS[fmt])[0]
     model = load_model(path)
     prompt = ids(37, 0)
-    err = (forward_all(model, prompt, "native") - forward_all(model, prompt, "reference")).abs().max().item()
-    assert err <= NATIVE_VS_REFERENCE_ATOL, f"{fmt}: max abs {err:.2e}"
-    p = SamplingParams(max_tokens=48)
+    diff = (forward_all(model, prompt, "native") - forward_all(model, prompt, "reference")).abs()
+    dynamic = WEIGHT_FORMATS.get(fmt) is not None and WEIGHT_FORMATS[fmt].scheme.activation is not None
+    if dynamic:
+        assert diff.max() <= DYNAMIC_INPUTS_MAX and diff.mean() <= DYNAMIC_INPUTS_MEAN, \
+            f"{fmt}: max abs {diff.max():.2e}, mean {diff.mean():.2e}"
+    else:
+        assert diff.max() <= NATIVE_VS_REFERENCE_ATOL, f"{fmt}: max abs {diff.max():.2e}"
+    p = SamplingParams(max_tokens=DYNAMIC_INPUTS_TOKENS if dynamic else 48)
     tokens = {k: [c.token_ids for c in generate(None, PROMPTS, p, RuntimeConfig(kernels=k), model=model).completions]
               for k in ("reference", "native")}
     assert tokens["native"] == tokens["reference"]
@@ -144,7 +158,8 @@ def test_a_step_larger_than_the_workspace_grows_it():
 
 
 @pytest.mark.parametrize("recipe,why", [
-    (QuantRecipe(scheme=resolve_scheme("w8a8")), "int8/channel with int8/token inputs"),
+    (QuantRecipe(scheme=resolve_scheme("fp8"), calib_samples=4, calib_seqlen=64),
+     "fp8_e4m3/channel with fp8_e4m3/tensor inputs"),
     (QuantRecipe(scheme=resolve_scheme("w8a16"), kv_cache=TensorQuant(dtype="int8"), calib_samples=4,
                  calib_seqlen=64), "quantized"),
 ])

@@ -1,0 +1,74 @@
+"""gemm.c's llmc_linear_weight, the linear of the native executor, on every weight kind it reads:
+against the reference (dequantize, then the inputs through their activation format, then a float64
+matmul) at stated tolerances, on shapes with remainders in every tiled dimension, and row by row
+bit-identical whatever the number of rows (the tiles never change a row's summation order)."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from llmc.backends.native import FLOAT_KINDS, WEIGHT_KINDS, Weight
+from llmc.kernels.cpu import native
+from llmc.kernels.reference.dequant import dequantize
+from llmc.kernels.reference.quant import quantize_input
+from llmc.quantized.formats import TensorQuant, quantize
+
+INT4 = dict(dtype="int4", granularity="group")
+KINDS = {   # name -> (weight format or float dtype, input format)
+    "fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None),
+    "int8": (TensorQuant(dtype="int8"), None),
+    "int4-g32": (TensorQuant(**INT4, group_size=32), None),
+    "int4-g48-asym": (TensorQuant(**INT4, group_size=48, symmetric=False), None),
+    "w8a8": (TensorQuant(dtype="int8"), TensorQuant(dtype="int8", granularity="token")),
+    "w4a8-g32": (TensorQuant(**INT4, group_size=32), TensorQuant(dtype="int8", granularity="group", group_size=32)),
+    "w4a8-g48-asym": (TensorQuant(**INT4, group_size=48, symmetric=False),
+                      TensorQuant(dtype="int8", granularity="group", group_size=48)),
+}
+
+
+def _weight(kind: str, w: torch.Tensor, bias: torch.Tensor | None):
+    """(the kernel's Weight, the tensors it points into, the reference's float weight and input format)."""
+    fmt, act = KINDS[kind]
+    b = bias.contiguous() if bias is not None else None
+    bp = b.data_ptr() if b is not None else None
+    if isinstance(fmt, torch.dtype):
+        t = w.to(fmt).contiguous()
+        return Weight(FLOAT_KINDS[fmt], *w.shape, 0, t.data_ptr(), None, None, bp), [t, b], t.double(), None
+    qw = quantize(w, fmt, "w")
+    key = fmt.key if act is None else f"{fmt.key}+{act.key}"
+    scale = qw.scale.float().contiguous()
+    keep = [qw.data, scale, qw.zero, b]
+    return (Weight(WEIGHT_KINDS[key], *w.shape, fmt.group_size or 0, qw.data.data_ptr(), scale.data_ptr(),
+                   qw.zero.data_ptr() if qw.zero is not None else None, bp), keep, dequantize(qw).double(), act)
+
+
+def _run(weight: Weight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    y = torch.empty(x.shape[0], weight.n)
+    native.library().llmc_linear_weight(ctypes.byref(weight), x.data_ptr(), y.data_ptr(), x.shape[0], threads)
+    return y
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("m,n,k", [(1, 9, 64), (2, 4, 100), (3, 13, 172), (5, 130, 576), (50, 7, 96)])
+def test_every_kind_matches_the_reference(kind, m, n, k):
+    g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
+    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    weight, keep, ref_w, act = _weight(kind, w, bias if m % 2 else None)
+    got = _run(weight, x)
+    xin = x if act is None else quantize_input(x, act, None)        # the inputs the integers stand for
+    exact = xin.double() @ ref_w.T + (bias.double() if m % 2 else 0)
+    # fp32 sums of k products of O(1) values in another order (integer kernels: exact sums, scaled in fp32)
+    torch.testing.assert_close(got, exact.float(), rtol=1e-5, atol=4e-6 * k ** 0.5 * ref_w.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_row_is_bit_identical_whatever_the_other_rows(kind):
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(61, 200, generator=g), torch.randn(23, 200, generator=g)
+    weight, keep, _, _ = _weight(kind, w, None)
+    together = _run(weight, x)
+    for r in (0, 1, 47, 48, 60):                                     # tiles of 3 rows, chunks of 48
+        alone = _run(weight, x[r:r + 1].contiguous(), threads=1)
+        assert torch.equal(alone[0], together[r]), f"row {r}"
