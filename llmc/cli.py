@@ -371,6 +371,8 @@ def bench_throughput_cmd(
                                           "this process may use)."),
     kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; e.g. cpu or "
                                           "reference on the cpu target)."),
+    profile: bool = typer.Option(False, "--profile", help="Also print where a decode step's time goes, per op "
+                                 "(native kernels; always in the JSON as decode_profile_ms)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results (schema "
                                             "llmc.bench.throughput/1, every raw sample) as JSON to this file ('-': "
                                             "to stdout, instead of the table). An existing file is replaced only "
@@ -393,6 +395,23 @@ def bench_throughput_cmd(
                        threads=threads, kernels=kernels, on_run=progress)
     if not _write_result(json_path, r.to_json(), [path]):
         _throughput_table(r, path)
+        if profile:
+            _profile_table(r)
+
+
+def _profile_table(r) -> None:
+    """Per batch size, the decode step's milliseconds by op (Sample.decode_profile)."""
+    rows = [(b.batch, b.decode_profile()) for b in r.results]
+    if all(p is None for _, p in rows):
+        err.print("note: no decode profile: the per-op timer is in the native kernels (--kernels native)")
+        return
+    ops = [op for op in next(p for _, p in rows if p is not None)]
+    t = Table(Column("op"), *(Column(f"batch {b} ms", justify="right") for b, _ in rows),
+              title="where a decode step's time goes")
+    for op in ops:
+        t.add_row(op, *("-" if p is None else f"{p.get(op, 0.0):.2f}" for _, p in rows))
+    t.add_row("step", *("-" if p is None else f"{sum(p.values()):.2f}" for _, p in rows))
+    out.print(t)
 
 
 def _throughput_table(r, path: Path) -> None:

@@ -152,3 +152,19 @@ def test_library_options_and_a_single_output_token():
     r = throughput(STORIES, batches=(1,), input_len=4, output_len=1, repeat=1, warmup=0)
     assert r.results[0].stat("decode_tok_s") is None and r.to_json()["results"][0]["decode_tok_s"] is None
     assert r.results[0].samples[0].generated_tokens == 1
+
+
+def test_native_decode_profile_accounts_for_the_step(capsys):
+    """--kernels native times every op of the native step: the decode profile has the graph's op
+    kinds and `outside`, and adds up to the measured decode step."""
+    r = throughput(STORIES, (1, 3), input_len=8, output_len=6, repeat=1, warmup=0, kernels="native")
+    for b in r.results:
+        prof, s = b.decode_profile(), b.samples[0]
+        assert {"linear", "attention", "logits", "outside"} <= set(prof) and all(v >= 0 for k, v in prof.items()
+                                                                            if k != "outside")
+        assert sum(prof.values()) == pytest.approx(1e3 * s.decode_s / s.decode_steps, rel=1e-9)
+        assert b.to_json()["decode_profile_ms"] == prof
+    assert main(["bench", "throughput", str(STORIES), "--batch", "1", "--input-len", "8", "--output-len", "4",
+                 "--repeat", "1", "--warmup", "0", "--kernels", "native", "--profile"]) in (None, 0)
+    out = capsys.readouterr().out
+    assert "where a decode step's time goes" in out and "attention" in out

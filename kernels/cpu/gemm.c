@@ -22,39 +22,15 @@
 #include <immintrin.h>
 #endif
 #include "linear.h"
+#include "simd.h"
 
 /* The interface version llmc checks after loading this library (native.ABI_VERSION): bump both
  * when an exported function is added, removed or changes its signature. */
-#define LLMC_ABI_VERSION 3
+#define LLMC_ABI_VERSION 4
 
 int llmc_abi_version(void) { return LLMC_ABI_VERSION; }
 
-/* one vector register of floats: 16 with AVX-512, else 8 (AVX2: a wider generic vector would be split
- * into halves that the widening has to pass through memory) */
-#if defined(__AVX512F__)
-#define VL 16
-#else
-#define VL 8
-#endif
-typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));   /* unaligned access */
 #define MC 48            /* rows of x per chunk: 48 rows of 1536 floats are 288 KiB, inside L2 */
-
-/* a * b + c rounded once. The library is built with -ffp-contract=off, so the compiler never fuses a
- * multiply and an add on its own (it did so in some tiles and not in others); every fusion is
- * written here, the same in every tile */
-static inline vf vfma(vf a, vf b, vf c) {
-#if defined(__AVX512F__)
-    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-    return a * b + c;
-#endif
-}
-static inline vf vbroadcast(float s) { vf r; for (int i = 0; i < VL; i++) r[i] = s; return r; }
-
-static inline float hsum(vf v) { float s = 0.0f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
-static inline vf vzero(void) { vf z; for (int i = 0; i < VL; i++) z[i] = 0.0f; return z; }
 
 /* ---- widening: VL stored values at element k of a weight row -> VL floats; and one value ---------- */
 static inline vf wide_f32(const void *p, int64_t k) { return *(const vf *)((const float *)p + k); }
@@ -158,10 +134,57 @@ static void block_##KIND(const float *x, int64_t m0, int64_t m1, int64_t K, cons
         m += mb;                                                                                   \
     }                                                                                              \
 }
-DEFINE_KIND(f32)
-DEFINE_KIND(bf16)
-DEFINE_KIND(f16)
-DEFINE_KIND(i8)
+/* the same outputs from a tile of LAYOUT_TILES (4 rows, es bytes a value): y[i * ldy + j] for j < 4 */
+#define DEFINE_TILED(KIND, MB)                                                                     \
+static void tiled_##KIND##_##MB(const float *x, int64_t ldx, const char *t, int64_t es, float *y,  \
+                                int64_t ldy, int64_t K) {                                          \
+    vf acc[MB][4];                                                                                 \
+    for (int i = 0; i < MB; i++)                                                                   \
+        for (int j = 0; j < 4; j++) acc[i][j] = vzero();                                           \
+    int64_t kv = K - K % VL, step = VL * es;                                                       \
+    const char *p = t;                                                                             \
+    for (int64_t k = 0; k < kv; k += VL, p += 4 * step) {                                          \
+        vf wv[4];                                                                                  \
+        for (int j = 0; j < 4; j++) wv[j] = wide_##KIND(p + j * step, 0);                          \
+        for (int i = 0; i < MB; i++) {                                                             \
+            vf xv = *(const vf *)(x + i * ldx + k);                                                \
+            for (int j = 0; j < 4; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);                    \
+        }                                                                                          \
+    }                                                                                              \
+    for (int i = 0; i < MB; i++)                                                                   \
+        for (int j = 0; j < 4; j++) {                                                              \
+            float s = hsum(acc[i][j]);                                                             \
+            for (int64_t k = kv; k < K; k++)                                                       \
+                s = fmaf(x[i * ldx + k], one_##KIND(p + j * (K - kv) * es, k - kv), s);            \
+            y[i * ldy + j] = s;                                                                    \
+        }                                                                                          \
+}
+#define DEFINE_TILED_KIND(KIND)                                                                    \
+DEFINE_TILED(KIND, 1) DEFINE_TILED(KIND, 2) DEFINE_TILED(KIND, 3)                                  \
+/* rows [m0, m1) of x against tile t: outputs of its first nb rows only (the others are padding) */ \
+static void tblock_##KIND(const float *x, int64_t m0, int64_t m1, int64_t K, const char *t, int64_t es, \
+                          int64_t nb, float *y, int64_t N) {                                       \
+    float out[3 * 4];                                                                              \
+    for (int64_t m = m0; m < m1;) {                                                                \
+        int64_t mb = m1 - m < 3 ? m1 - m : 3;                                                      \
+        const float *xm = x + m * K;                                                               \
+        int full = nb == 4;                                                                        \
+        float *ym = full ? y + m * N : out;                                                        \
+        int64_t ldy = full ? N : 4;                                                                \
+        if (mb == 3) tiled_##KIND##_3(xm, K, t, es, ym, ldy, K);                                   \
+        else if (mb == 2) tiled_##KIND##_2(xm, K, t, es, ym, ldy, K);                              \
+        else tiled_##KIND##_1(xm, K, t, es, ym, ldy, K);                                           \
+        if (!full)                                                                                 \
+            for (int64_t i = 0; i < mb; i++)                                                       \
+                for (int64_t j = 0; j < nb; j++) y[(m + i) * N + j] = out[i * 4 + j];              \
+        m += mb;                                                                                   \
+    }                                                                                              \
+}
+
+DEFINE_KIND(f32) DEFINE_TILED_KIND(f32)
+DEFINE_KIND(bf16) DEFINE_TILED_KIND(bf16)
+DEFINE_KIND(f16) DEFINE_TILED_KIND(f16)
+DEFINE_KIND(i8) DEFINE_TILED_KIND(i8)
 
 /* ---- packed int4 groups ----------------------------------------------------------------------------
  * packed uint4 [N, ceil(K/2)] (element 2i in the low nibble of byte i), scale and zero [N, G], groups
@@ -387,6 +410,34 @@ static void block_int(const llmc_weight *w, const int8_t *xq, const float *xsc, 
     }
 }
 
+/* ---- LAYOUT_TILES ---------------------------------------------------------------------------------- */
+static int64_t elem_bytes(int64_t kind) {
+    switch (kind) {
+        case W_F32: return 4;
+        case W_BF16: case W_F16: return 2;
+        case W_I8: return 1;
+        default: return 0;                 /* packed int4 and the integer kinds: rows only */
+    }
+}
+
+int64_t llmc_packed_bytes(const llmc_weight *w) {
+    return elem_bytes(w->kind) * ((w->n + 3) / 4) * 4 * w->k;
+}
+
+void llmc_pack_weight(const llmc_weight *w, void *dst) {
+    int64_t es = elem_bytes(w->kind), K = w->k, kv = K - K % VL, tile = 4 * K * es;
+    const char *src = (const char *)w->data;
+    memset(dst, 0, (size_t)llmc_packed_bytes(w));
+    for (int64_t n = 0; n < w->n; n++) {
+        char *t = (char *)dst + (n / 4) * tile;
+        int64_t j = n % 4;
+        const char *row = src + n * K * es;
+        for (int64_t k = 0; k < kv; k += VL)
+            memcpy(t + ((k / VL) * 4 + j) * VL * es, row + k * es, (size_t)(VL * es));
+        memcpy(t + kv * 4 * es + j * (K - kv) * es, row + kv * es, (size_t)((K - kv) * es));
+    }
+}
+
 /* ---- the driver ------------------------------------------------------------------------------------ */
 static int64_t row_bytes(const llmc_weight *w) {
     switch (w->kind) {
@@ -423,7 +474,12 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
         for (int64_t b = 0; b < nblocks; b++) {
             int64_t n0 = 4 * b, nb = N - n0 < 4 ? N - n0 : 4;
             const char *wn = (const char *)w->data + n0 * ldw;
-            switch (w->kind) {
+            if (w->layout == LAYOUT_TILES) switch (w->kind) {      /* n0 * ldw is where tile b starts */
+                case W_F32: tblock_f32(x, m0, m1, K, wn, 4, nb, y + n0, N); break;
+                case W_BF16: tblock_bf16(x, m0, m1, K, wn, 2, nb, y + n0, N); break;
+                case W_F16: tblock_f16(x, m0, m1, K, wn, 2, nb, y + n0, N); break;
+                case W_I8: tblock_i8(x, m0, m1, K, wn, 1, nb, y + n0, N); break;
+            } else switch (w->kind) {
                 case W_F32: block_f32(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
                 case W_BF16: block_bf16(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
                 case W_F16: block_f16(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;

@@ -16,8 +16,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "linear.h"
+#include "simd.h"
 
 enum { OP_EMBED = 1, OP_RMS_NORM, OP_ADD, OP_ADD_RMS_NORM, OP_LINEAR, OP_SILU_MUL, OP_GATE_UP_SILU,
        OP_ROPE, OP_ATTENTION, OP_LOGITS };
@@ -42,6 +44,7 @@ typedef struct {
     float *const *k_cache, *const *v_cache;   /* per layer: [num_blocks, block_size, kv_heads, head_dim] */
     int64_t block_size;
     int nthreads;
+    double *op_seconds;                   /* [nops]: each op's wall time is added here (NULL: not timed) */
 } llmc_plan;
 
 typedef struct {
@@ -85,27 +88,39 @@ static void rope_row(const float *x, float *y, int64_t heads, int64_t d, const f
     }
 }
 
+/* q . k over d values: VL lanes, summed in order, then the rest */
+static inline float dot_d(const float *q, const float *k, int64_t d) {
+    vf acc = vzero();
+    int64_t e = 0;
+    for (; e + VL <= d; e += VL) acc = vfma(*(const vf *)(q + e), *(const vf *)(k + e), acc);
+    float s = hsum(acc);
+    for (; e < d; e++) s = fmaf(q[e], k[e], s);
+    return s;
+}
+
+/* out += p * v over d values */
+static inline void axpy_d(float p, const float *v, float *out, int64_t d) {
+    vf pv = vbroadcast(p);
+    int64_t e = 0;
+    for (; e + VL <= d; e += VL) *(vf *)(out + e) = vfma(pv, *(const vf *)(v + e), *(const vf *)(out + e));
+    for (; e < d; e++) out[e] = fmaf(p, v[e], out[e]);
+}
+
 /* attention of one query row (head h) over its sequence's keys [lo, pos] through the block table */
 static void attend_row(const float *q, float *out, const float *kc, const float *vc, const int64_t *table,
                        int64_t lo, int64_t pos, int64_t bs, int64_t kvh, int64_t kv, int64_t d, float scale,
                        float *scores) {
     float mx = -INFINITY;
     for (int64_t j = lo; j <= pos; j++) {
-        const float *kj = kc + ((table[j / bs] * bs + j % bs) * kvh + kv) * d;
-        float s = 0.0f;
-        for (int64_t e = 0; e < d; e++) s += q[e] * kj[e];
-        s *= scale;
+        float s = dot_d(q, kc + ((table[j / bs] * bs + j % bs) * kvh + kv) * d, d) * scale;
         scores[j - lo] = s;
         if (s > mx) mx = s;
     }
     float sum = 0.0f;
     for (int64_t j = lo; j <= pos; j++) sum += (scores[j - lo] = expf(scores[j - lo] - mx));
     for (int64_t e = 0; e < d; e++) out[e] = 0.0f;
-    for (int64_t j = lo; j <= pos; j++) {
-        const float *vj = vc + ((table[j / bs] * bs + j % bs) * kvh + kv) * d;
-        float p = scores[j - lo] / sum;
-        for (int64_t e = 0; e < d; e++) out[e] += p * vj[e];
-    }
+    for (int64_t j = lo; j <= pos; j++)
+        axpy_d(scores[j - lo] / sum, vc + ((table[j / bs] * bs + j % bs) * kvh + kv) * d, out, d);
 }
 
 static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
@@ -242,6 +257,16 @@ static void run_op(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
     }
 }
 
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
 void llmc_step(const llmc_plan *p, const llmc_batch *b) {
-    for (int64_t i = 0; i < p->nops; i++) run_op(p, &p->ops[i], b);
+    for (int64_t i = 0; i < p->nops; i++) {
+        double t0 = p->op_seconds ? seconds() : 0.0;
+        run_op(p, &p->ops[i], b);
+        if (p->op_seconds) p->op_seconds[i] += seconds() - t0;
+    }
 }

@@ -43,9 +43,29 @@ class Val(ctypes.Structure):
     _fields_ = [("off", _I64), ("ld", _I64), ("width", _I64)]
 
 
+LAYOUT_ROWS, LAYOUT_TILES = 0, 1
+
+
 class Weight(ctypes.Structure):
     _fields_ = [("kind", _I64), ("n", _I64), ("k", _I64), ("group", _I64), ("data", _P), ("scale", _P),
-                ("zero", _P), ("bias", _P)]
+                ("zero", _P), ("bias", _P), ("layout", _I64)]
+
+
+def tiled(w: Weight, keep: list) -> Weight:
+    """`w` laid out in tiles for the kernels (kernels/cpu/linear.h), when its kind has a tiled
+    layout: the packed bytes replace the row-major tensor in `keep` (which must outlive the
+    returned Weight), so a fused matrix stacked for the plan is not held twice."""
+    lib = native.library()
+    size = lib.llmc_packed_bytes(ctypes.byref(w))
+    if size == 0:
+        return w
+    packed = torch.empty(size, dtype=torch.uint8)
+    lib.llmc_pack_weight(ctypes.byref(w), packed.data_ptr())
+    keep[:] = [t for t in keep if not (isinstance(t, torch.Tensor) and t.data_ptr() == w.data)]
+    keep.append(packed)
+    out = Weight.from_buffer_copy(w)
+    out.data, out.layout = packed.data_ptr(), LAYOUT_TILES
+    return out
 
 
 class Op(ctypes.Structure):
@@ -55,7 +75,8 @@ class Op(ctypes.Structure):
 
 class Plan(ctypes.Structure):
     _fields_ = [("nops", _I64), ("ops", ctypes.POINTER(Op)), ("vals", ctypes.POINTER(Val)), ("ws", _P),
-                ("k_cache", _P), ("v_cache", _P), ("block_size", _I64), ("nthreads", ctypes.c_int)]
+                ("k_cache", _P), ("v_cache", _P), ("block_size", _I64), ("nthreads", ctypes.c_int),
+                ("op_seconds", _P)]
 
 
 class Batch(ctypes.Structure):
@@ -189,6 +210,7 @@ class NativeBackend:
         self._names = {v: i for i, v in enumerate(self._places)}
         self._graph = graph
         self._ops = (Op * len(graph.nodes))(*(self._op(n) for n in graph.nodes))
+        self._op_seconds = torch.zeros(len(graph.nodes), dtype=torch.float64)   # the native step adds to it
         self._resize(capacity)
 
     def _op(self, n) -> Op:
@@ -207,11 +229,11 @@ class NativeBackend:
         elif n.op == "embed":                     # rows widened to fp32 as they are looked up
             o.w = self._weight(weights[0])
         elif n.op in ("linear", "logits"):
-            o.w = self._weight(weights[0], weights[1] if len(weights) > 1 else None)
+            o.w = tiled(self._weight(weights[0], weights[1] if len(weights) > 1 else None), self._keep)
         elif n.op == "qkv_linear":
-            o.w = self._stacked(weights)
+            o.w = tiled(self._stacked(weights), self._keep)
         elif n.op == "gate_up_silu":
-            o.w = self._stacked(weights)
+            o.w = tiled(self._stacked(weights), self._keep)
             o.i[0] = weights[0].shape[0]
         elif n.op == "rope":
             params = {k: v for k, v in a.items() if k != "head_dim"}
@@ -250,7 +272,7 @@ class NativeBackend:
             self._resize(max(t, 2 * self.capacity))
         ks, vs = self._cache_pointers(kv)
         plan = Plan(len(self._graph.nodes), self._ops, self._vals, self._ws.data_ptr(), ctypes.addressof(ks),
-                    ctypes.addressof(vs), kv.block_size, torch.get_num_threads())
+                    ctypes.addressof(vs), kv.block_size, torch.get_num_threads(), self._op_seconds.data_ptr())
         starts = torch.tensor([0, *batch.query_lens], dtype=torch.int64).cumsum(0)[:-1]
         q_len = torch.tensor(batch.query_lens, dtype=torch.int64)
         ctx_len = torch.tensor(batch.context_lens, dtype=torch.int64)
@@ -270,8 +292,18 @@ class NativeBackend:
         return logits
 
     def report(self) -> dict[str, Any]:
+        """What ran, and where the time went: per op kind, the seconds its ops took inside the native
+        steps so far (`profile`, timed in C around each op) and the steps' count."""
         ops = {n.op: {"kernels": "native", "variants": {"native step": self._calls}} for n in self._graph.nodes}
-        return {"target": self.target, "device": str(self.device), "kernels": self.kernels, "ops": ops}
+        profile: dict[str, float] = {}
+        for n, t in zip(self._graph.nodes, self._op_seconds.tolist()):
+            profile[n.op] = profile.get(n.op, 0.0) + t
+        return {"target": self.target, "device": str(self.device), "kernels": self.kernels, "ops": ops,
+                "profile": {"steps": self._calls, "op_seconds": profile}}
+
+    def reset_profile(self) -> None:
+        self._op_seconds.zero_()
+        self._calls = 0
 
 
 def _fused(node) -> str:

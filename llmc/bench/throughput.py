@@ -49,6 +49,7 @@ class Sample:
     total_s: float                 # submission of the batch until its last token
     ttft_s: float                  # mean over the batch: submission until the request's first token
     loadavg_1m: float              # right after the run: above the thread count means a shared CPU
+    decode_op_s: dict[str, float] | None = None   # seconds per op kind inside the decode steps (native)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -58,6 +59,14 @@ class Sample:
     def decode_tok_s(self) -> float | None:
         """None when nothing was decoded (output_len 1)."""
         return self.batch * (self.output_len - 1) / self.decode_s if self.decode_steps else None
+
+    def decode_profile(self) -> dict[str, float] | None:
+        """Where one decode step's time goes, in ms: each op kind of the native step, and `outside`
+        (scheduling, sampling, packing the batch: the rest of the step's wall time)."""
+        if self.decode_op_s is None or not self.decode_steps:
+            return None
+        per_step = {op: 1e3 * t / self.decode_steps for op, t in sorted(self.decode_op_s.items(), key=lambda kv: -kv[1])}
+        return {**per_step, "outside": 1e3 * self.decode_s / self.decode_steps - sum(per_step.values())}
 
     @property
     def e2e_tok_s(self) -> float:
@@ -100,7 +109,13 @@ class BatchResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"batch": self.batch, **{name: self.stat(name) for name in METRICS},
+                "decode_profile_ms": self.decode_profile(),
                 "samples": [s.to_json() for s in self.samples], "runtime": self.runtime, "backend": self.backend}
+
+    def decode_profile(self) -> dict[str, float] | None:
+        """The decode step's profile of the run with the median decode speed (Sample.decode_profile)."""
+        ranked = sorted((s for s in self.samples if s.decode_tok_s is not None), key=lambda s: s.decode_tok_s)
+        return ranked[len(ranked) // 2].decode_profile() if ranked else None
 
 
 @dataclass(frozen=True)
@@ -193,16 +208,21 @@ def run_once(runner, prompts: list[list[int]], output_len: int) -> Sample:
         generated += len(events)
         prefill_steps += 1
     prefilled = now
+    profiled = hasattr(runner.backend, "reset_profile")
+    if profiled:
+        runner.backend.reset_profile()
     while runner.has_work:
         generated += len(runner.step())
         decode_steps += 1
     end = time.perf_counter()
+    op_s = runner.backend.report()["profile"]["op_seconds"] if profiled else None
     if generated != len(prompts) * output_len:
         raise RuntimeError(f"the batch generated {generated} tokens, not {len(prompts)} x {output_len}")
     return Sample(batch=len(prompts), input_len=len(prompts[0]), output_len=output_len, generated_tokens=generated,
                   prefill_steps=prefill_steps, decode_steps=decode_steps, prefill_s=prefilled - start,
                   decode_s=end - prefilled, total_s=end - submitted,
-                  ttft_s=statistics.fmean(t - submitted for t in first.values()), loadavg_1m=os.getloadavg()[0])
+                  ttft_s=statistics.fmean(t - submitted for t in first.values()), loadavg_1m=os.getloadavg()[0],
+                  decode_op_s=op_s)
 
 
 def bench_batch(model, prompts: list[list[int]], output_len: int, repeat: int, warmup: int, kernels: str | None,

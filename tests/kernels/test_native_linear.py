@@ -9,7 +9,7 @@ import ctypes
 import pytest
 import torch
 
-from llmc.backends.native import FLOAT_KINDS, WEIGHT_KINDS, Weight
+from llmc.backends.native import FLOAT_KINDS, LAYOUT_TILES, WEIGHT_KINDS, Weight, tiled
 from llmc.kernels.cpu import native
 from llmc.kernels.reference.dequant import dequantize
 from llmc.kernels.reference.quant import quantize_input
@@ -50,12 +50,18 @@ def _run(weight: Weight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
     return y
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+TILED = ["fp32", "bf16", "fp16", "int8"]          # the kinds with a tiled layout
+
+
+@pytest.mark.parametrize("kind,layout", [(k, "rows") for k in KINDS] + [(k, "tiles") for k in TILED])
 @pytest.mark.parametrize("m,n,k", [(1, 9, 64), (2, 4, 100), (3, 13, 172), (5, 130, 576), (50, 7, 96)])
-def test_every_kind_matches_the_reference(kind, m, n, k):
+def test_every_kind_matches_the_reference(kind, layout, m, n, k):
     g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
     x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
     weight, keep, ref_w, act = _weight(kind, w, bias if m % 2 else None)
+    if layout == "tiles":
+        weight = tiled(weight, keep)
+        assert weight.layout == LAYOUT_TILES
     got = _run(weight, x)
     xin = x if act is None else quantize_input(x, act, None)        # the inputs the integers stand for
     exact = xin.double() @ ref_w.T + (bias.double() if m % 2 else 0)
@@ -69,6 +75,9 @@ def test_a_row_is_bit_identical_whatever_the_other_rows(kind):
     x, w = torch.randn(61, 200, generator=g), torch.randn(23, 200, generator=g)
     weight, keep, _, _ = _weight(kind, w, None)
     together = _run(weight, x)
+    packed_keep: list = []
+    packed = tiled(weight, packed_keep)                               # the row-major copy stays in keep
     for r in (0, 1, 47, 48, 60):                                     # tiles of 3 rows, chunks of 48
         alone = _run(weight, x[r:r + 1].contiguous(), threads=1)
         assert torch.equal(alone[0], together[r]), f"row {r}"
+        assert torch.equal(_run(packed, x[r:r + 1].contiguous())[0], together[r]), f"row {r}, tiled"
