@@ -410,6 +410,132 @@ static void block_int(const llmc_weight *w, const int8_t *xq, const float *xsc, 
     }
 }
 
+/* ---- int4 in LAYOUT_TILES: pieces of 32 values (16 bytes) ------------------------------------------
+ * A tile holds, for every piece of 32 values along k, the 16 bytes of each of its 4 rows in turn
+ * (groups are whole pieces: gs and k multiples of 32). The inputs are de-interleaved per piece as
+ * the nibbles are: its 16 even values, then its 16 odd ones (floats for w4a16, int8 codes for w4a8). */
+#define TPIECE 32
+static int int4_tiles(const llmc_weight *w) {
+    return (w->kind == W_I4 || w->kind == W_I4A8) && w->group % TPIECE == 0 && w->k % TPIECE == 0;
+}
+
+static void deinterleave_f32(const float *x, float *xd, int64_t M, int64_t K) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k += TPIECE)
+            for (int i = 0; i < TPIECE / 2; i++) {
+                xd[m * K + k + i] = x[m * K + k + 2 * i];
+                xd[m * K + k + TPIECE / 2 + i] = x[m * K + k + 2 * i + 1];
+            }
+}
+
+/* w4a16: one row of x (xd de-interleaved, xs its group sums) against a tile of 4 rows */
+static void i4t_tile(const float *xd, const float *xs, int64_t K, int64_t G, int64_t gs, const uint8_t *t,
+                     const float *sn, const uint8_t *zn, float *out) {
+    vf tot[4];
+    float rest[4];
+    for (int j = 0; j < 4; j++) { tot[j] = vzero(); rest[j] = 0.0f; }
+    const uint8_t *b = t;
+    for (int64_t g = 0; g < G; g++) {
+        int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
+        vf acc[4];
+        for (int j = 0; j < 4; j++) acc[j] = vzero();
+        for (int64_t k = k0; k < k1; k += TPIECE, b += 4 * 16)
+            for (int j = 0; j < 4; j++)
+                for (int h = 0; h < 16 / VL; h++) {
+                    vf lo, hi;
+                    widen_u4(b + j * 16 + h * VL, &lo, &hi);
+                    acc[j] = vfma(*(const vf *)(xd + k + h * VL), lo, acc[j]);
+                    acc[j] = vfma(*(const vf *)(xd + k + 16 + h * VL), hi, acc[j]);
+                }
+        for (int j = 0; j < 4; j++) {
+            float s = sn[j * G + g];
+            tot[j] = vfma(vbroadcast(s), acc[j], tot[j]);
+            rest[j] -= s * ((float)zn[j * G + g] * xs[g]);
+        }
+    }
+    for (int j = 0; j < 4; j++) out[j] = hsum(tot[j]) + rest[j];
+}
+
+/* 8 int32 lanes: lane l sums the products of bytes 4l..4l+3 of 32 uint4 codes u and 32 int8 codes x
+ * (what maddubs then madd give; exact) */
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+static inline v8i idot_u4_lanes(const uint8_t *p, const int8_t *xq) {
+#if defined(__AVX2__)
+    __m128i b = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+    return (v8i)_mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq)),
+                                  _mm256_set1_epi16(1));
+#else
+    v8i r;
+    for (int l = 0; l < 8; l++) {
+        int32_t s = 0;
+        for (int i = 4 * l; i < 4 * l + 4; i++) s += (i < 16 ? p[i] & 15 : p[i - 16] >> 4) * xq[i];
+        r[l] = s;
+    }
+    return r;
+#endif
+}
+static inline v8f v8fma(v8f a, v8f b, v8f c) {
+#if defined(__FMA__)
+    return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+static inline v8f v8cvt(v8i a) { return __builtin_convertvector(a, v8f); }
+
+/* w4a8: one row of codes against a tile of 4 rows: each group's products summed exactly in int32
+ * lanes, then scaled into float lanes (sw * sx), the zero point's share taken off in a scalar */
+static void i4a8t_tile(const int8_t *xq, const float *xsc, const int32_t *xsum, int64_t K, int64_t G, int64_t gs,
+                       const uint8_t *t, const float *sn, const uint8_t *zn, float *out) {
+    v8f acc[4];
+    float rest[4];
+    for (int j = 0; j < 4; j++) { acc[j] = (v8f){0}; rest[j] = 0.0f; }
+    const uint8_t *b = t;
+    for (int64_t g = 0; g < G; g++) {
+        int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
+        v8i ip[4];
+        for (int j = 0; j < 4; j++) ip[j] = (v8i){0};
+        for (int64_t k = k0; k < k1; k += TPIECE, b += 4 * 16)
+            for (int j = 0; j < 4; j++) ip[j] += idot_u4_lanes(b + j * 16, xq + k);
+        for (int j = 0; j < 4; j++) {
+            float d = sn[j * G + g] * xsc[g];
+            v8f dv = {d, d, d, d, d, d, d, d};
+            acc[j] = v8fma(v8cvt(ip[j]), dv, acc[j]);
+            rest[j] -= d * (float)((int32_t)zn[j * G + g] * xsum[g]);
+        }
+    }
+    for (int j = 0; j < 4; j++) {
+        float s = 0.0f;
+        for (int l = 0; l < 8; l++) s += acc[j][l];
+        out[j] = s + rest[j];
+    }
+}
+
+/* rows [m0, m1) against the tile of weight rows n0 .. n0 + nb; a last tile's padding rows get scale 0 */
+static void i4t_block(const llmc_weight *w, const float *xd, const int8_t *xq, const float *xs,
+                      const int32_t *xsum, int64_t m0, int64_t m1, int64_t n0, int64_t nb, float *y) {
+    int64_t N = w->n, K = w->k, gs = w->group, G = (K + gs - 1) / gs;
+    const uint8_t *tb = (const uint8_t *)w->data + n0 * (K / 2), *zn = w->zero + n0 * G;
+    const float *sn = w->scale + n0 * G;
+    float out[4], *s4 = NULL;
+    uint8_t *z4 = NULL;
+    if (nb < 4) {
+        s4 = calloc((size_t)(4 * G), sizeof(float));
+        z4 = calloc((size_t)(4 * G), 1);
+        memcpy(s4, sn, sizeof(float) * (size_t)(nb * G));
+        memcpy(z4, zn, (size_t)(nb * G));
+    }
+    for (int64_t m = m0; m < m1; m++) {
+        if (w->kind == W_I4) i4t_tile(xd + m * K, xs + m * G, K, G, gs, tb, s4 ? s4 : sn, z4 ? z4 : zn, out);
+        else i4a8t_tile(xq + m * K, xs + m * G, xsum + m * G, K, G, gs, tb, s4 ? s4 : sn, z4 ? z4 : zn, out);
+        for (int64_t j = 0; j < nb; j++) y[m * N + n0 + j] = out[j];
+    }
+    free(s4);
+    free(z4);
+}
+
 /* ---- LAYOUT_TILES ---------------------------------------------------------------------------------- */
 static int64_t elem_bytes(int64_t kind) {
     switch (kind) {
@@ -421,6 +547,7 @@ static int64_t elem_bytes(int64_t kind) {
 }
 
 int64_t llmc_packed_bytes(const llmc_weight *w) {
+    if (int4_tiles(w)) return ((w->n + 3) / 4) * 4 * (w->k / 2);
     return elem_bytes(w->kind) * ((w->n + 3) / 4) * 4 * w->k;
 }
 
@@ -428,6 +555,12 @@ void llmc_pack_weight(const llmc_weight *w, void *dst) {
     int64_t es = elem_bytes(w->kind), K = w->k, kv = K - K % VL, tile = 4 * K * es;
     const char *src = (const char *)w->data;
     memset(dst, 0, (size_t)llmc_packed_bytes(w));
+    if (int4_tiles(w)) {                    /* per piece of 32 values, 16 bytes of each row in turn */
+        for (int64_t n = 0; n < w->n; n++)
+            for (int64_t q = 0; q < K / TPIECE; q++)
+                memcpy((char *)dst + (n / 4) * 2 * K + (q * 4 + n % 4) * 16, src + n * (K / 2) + q * 16, 16);
+        return;
+    }
     for (int64_t n = 0; n < w->n; n++) {
         char *t = (char *)dst + (n / 4) * tile;
         int64_t j = n % 4;
@@ -453,7 +586,25 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
     float *xd = NULL, *xs = NULL;
     int8_t *xq = NULL;
     int32_t *xsum = NULL;
-    if (w->kind == W_I4) {
+    int tiled4 = w->layout == LAYOUT_TILES && (w->kind == W_I4 || w->kind == W_I4A8);
+    if (tiled4) {                           /* inputs de-interleaved per piece of 32, group sums */
+        int64_t gs = w->group, G = (K + gs - 1) / gs;
+        xs = malloc(sizeof(float) * (size_t)(M * G));
+        if (w->kind == W_I4) {
+            xd = malloc(sizeof(float) * (size_t)(M * K));
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t g = 0; g < G; g++) {
+                    float sum = 0.0f;
+                    for (int64_t k = g * gs; k < (g + 1) * gs && k < K; k++) sum += x[m * K + k];
+                    xs[m * G + g] = sum;
+                }
+            deinterleave_f32(x, xd, M, K);
+        } else {
+            xq = malloc((size_t)(M * K));
+            xsum = malloc(sizeof(int32_t) * (size_t)(M * G));
+            quant_groups(x, xq, xs, xsum, M, K, gs);
+        }
+    } else if (w->kind == W_I4) {
         int64_t G = (K + w->group - 1) / w->group;
         xd = malloc(sizeof(float) * (size_t)(M * K));
         xs = malloc(sizeof(float) * (size_t)(M * G));
@@ -474,7 +625,8 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
         for (int64_t b = 0; b < nblocks; b++) {
             int64_t n0 = 4 * b, nb = N - n0 < 4 ? N - n0 : 4;
             const char *wn = (const char *)w->data + n0 * ldw;
-            if (w->layout == LAYOUT_TILES) switch (w->kind) {      /* n0 * ldw is where tile b starts */
+            if (tiled4) i4t_block(w, xd, xq, xs, xsum, m0, m1, n0, nb, y);
+            else if (w->layout == LAYOUT_TILES) switch (w->kind) {      /* n0 * ldw is where tile b starts */
                 case W_F32: tblock_f32(x, m0, m1, K, wn, 4, nb, y + n0, N); break;
                 case W_BF16: tblock_bf16(x, m0, m1, K, wn, 2, nb, y + n0, N); break;
                 case W_F16: tblock_f16(x, m0, m1, K, wn, 2, nb, y + n0, N); break;

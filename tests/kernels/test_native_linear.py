@@ -25,6 +25,9 @@ KINDS = {   # name -> (weight format or float dtype, input format)
     "w4a8-g32": (TensorQuant(**INT4, group_size=32), TensorQuant(dtype="int8", granularity="group", group_size=32)),
     "w4a8-g48-asym": (TensorQuant(**INT4, group_size=48, symmetric=False),
                       TensorQuant(dtype="int8", granularity="group", group_size=48)),
+    "int4-g64-asym": (TensorQuant(**INT4, group_size=64, symmetric=False), None),
+    "w4a8-g64-asym": (TensorQuant(**INT4, group_size=64, symmetric=False),
+                      TensorQuant(dtype="int8", granularity="group", group_size=64)),
 }
 
 
@@ -50,7 +53,13 @@ def _run(weight: Weight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
     return y
 
 
-TILED = ["fp32", "bf16", "fp16", "int8"]          # the kinds with a tiled layout
+TILED = ["fp32", "bf16", "fp16", "int8", "int4-g32", "int4-g64-asym", "w4a8-g32", "w4a8-g64-asym"]   # tiled layouts
+
+
+def tileable(kind: str, k: int) -> bool:
+    """int4 tiles hold pieces of 32 values: whole groups of whole pieces only."""
+    fmt = KINDS[kind][0]
+    return not isinstance(fmt, TensorQuant) or fmt.dtype != "int4" or (k % 32 == 0 and fmt.group_size % 32 == 0)
 
 
 @pytest.mark.parametrize("kind,layout", [(k, "rows") for k in KINDS] + [(k, "tiles") for k in TILED])
@@ -61,7 +70,7 @@ def test_every_kind_matches_the_reference(kind, layout, m, n, k):
     weight, keep, ref_w, act = _weight(kind, w, bias if m % 2 else None)
     if layout == "tiles":
         weight = tiled(weight, keep)
-        assert weight.layout == LAYOUT_TILES
+        assert (weight.layout == LAYOUT_TILES) == tileable(kind, k)
     got = _run(weight, x)
     xin = x if act is None else quantize_input(x, act, None)        # the inputs the integers stand for
     exact = xin.double() @ ref_w.T + (bias.double() if m % 2 else 0)
@@ -69,15 +78,17 @@ def test_every_kind_matches_the_reference(kind, layout, m, n, k):
     torch.testing.assert_close(got, exact.float(), rtol=1e-5, atol=4e-6 * k ** 0.5 * ref_w.abs().max().item())
 
 
+@pytest.mark.parametrize("k", [200, 256])                 # a float tail; whole pieces of 32 (int4 tiles)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_a_row_is_bit_identical_whatever_the_other_rows(kind):
+def test_a_row_is_bit_identical_whatever_the_other_rows(kind, k):
     g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(61, 200, generator=g), torch.randn(23, 200, generator=g)
+    x, w = torch.randn(61, k, generator=g), torch.randn(23, k, generator=g)
     weight, keep, _, _ = _weight(kind, w, None)
     together = _run(weight, x)
     packed_keep: list = []
     packed = tiled(weight, packed_keep)                               # the row-major copy stays in keep
+    together_tiled = _run(packed, x)
     for r in (0, 1, 47, 48, 60):                                     # tiles of 3 rows, chunks of 48
         alone = _run(weight, x[r:r + 1].contiguous(), threads=1)
         assert torch.equal(alone[0], together[r]), f"row {r}"
-        assert torch.equal(_run(packed, x[r:r + 1].contiguous())[0], together[r]), f"row {r}, tiled"
+        assert torch.equal(_run(packed, x[r:r + 1].contiguous())[0], together_tiled[r]), f"row {r}, tiled"
