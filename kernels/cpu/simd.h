@@ -31,4 +31,35 @@ static inline vf vbroadcast(float s) { vf r; for (int i = 0; i < VL; i++) r[i] =
 static inline float hsum(vf v) { float s = 0.0f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 static inline vf vzero(void) { vf z; for (int i = 0; i < VL; i++) z[i] = 0.0f; return z; }
 
+/* the lanes of v summed pairwise (a shorter dependency chain than hsum's running sum) */
+static inline float hsum_pairs(vf v) {
+    for (int w = VL / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) v[i] += v[i + w];
+    return v[0];
+}
+
+/* e^x for x <= 0 (softmax): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+ * (relative error under 2e-7 on that range), times 2^n put into the exponent; below -87 it is 0 */
+static inline vf vexp(vf x) {
+    vf r, p;
+    vf n;
+    for (int i = 0; i < VL; i++) n[i] = __builtin_roundf(x[i] * 1.44269504f);
+    r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    p = vbroadcast(1.0f / 720.0f);
+    p = vfma(p, r, vbroadcast(1.0f / 120.0f));
+    p = vfma(p, r, vbroadcast(1.0f / 24.0f));
+    p = vfma(p, r, vbroadcast(1.0f / 6.0f));
+    p = vfma(p, r, vbroadcast(0.5f));
+    p = vfma(p, r, vbroadcast(1.0f));
+    p = vfma(p, r, vbroadcast(1.0f));
+    for (int i = 0; i < VL; i++) {
+        int32_t e = (int32_t)n[i];
+        if (x[i] < -87.0f) { p[i] = 0.0f; continue; }
+        union { float f; int32_t u; } b = {.f = p[i]};
+        b.u += e * (1 << 23);
+        p[i] = b.f;
+    }
+    return p;
+}
+
 #endif

@@ -88,12 +88,16 @@ static void rope_row(const float *x, float *y, int64_t heads, int64_t d, const f
     }
 }
 
-/* q . k over d values: VL lanes, summed in order, then the rest */
+/* q . k over d values: VL lanes in two chains, summed pairwise, then the rest */
 static inline float dot_d(const float *q, const float *k, int64_t d) {
-    vf acc = vzero();
+    vf a0 = vzero(), a1 = vzero();                       /* two chains: even and odd pieces */
     int64_t e = 0;
-    for (; e + VL <= d; e += VL) acc = vfma(*(const vf *)(q + e), *(const vf *)(k + e), acc);
-    float s = hsum(acc);
+    for (; e + 2 * VL <= d; e += 2 * VL) {
+        a0 = vfma(*(const vf *)(q + e), *(const vf *)(k + e), a0);
+        a1 = vfma(*(const vf *)(q + e + VL), *(const vf *)(k + e + VL), a1);
+    }
+    for (; e + VL <= d; e += VL) a0 = vfma(*(const vf *)(q + e), *(const vf *)(k + e), a0);
+    float s = hsum_pairs(a0 + a1);
     for (; e < d; e++) s = fmaf(q[e], k[e], s);
     return s;
 }
@@ -106,21 +110,41 @@ static inline void axpy_d(float p, const float *v, float *out, int64_t d) {
     for (; e < d; e++) out[e] = fmaf(p, v[e], out[e]);
 }
 
-/* attention of one query row (head h) over its sequence's keys [lo, pos] through the block table */
-static void attend_row(const float *q, float *out, const float *kc, const float *vc, const int64_t *table,
-                       int64_t lo, int64_t pos, int64_t bs, int64_t kvh, int64_t kv, int64_t d, float scale,
-                       float *scores) {
-    float mx = -INFINITY;
-    for (int64_t j = lo; j <= pos; j++) {
-        float s = dot_d(q, kc + ((table[j / bs] * bs + j % bs) * kvh + kv) * d, d) * scale;
-        scores[j - lo] = s;
-        if (s > mx) mx = s;
+/* attention of one query row's heads that share KV head kv (G heads, q and out G * d apart: h0 .. h0 + G
+ * - 1) over its sequence's keys [lo, pos] through the block table: each key and value is read once for
+ * the G heads (a block's positions in a row, one division per block); every head's sums run in the
+ * same order as it would alone */
+static void attend_group(const float *q, float *out, int64_t G, const float *kc, const float *vc,
+                         const int64_t *table, int64_t lo, int64_t pos, int64_t bs, int64_t kvh, int64_t kv,
+                         int64_t d, float scale, float *scores) {
+    int64_t len = pos - lo + 1, stride = kvh * d;
+    for (int64_t j = lo; j <= pos;) {
+        int64_t off = j % bs, n = bs - off < pos + 1 - j ? bs - off : pos + 1 - j;
+        const float *kj = kc + ((table[j / bs] * bs + off) * kvh + kv) * d;
+        for (int64_t i = 0; i < n; i++, j++, kj += stride)
+            for (int64_t g = 0; g < G; g++) scores[g * len + j - lo] = dot_d(q + g * d, kj, d) * scale;
     }
-    float sum = 0.0f;
-    for (int64_t j = lo; j <= pos; j++) sum += (scores[j - lo] = expf(scores[j - lo] - mx));
-    for (int64_t e = 0; e < d; e++) out[e] = 0.0f;
-    for (int64_t j = lo; j <= pos; j++)
-        axpy_d(scores[j - lo] / sum, vc + ((table[j / bs] * bs + j % bs) * kvh + kv) * d, out, d);
+    for (int64_t g = 0; g < G; g++) {
+        float *sg = scores + g * len, mx = -INFINITY;
+        for (int64_t j = 0; j < len; j++) mx = sg[j] > mx ? sg[j] : mx;
+        vf vsum = vzero(), vmx = vbroadcast(mx);
+        int64_t j = 0;
+        for (; j + VL <= len; j += VL) {
+            vf e = vexp(*(vf *)(sg + j) - vmx);
+            *(vf *)(sg + j) = e;
+            vsum += e;
+        }
+        float sum = hsum(vsum);
+        for (; j < len; j++) sum += (sg[j] = expf(sg[j] - mx));
+        for (j = 0; j < len; j++) sg[j] /= sum;
+        for (int64_t e = 0; e < d; e++) out[g * d + e] = 0.0f;
+    }
+    for (int64_t j = lo; j <= pos;) {
+        int64_t off = j % bs, n = bs - off < pos + 1 - j ? bs - off : pos + 1 - j;
+        const float *vj = vc + ((table[j / bs] * bs + off) * kvh + kv) * d;
+        for (int64_t i = 0; i < n; i++, j++, vj += stride)
+            for (int64_t g = 0; g < G; g++) axpy_d(scores[g * len + j - lo], vj, out + g * d, d);
+    }
 }
 
 static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
@@ -134,19 +158,19 @@ static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b)
     int64_t longest = 0;
     for (int64_t s = 0; s < b->S; s++) longest = b->ctx_len[s] > longest ? b->ctx_len[s] : longest;
     int64_t group = H / KVH, units = 0;
-    for (int64_t s = 0; s < b->S; s++) units += b->q_len[s] * H;
+    for (int64_t s = 0; s < b->S; s++) units += b->q_len[s] * KVH;
     #pragma omp parallel num_threads(p->nthreads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(longest > 0 ? longest : 1));
-        #pragma omp for schedule(dynamic, 4)
-        for (int64_t u = 0; u < units; u++) {             /* one (row, head) pair each */
+        float *scores = malloc(sizeof(float) * (size_t)(group * (longest > 0 ? longest : 1)));
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {             /* one (row, KV head) pair each */
             int64_t s = 0, rest = u;
-            while (rest >= b->q_len[s] * H) rest -= b->q_len[s++] * H;
-            int64_t i = rest / H, h = rest % H, t = b->q_start[s] + i;
+            while (rest >= b->q_len[s] * KVH) rest -= b->q_len[s++] * KVH;
+            int64_t i = rest / KVH, kv = rest % KVH, t = b->q_start[s] + i;
             int64_t pos = b->ctx_len[s] - b->q_len[s] + i;
             int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-            attend_row(ROW(p, o->in[0], t) + h * d, ROW(p, o->out[0], t) + h * d, kc, vc,
-                       b->block_tables + s * b->max_blocks, lo, pos, bs, KVH, h / group, d, (float)o->f[1], scores);
+            attend_group(ROW(p, o->in[0], t) + kv * group * d, ROW(p, o->out[0], t) + kv * group * d, group, kc,
+                         vc, b->block_tables + s * b->max_blocks, lo, pos, bs, KVH, kv, d, (float)o->f[1], scores);
         }
         free(scores);
     }
