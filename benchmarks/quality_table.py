@@ -27,7 +27,7 @@ from llmc.inspection import inspect  # noqa: E402
 from llmc.io import write_json_atomic, write_text_atomic  # noqa: E402
 from llmc.quantizer import quantize_checkpoint  # noqa: E402
 from llmc.quantized.formats import TensorQuant
-from llmc.quantized.scheme import QuantRecipe, resolve_scheme  # noqa: E402
+from llmc.quantized.scheme import HEAD_FORMATS, QuantRecipe, resolve_scheme  # noqa: E402
 
 MODELS = {  # name: (directory, evaluation text, group size that is meaningful for its widths, seqlen)
     "stories260K": (ROOT / "golden/stories260K", ROOT / "golden/tinystories_valid_head.txt", 32, 512),
@@ -36,10 +36,10 @@ MODELS = {  # name: (directory, evaluation text, group size that is meaningful f
 
 
 def recipes(group: int, samples: int, seqlen: int) -> dict[str, QuantRecipe | None]:
-    def r(scheme, algo="rtn", kv=None, weight_observer="minmax", **kw):
+    def r(scheme, algo="rtn", kv=None, weight_observer="minmax", head=None, **kw):
         return QuantRecipe(scheme=resolve_scheme(scheme, **kw), algorithm=algo, calib_samples=samples,
                            calib_seqlen=seqlen, kv_cache=TensorQuant(dtype=kv) if kv else None,
-                           weight_observer=weight_observer)
+                           weight_observer=weight_observer, head=HEAD_FORMATS[head] if head else None)
     return {
         "fp32": None,
         "w8a16 rtn": r("w8a16"),
@@ -49,9 +49,15 @@ def recipes(group: int, samples: int, seqlen: int) -> dict[str, QuantRecipe | No
         f"w4a16 awq g{group}": r("w4a16", "awq", group_size=group),
         f"w4a16 rtn g{group}, mse observer": r("w4a16", group_size=group, weight_observer="mse"),
         f"w4a16 gptq g{group}, mse observer": r("w4a16", "gptq", group_size=group, weight_observer="mse"),
+        f"w4a8 rtn g{group}": r("w4a8", group_size=group),
+        f"w4a8 gptq g{group}": r("w4a8", "gptq", group_size=group),
+        f"w4a8 awq g{group}": r("w4a8", "awq", group_size=group),
         "w8a8 rtn": r("w8a8"),
         "w8a8 smoothquant": r("w8a8", "smoothquant"),
         "fp8 rtn": r("fp8"),
+        "w8a16 rtn + head int8": r("w8a16", head="int8"),
+        f"w4a16 gptq g{group} + head int8": r("w4a16", "gptq", group_size=group, head="int8"),
+        f"w4a16 gptq g{group} + head int4": r("w4a16", "gptq", group_size=group, head="int4"),
         "w8a16 rtn + kv int8": r("w8a16", kv="int8"),
         "w8a16 rtn + kv fp8": r("w8a16", kv="fp8_e4m3"),
     }

@@ -177,8 +177,9 @@ def generate_cmd(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the K most likely tokens."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Per-request seed: sampling becomes reproducible."),
-    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; the cpu "
-                                          "target runs cpu, the fast one, or reference, the spec)."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; on the cpu target native, one "
+                                          "native call per step, for every model it runs, else cpu; reference is "
+                                          "the spec)."),
     device: str = typer.Option("cpu", "--device", help="Device to run on (the cpu target runs on cpu)."),
     max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="Most sequences in one step."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: prompt, text, token_ids, finish_reason."),
@@ -331,8 +332,9 @@ def bench_quality_cmd(
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
     seqlen: int = typer.Option(512, "--seqlen", help="Window length in tokens (BOS included)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N tokens of the text."),
-    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; cpu or "
-                                          "reference on the cpu target)."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; on the cpu target native, one "
+                                          "native call per step, for every model it runs, else cpu; reference is "
+                                          "the spec)."),
     device: str = typer.Option("cpu", "--device", help="Device to run on (the cpu target runs on cpu)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON to this file "
                                             "('-': to stdout, instead of the table). An existing file is replaced "
@@ -369,8 +371,9 @@ def bench_throughput_cmd(
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs per batch size before the timed ones."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for the run (default: the cores "
                                           "this process may use)."),
-    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; e.g. cpu or "
-                                          "reference on the cpu target)."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; on the cpu target native, one "
+                                          "native call per step, for every model it runs, else cpu; reference is "
+                                          "the spec)."),
     profile: bool = typer.Option(False, "--profile", help="Also print where a decode step's time goes, per op "
                                  "(native kernels; always in the JSON as decode_profile_ms)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results (schema "

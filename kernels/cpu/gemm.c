@@ -159,11 +159,37 @@ static void tiled_##KIND##_##MB(const float *x, int64_t ldx, const char *t, int6
             y[i * ldy + j] = s;                                                                    \
         }                                                                                          \
 }
+/* Many rows (prefill): a tile of 16-bit or int8 weights is widened once into a thread's float buffer in
+ * the same layout and the fp32 tiles run over it, instead of every 3 rows widening it again. The
+ * widened values are exact, so every output is the same to the bit either way. */
+#define WIDEN_ROWS 6
+static float *tile_buffer(int64_t floats) {
+    static __thread float *buf;
+    static __thread int64_t cap;
+    if (cap < floats) {
+        free(buf);
+        buf = malloc(sizeof(float) * (size_t)floats);
+        cap = floats;
+    }
+    return buf;
+}
+
 #define DEFINE_TILED_KIND(KIND)                                                                    \
+static const float *widen_tile_##KIND(const char *t, int64_t es, int64_t K) {                     \
+    float *buf = tile_buffer(4 * K);                                                               \
+    int64_t kv = K - K % VL;                                                                       \
+    for (int64_t i = 0; i < kv * 4; i += VL) *(vf *)(buf + i) = wide_##KIND(t + i * es, 0);        \
+    for (int64_t i = kv * 4; i < K * 4; i++) buf[i] = one_##KIND(t + i * es, 0);                   \
+    return buf;                                                                                    \
+}                                                                                                  \
 DEFINE_TILED(KIND, 1) DEFINE_TILED(KIND, 2) DEFINE_TILED(KIND, 3)                                  \
 /* rows [m0, m1) of x against tile t: outputs of its first nb rows only (the others are padding) */ \
 static void tblock_##KIND(const float *x, int64_t m0, int64_t m1, int64_t K, const char *t, int64_t es, \
                           int64_t nb, float *y, int64_t N) {                                       \
+    if (es != 4 && m1 - m0 >= WIDEN_ROWS) {                                                        \
+        tblock_f32(x, m0, m1, K, (const char *)widen_tile_##KIND(t, es, K), 4, nb, y, N);         \
+        return;                                                                                    \
+    }                                                                                              \
     float out[3 * 4];                                                                              \
     for (int64_t m = m0; m < m1;) {                                                                \
         int64_t mb = m1 - m < 3 ? m1 - m : 3;                                                      \
@@ -513,6 +539,43 @@ static void i4a8t_tile(const int8_t *xq, const float *xsc, const int32_t *xsum, 
     }
 }
 
+/* w8a8 in LAYOUT_TILES: pieces of 32 int8 values, 32 bytes of each of the tile's 4 rows in turn; the
+ * products summed exactly in int32 lanes, so the result is the rows layout's to the bit */
+static int int8_tiles(const llmc_weight *w) { return w->kind == W_I8A8 && w->k % TPIECE == 0; }
+
+static inline v8i idot_i8_lanes(const int8_t *w, const int8_t *xq) {
+#if defined(__AVX2__)
+    __m256i a = _mm256_loadu_si256((const __m256i *)w), b = _mm256_loadu_si256((const __m256i *)xq);
+    return (v8i)_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)),
+                                  _mm256_set1_epi16(1));
+#else
+    v8i r;
+    for (int l = 0; l < 8; l++) {
+        int32_t s = 0;
+        for (int i = 4 * l; i < 4 * l + 4; i++) s += (int32_t)w[i] * xq[i];
+        r[l] = s;
+    }
+    return r;
+#endif
+}
+
+static void i8a8t_block(const llmc_weight *w, const int8_t *xq, const float *xsc, int64_t m0, int64_t m1,
+                        int64_t n0, int64_t nb, float *y) {
+    int64_t N = w->n, K = w->k;
+    const int8_t *tb = (const int8_t *)w->data + n0 * K;
+    for (int64_t m = m0; m < m1; m++) {
+        const int8_t *x = xq + m * K, *b = tb;
+        v8i ip[4] = {{0}};
+        for (int64_t k = 0; k < K; k += TPIECE, b += 4 * TPIECE)
+            for (int j = 0; j < 4; j++) ip[j] += idot_i8_lanes(b + j * TPIECE, x + k);
+        for (int64_t j = 0; j < nb; j++) {
+            int32_t sum = 0;
+            for (int l = 0; l < 8; l++) sum += ip[j][l];
+            y[m * N + n0 + j] = (float)sum * (xsc[m] * w->scale[n0 + j]);
+        }
+    }
+}
+
 /* rows [m0, m1) against the tile of weight rows n0 .. n0 + nb; a last tile's padding rows get scale 0 */
 static void i4t_block(const llmc_weight *w, const float *xd, const int8_t *xq, const float *xs,
                       const int32_t *xsum, int64_t m0, int64_t m1, int64_t n0, int64_t nb, float *y) {
@@ -548,6 +611,7 @@ static int64_t elem_bytes(int64_t kind) {
 
 int64_t llmc_packed_bytes(const llmc_weight *w) {
     if (int4_tiles(w)) return ((w->n + 3) / 4) * 4 * (w->k / 2);
+    if (int8_tiles(w)) return ((w->n + 3) / 4) * 4 * w->k;
     return elem_bytes(w->kind) * ((w->n + 3) / 4) * 4 * w->k;
 }
 
@@ -559,6 +623,12 @@ void llmc_pack_weight(const llmc_weight *w, void *dst) {
         for (int64_t n = 0; n < w->n; n++)
             for (int64_t q = 0; q < K / TPIECE; q++)
                 memcpy((char *)dst + (n / 4) * 2 * K + (q * 4 + n % 4) * 16, src + n * (K / 2) + q * 16, 16);
+        return;
+    }
+    if (int8_tiles(w)) {                    /* per piece of 32 values, 32 bytes of each row in turn */
+        for (int64_t n = 0; n < w->n; n++)
+            for (int64_t q = 0; q < K / TPIECE; q++)
+                memcpy((char *)dst + (n / 4) * 4 * K + (q * 4 + n % 4) * TPIECE, src + n * K + q * TPIECE, TPIECE);
         return;
     }
     for (int64_t n = 0; n < w->n; n++) {
@@ -626,6 +696,7 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
             int64_t n0 = 4 * b, nb = N - n0 < 4 ? N - n0 : 4;
             const char *wn = (const char *)w->data + n0 * ldw;
             if (tiled4) i4t_block(w, xd, xq, xs, xsum, m0, m1, n0, nb, y);
+            else if (w->layout == LAYOUT_TILES && w->kind == W_I8A8) i8a8t_block(w, xq, xs, m0, m1, n0, nb, y);
             else if (w->layout == LAYOUT_TILES) switch (w->kind) {      /* n0 * ldw is where tile b starts */
                 case W_F32: tblock_f32(x, m0, m1, K, wn, 4, nb, y + n0, N); break;
                 case W_BF16: tblock_bf16(x, m0, m1, K, wn, 2, nb, y + n0, N); break;

@@ -1,6 +1,7 @@
 """The cpu target, the default: the engine's graph runs from `weights.safetensors` (quantized weights
-stay packed) on the CPU, with the `cpu` kernel set, `reference` (the specification), or `native`
-(the whole step in one native call: llmc.backends.native)."""
+stay packed) on the CPU, with `native` (the whole step in one native call: llmc.backends.native; the
+default for every model it runs), the `cpu` kernel set (torch and native GEMVs, op by op: the default
+for the rest), or `reference` (the specification)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,13 +20,20 @@ def lower(model, directory: Path) -> dict[str, Any]:
             "native_gemv": "available" if status["native_gemm"] else f"unavailable ({status['error']})"}
 
 
+def default_kernels(model, device: str = "cpu") -> str:
+    """native (one native call per step) for every model it runs, else cpu."""
+    from llmc.backends.native import unsupported
+    return "native" if device.split(":")[0] == "cpu" and unsupported(model) is None else "cpu"
+
+
 def load(model, runtime):
-    kernels = runtime.kernels or "cpu"
+    kernels = runtime.kernels or default_kernels(model, runtime.device)
     if kernels == "native":
         from llmc.backends.native import NativeBackend
         return NativeBackend(model, NAME, runtime.device, capacity=runtime.max_batched_tokens)
     return GraphBackend(model, NAME, kernels, runtime.device)
 
 
-register_target(Target(NAME, "torch CPU kernels (native int8/int4 GEMV, SDPA attention, fused matmuls)",
+register_target(Target(NAME, "CPU: the whole step in native code (fp32/bf16/fp16, int8, int4, w8a8, w4a8), or torch "
+                       "kernels op by op",
                        devices=("cpu",), kernel_sets=("cpu", "reference", "native"), lower=lower, load=load))

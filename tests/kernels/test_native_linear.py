@@ -53,13 +53,15 @@ def _run(weight: Weight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
     return y
 
 
-TILED = ["fp32", "bf16", "fp16", "int8", "int4-g32", "int4-g64-asym", "w4a8-g32", "w4a8-g64-asym"]   # tiled layouts
+TILED = ["fp32", "bf16", "fp16", "int8", "int4-g32", "int4-g64-asym", "w4a8-g32", "w4a8-g64-asym", "w8a8"]
 
 
 def tileable(kind: str, k: int) -> bool:
-    """int4 tiles hold pieces of 32 values: whole groups of whole pieces only."""
-    fmt = KINDS[kind][0]
-    return not isinstance(fmt, TensorQuant) or fmt.dtype != "int4" or (k % 32 == 0 and fmt.group_size % 32 == 0)
+    """Tiles of integer products hold pieces of 32 values: whole pieces (and whole groups of them) only."""
+    fmt, act = KINDS[kind]
+    if isinstance(fmt, TensorQuant) and fmt.dtype == "int4":
+        return k % 32 == 0 and fmt.group_size % 32 == 0
+    return act is None or k % 32 == 0
 
 
 @pytest.mark.parametrize("kind,layout", [(k, "rows") for k in KINDS] + [(k, "tiles") for k in TILED])
