@@ -182,6 +182,9 @@ def generate_cmd(
                                           "the spec)."),
     device: str = typer.Option("cpu", "--device", help="Device to run on (the cpu target runs on cpu)."),
     max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="Most sequences in one step."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: the cores this process may "
+                                          "use; the native kernels use fewer while other processes keep cores "
+                                          "busy)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: prompt, text, token_ids, finish_reason."),
 ) -> None:
     """Generate from one or more prompts, batched together (in-flight batching)."""
@@ -194,6 +197,11 @@ def generate_cmd(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed)
         runtime = RuntimeConfig(kernels=kernels, device=device, max_num_seqs=max_num_seqs)
+        if threads is not None:
+            if threads < 1:
+                raise OptionError("threads", f"must be at least 1, got {threads}")
+            import torch
+            torch.set_num_threads(threads)
     with err.status(f"loading {path}"):
         model = load_model(path)
     with err.status(f"generating for {len(prompt)} prompt(s)"):

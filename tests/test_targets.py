@@ -86,9 +86,13 @@ def test_an_engine_of_the_previous_schema_is_refused_with_the_command_to_rebuild
 def test_what_ran_is_recorded(stories_engine):
     manifest = json.loads((stories_engine / ENGINE_FILE).read_text())
     backend = manifest["backend"]
-    assert backend["kernels"] == "cpu" and backend["device"] == "cpu" and "native_gemv" in backend
+    assert backend["kernels"] == "native" and backend["device"] == "cpu" and "native_gemv" in backend
     assert set(backend["ops"]) == {n["op"] for n in manifest["graph"]["nodes"]}
-    r = generate(stories_engine, PROMPTS, GREEDY)
+    assert set(backend["ops"].values()) == {"native"}
+    r = generate(stories_engine, PROMPTS, GREEDY)                  # the default: one native call per step
+    assert r.backend["kernels"] == "native" and set(r.backend["ops"]) == set(backend["ops"])
+    assert {o["kernels"] for o in r.backend["ops"].values()} == {"native"}
+    r = generate(stories_engine, PROMPTS, GREEDY, RuntimeConfig(kernels="cpu"))
     ops = r.backend["ops"]
     assert set(ops) == set(backend["ops"]) and all(o["kernels"] == "cpu" for o in ops.values())
     linear_calls = sum(sum(ops[op]["variants"].values()) for op in ("qkv_linear", "gate_up_silu", "linear", "logits"))

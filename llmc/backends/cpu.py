@@ -15,9 +15,12 @@ NAME = "cpu"
 
 
 def lower(model, directory: Path) -> dict[str, Any]:
+    """The packed weights; the manifest records the kernel set the engine runs by default."""
     status = native.status()
-    return {**lower_graph(model, directory, NAME, kernels="cpu", device="cpu"),
-            "native_gemv": "available" if status["native_gemm"] else f"unavailable ({status['error']})"}
+    section = lower_graph(model, directory, NAME, kernels="cpu", device="cpu")
+    if default_kernels(model) == "native":
+        section.update(kernels="native", ops={op: "native" for op in section["ops"]})
+    return {**section, "native_gemv": "available" if status["native_gemm"] else f"unavailable ({status['error']})"}
 
 
 def default_kernels(model, device: str = "cpu") -> str:

@@ -28,6 +28,7 @@ from llmc.kernels.cpu import concat_rows, native
 from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
 from llmc.quantized.formats import QuantizedWeight
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
+from llmc.runtime.threads import ThreadPolicy
 
 _I64, _P, _D = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 OP_CODES = {"embed": 1, "rms_norm": 2, "add": 3, "add_rms_norm": 4, "linear": 5, "qkv_linear": 5, "silu_mul": 6,
@@ -166,6 +167,7 @@ class NativeBackend:
         self.kv_spec = KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, torch.float32)
         self._keep: list[Any] = []                     # every tensor a pointer in the plan refers to
         self._calls = 0
+        self._threads = ThreadPolicy()
         self._build(model.graph, capacity)
         self._kv: tuple[PagedKVCache, Any, Any] | None = None     # the cache the pointer arrays are of
 
@@ -272,7 +274,8 @@ class NativeBackend:
             self._resize(max(t, 2 * self.capacity))
         ks, vs = self._cache_pointers(kv)
         plan = Plan(len(self._graph.nodes), self._ops, self._vals, self._ws.data_ptr(), ctypes.addressof(ks),
-                    ctypes.addressof(vs), kv.block_size, torch.get_num_threads(), self._op_seconds.data_ptr())
+                    ctypes.addressof(vs), kv.block_size, self._threads.threads(torch.get_num_threads()),
+                    self._op_seconds.data_ptr())
         starts = torch.tensor([0, *batch.query_lens], dtype=torch.int64).cumsum(0)[:-1]
         q_len = torch.tensor(batch.query_lens, dtype=torch.int64)
         ctx_len = torch.tensor(batch.context_lens, dtype=torch.int64)
@@ -299,7 +302,8 @@ class NativeBackend:
         for n, t in zip(self._graph.nodes, self._op_seconds.tolist()):
             profile[n.op] = profile.get(n.op, 0.0) + t
         return {"target": self.target, "device": str(self.device), "kernels": self.kernels, "ops": ops,
-                "profile": {"steps": self._calls, "op_seconds": profile}}
+                "profile": {"steps": self._calls, "op_seconds": profile},
+                "threads": {"fewer_threads_steps": self._threads.reduced_steps}}
 
     def reset_profile(self) -> None:
         self._op_seconds.zero_()
