@@ -234,6 +234,8 @@ def measure(args, shapes: dict[str, dict], loaded: bool) -> dict:
     res: dict[str, Any] = {}
     t, r = args.threads, args.repeat
     for shape, files in shapes.items():
+        if loaded and shape not in args.contention_shapes:
+            continue
         rows, done_llama = [], {}
         for bits, qtype, fmt in PAIRS:
             gguf, model = files["gguf"][qtype], files["llmc"][fmt]
@@ -252,7 +254,7 @@ def measure(args, shapes: dict[str, dict], loaded: bool) -> dict:
                          "decode_profile_ms": dec.get("decode_profile_ms"), "other_load": load,
                          "decode_bytes": files["bytes"][fmt]})
         batched = []
-        if args.batches and shape in args.batched_shapes:
+        if args.batches and shape in args.batched_shapes and not loaded:
             for bits, qtype, fmt in PAIRS:
                 wait_quiet(not loaded)
                 log(f"{shape} batch {args.batches}: llama-batched-bench {qtype}, llmc {fmt}")
@@ -295,7 +297,7 @@ def print_contention(quiet: dict, loaded: dict) -> None:
     print("\n## Under load (two busy loops): share of the quiet speed each engine keeps\n")
     print("| shape | llama.cpp | quiet | loaded | kept | llmc | quiet | loaded | kept |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for shape in quiet:
+    for shape in loaded:
         for q, l in zip(quiet[shape]["batch1"], loaded[shape]["batch1"]):
             lq, ll = q["llama_cpp"]["tg128"]["median"], l["llama_cpp"]["tg128"]["median"]
             mq, ml = q["llmc_decode"]["median"], l["llmc_decode"]["median"]
@@ -311,14 +313,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions of every measurement")
     ap.add_argument("--batches", default="8,32", help="batch decode sizes ('' to skip)")
     ap.add_argument("--batched-shapes", default="small", help="shapes that get the batch decode comparison")
-    ap.add_argument("--contention", action="store_true", help="also measure with two busy loops running")
+    ap.add_argument("--contention", action="store_true", help="also measure batch 1 with two busy loops running")
+    ap.add_argument("--contention-shapes", default="small", help="shapes measured under load")
     ap.add_argument("--peers", type=Path, default=ROOT.parent / "shared" / "peers", help="the peer harness")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llmc-vs-llamacpp",
                     help="where llmc's models are made (reused)")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--prepare-only", action="store_true", help="make the models and GGUFs, measure nothing")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
     args.batched_shapes = set(args.batched_shapes.split(","))
+    args.contention_shapes = set(args.contention_shapes.split(","))
     args.bin, models = llama_paths(args.peers)
     ensure_llama_cpp(args.peers, args.bin)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -329,6 +334,8 @@ def main() -> None:
                  "llmc": {f: ensure_llmc(args.work, hf, shape, f) for *_, f in PAIRS}}
         files["bytes"] = {f: decode_bytes(p) for f, p in files["llmc"].items()}
         shapes[shape] = files
+    if args.prepare_only:
+        return
     wait_quiet(True)
     bandwidth = memory_bandwidth(args.threads)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
