@@ -51,7 +51,7 @@ def test_result_schema(run):
     assert {"batches": [1, 2], "input_len": 8, "output_len": 6, "repeat": 2, "warmup": 0, "threads": 1,
             "kernels": None}.items() <= r["config"].items()
     assert {"llmc", "torch", "cpu", "threads", "loadavg_start", "loadavg_end"} <= set(r["env"])
-    assert r["backend"]["target"] == "cpu" and r["backend"]["kernels"] == "cpu"
+    assert r["backend"]["target"] == "cpu" and r["backend"]["kernels"] == "native"   # the default
     assert r["peak_rss_bytes"] > 1 << 20
     assert [b["batch"] for b in r["results"]] == [1, 2]
     for b in r["results"]:
