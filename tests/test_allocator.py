@@ -1,5 +1,10 @@
 """llmc.allocator: with large blocks served from their own mappings, freeing them gives the memory back
-(with glibc's default, a small live tensor allocated after them pins the freed heap below it)."""
+(with glibc's default, a small live tensor allocated after them pins the freed heap below it).
+
+glibc's mmap threshold starts at 128 KiB and grows as large blocks are freed, so how much the default
+retains depends on what the process did before. The baseline therefore starts from the state glibc
+reaches after a while (threshold at its 32 MiB maximum, no trimming) and return_large_blocks_to_system
+must undo it."""
 import subprocess
 import sys
 import textwrap
@@ -15,6 +20,10 @@ SCRIPT = textwrap.dedent("""
         for line in open("/proc/self/status"):
             if line.startswith("VmRSS"):
                 return int(line.split()[1]) * 1024
+    import ctypes, ctypes.util
+    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    assert mallopt(-3, 32 << 20) and mallopt(-1, 1 << 30)   # M_MMAP_THRESHOLD grown, M_TRIM_THRESHOLD 1 GiB
     if sys.argv[1] == "on":
         assert return_large_blocks_to_system()
     base, keep = rss(), []
@@ -36,5 +45,6 @@ def test_freed_large_blocks_leave_the_resident_set():
     if not return_large_blocks_to_system():
         pytest.skip("the C library is not glibc: mallopt is not available")
     default, tuned = retained_mib("off"), retained_mib("on")
-    assert default > 128, f"glibc kept only {default:.0f} MiB with its default thresholds"   # the effect is real
+    if default <= 128:   # the malloc serving this process ignores glibc's mallopt (a preloaded allocator)
+        pytest.skip(f"malloc ignores mallopt here: only {default:.0f} MiB retained with a 32 MiB threshold")
     assert tuned < 32, f"{tuned:.0f} MiB of freed 16 MiB blocks stayed resident"
