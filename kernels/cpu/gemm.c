@@ -1,23 +1,30 @@
 /* llmc fast CPU linears: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), x and y fp32 rows.
  *
- * The weight stays as stored (fp32, bf16, fp16, int8 per channel, packed int4 groups) and each piece
- * of VL values is widened to floats in registers, so memory traffic is the stored size and no float
- * copy of the weight is written. A tile is MB input rows x NB weight rows with one vector accumulator
- * per output: the NB*MB independent chains keep the FMA units busy at one row (decode) and reuse
- * each loaded piece MB times at many (prefill). Rows are taken in chunks of MC so that a chunk of x
- * stays in L2 while every weight tile passes over it; threads (OpenMP, the runtime torch has loaded)
- * split the weight rows.
+ * The weight stays as stored (fp32, bf16, fp16, int8 per channel, packed int4 groups) and is widened
+ * to floats in registers, so memory traffic is the stored size and no float copy of the weight is
+ * written; w8a8 and w4a8 multiply int8 input codes as integers. Two layouts:
+ * - LAYOUT_PACKED (the native executor lays every weight out once at load, llmc_pack_weight): float
+ *   kinds and weight-only int8/int4 in k-major panels of 16 rows, run by outer-product kernels of up
+ *   to 6 input rows (no horizontal sums; each widened weight vector feeds every row); w8a8 and w4a8
+ *   in tiles of 4 rows of 32-value pieces (exact int32 dot products).
+ * - LAYOUT_ROWS (the cpu kernel set's entry points, weights as torch holds them): tiles of MB input
+ *   rows x NB weight rows, one vector accumulator per output, its lanes summed at the end.
+ * Threads (OpenMP, the runtime torch has loaded) split the weight rows; rows of x are taken in chunks
+ * that stay in L2 while the weight passes over them.
  *
- * Every output is one accumulator over k in steps of VL, then its lanes summed in order, then the
- * tail of k one value at a time, then scale and bias: the same arithmetic whatever the tile, the
- * number of rows or the row's place, so a row's result never depends on the other rows (the native
- * executor's batch invariance). Reference: kernels/reference/dense.py linear over
- * kernels/reference/dequant.py; tests/kernels/ hold them to stated tolerances.
+ * In either layout every output is accumulated in one order that depends only on k (never on the
+ * number of rows, the row's place or the kernel that ran it), then scaled and biased, so a row's
+ * result never depends on the other rows (the native executor's batch invariance). Reference:
+ * kernels/reference/dense.py linear over kernels/reference/dequant.py; tests/kernels/ hold them to
+ * stated tolerances.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -26,7 +33,7 @@
 
 /* The interface version llmc checks after loading this library (native.ABI_VERSION): bump both
  * when an exported function is added, removed or changes its signature. */
-#define LLMC_ABI_VERSION 4
+#define LLMC_ABI_VERSION 5
 
 int llmc_abi_version(void) { return LLMC_ABI_VERSION; }
 
@@ -85,7 +92,7 @@ static inline vf wide_f16(const void *p, int64_t k) {
 }
 static inline float one_f16(const void *p, int64_t k) { return (float)((const _Float16 *)p)[k]; }
 
-/* ---- float-widenable kinds: MB x NB tiles ---------------------------------------------------------
+/* ---- LAYOUT_ROWS, float-widenable kinds: MB x NB tiles ---------------------------------------------------------
  * x: MB rows ldx apart; w: NB rows ldw bytes apart; y: MB rows ldy apart, NB outputs each (raw sums:
  * the caller applies scale and bias). */
 #define DEFINE_TILE(KIND, MB, NB)                                                                  \
@@ -134,83 +141,10 @@ static void block_##KIND(const float *x, int64_t m0, int64_t m1, int64_t K, cons
         m += mb;                                                                                   \
     }                                                                                              \
 }
-/* the same outputs from a tile of LAYOUT_TILES (4 rows, es bytes a value): y[i * ldy + j] for j < 4 */
-#define DEFINE_TILED(KIND, MB)                                                                     \
-static void tiled_##KIND##_##MB(const float *x, int64_t ldx, const char *t, int64_t es, float *y,  \
-                                int64_t ldy, int64_t K) {                                          \
-    vf acc[MB][4];                                                                                 \
-    for (int i = 0; i < MB; i++)                                                                   \
-        for (int j = 0; j < 4; j++) acc[i][j] = vzero();                                           \
-    int64_t kv = K - K % VL, step = VL * es;                                                       \
-    const char *p = t;                                                                             \
-    for (int64_t k = 0; k < kv; k += VL, p += 4 * step) {                                          \
-        vf wv[4];                                                                                  \
-        for (int j = 0; j < 4; j++) wv[j] = wide_##KIND(p + j * step, 0);                          \
-        for (int i = 0; i < MB; i++) {                                                             \
-            vf xv = *(const vf *)(x + i * ldx + k);                                                \
-            for (int j = 0; j < 4; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);                    \
-        }                                                                                          \
-    }                                                                                              \
-    for (int i = 0; i < MB; i++)                                                                   \
-        for (int j = 0; j < 4; j++) {                                                              \
-            float s = hsum(acc[i][j]);                                                             \
-            for (int64_t k = kv; k < K; k++)                                                       \
-                s = fmaf(x[i * ldx + k], one_##KIND(p + j * (K - kv) * es, k - kv), s);            \
-            y[i * ldy + j] = s;                                                                    \
-        }                                                                                          \
-}
-/* Many rows (prefill): a tile of 16-bit or int8 weights is widened once into a thread's float buffer in
- * the same layout and the fp32 tiles run over it, instead of every 3 rows widening it again. The
- * widened values are exact, so every output is the same to the bit either way. */
-#define WIDEN_ROWS 6
-static float *tile_buffer(int64_t floats) {
-    static __thread float *buf;
-    static __thread int64_t cap;
-    if (cap < floats) {
-        free(buf);
-        buf = malloc(sizeof(float) * (size_t)floats);
-        cap = floats;
-    }
-    return buf;
-}
-
-#define DEFINE_TILED_KIND(KIND)                                                                    \
-static const float *widen_tile_##KIND(const char *t, int64_t es, int64_t K) {                     \
-    float *buf = tile_buffer(4 * K);                                                               \
-    int64_t kv = K - K % VL;                                                                       \
-    for (int64_t i = 0; i < kv * 4; i += VL) *(vf *)(buf + i) = wide_##KIND(t + i * es, 0);        \
-    for (int64_t i = kv * 4; i < K * 4; i++) buf[i] = one_##KIND(t + i * es, 0);                   \
-    return buf;                                                                                    \
-}                                                                                                  \
-DEFINE_TILED(KIND, 1) DEFINE_TILED(KIND, 2) DEFINE_TILED(KIND, 3)                                  \
-/* rows [m0, m1) of x against tile t: outputs of its first nb rows only (the others are padding) */ \
-static void tblock_##KIND(const float *x, int64_t m0, int64_t m1, int64_t K, const char *t, int64_t es, \
-                          int64_t nb, float *y, int64_t N) {                                       \
-    if (es != 4 && m1 - m0 >= WIDEN_ROWS) {                                                        \
-        tblock_f32(x, m0, m1, K, (const char *)widen_tile_##KIND(t, es, K), 4, nb, y, N);         \
-        return;                                                                                    \
-    }                                                                                              \
-    float out[3 * 4];                                                                              \
-    for (int64_t m = m0; m < m1;) {                                                                \
-        int64_t mb = m1 - m < 3 ? m1 - m : 3;                                                      \
-        const float *xm = x + m * K;                                                               \
-        int full = nb == 4;                                                                        \
-        float *ym = full ? y + m * N : out;                                                        \
-        int64_t ldy = full ? N : 4;                                                                \
-        if (mb == 3) tiled_##KIND##_3(xm, K, t, es, ym, ldy, K);                                   \
-        else if (mb == 2) tiled_##KIND##_2(xm, K, t, es, ym, ldy, K);                              \
-        else tiled_##KIND##_1(xm, K, t, es, ym, ldy, K);                                           \
-        if (!full)                                                                                 \
-            for (int64_t i = 0; i < mb; i++)                                                       \
-                for (int64_t j = 0; j < nb; j++) y[(m + i) * N + j] = out[i * 4 + j];              \
-        m += mb;                                                                                   \
-    }                                                                                              \
-}
-
-DEFINE_KIND(f32) DEFINE_TILED_KIND(f32)
-DEFINE_KIND(bf16) DEFINE_TILED_KIND(bf16)
-DEFINE_KIND(f16) DEFINE_TILED_KIND(f16)
-DEFINE_KIND(i8) DEFINE_TILED_KIND(i8)
+DEFINE_KIND(f32)
+DEFINE_KIND(bf16)
+DEFINE_KIND(f16)
+DEFINE_KIND(i8)
 
 /* ---- packed int4 groups ----------------------------------------------------------------------------
  * packed uint4 [N, ceil(K/2)] (element 2i in the low nibble of byte i), scale and zero [N, G], groups
@@ -350,22 +284,30 @@ static void quant_groups(const float *x, int8_t *q, float *scale, int32_t *qsum,
         }
 }
 
-/* the int32 sum of 32 uint4 codes (16 packed bytes) times 32 de-interleaved int8 codes */
-static inline int32_t idot_u4_32(const uint8_t *p, const int8_t *xq) {
+/* 8 int32 lanes: lane l sums the products of bytes 4l..4l+3 of 32 uint4 codes u and 32 int8 codes x
+ * (what maddubs then madd give; exact) */
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+static inline v8i idot_u4_lanes(const uint8_t *p, const int8_t *xq) {
 #if defined(__AVX2__)
     __m128i b = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
     __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
-    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq)),
+    return (v8i)_mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq)),
                                   _mm256_set1_epi16(1));
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-    return _mm_cvtsi128_si32(h);
 #else
-    int32_t s = 0;
-    for (int i = 0; i < 16; i++) s += (p[i] & 15) * xq[i] + (p[i] >> 4) * xq[16 + i];
-    return s;
+    v8i r;
+    for (int l = 0; l < 8; l++) {
+        int32_t s = 0;
+        for (int i = 4 * l; i < 4 * l + 4; i++) s += (i < 16 ? p[i] & 15 : p[i - 16] >> 4) * xq[i];
+        r[l] = s;
+    }
+    return r;
 #endif
+}
+/* the int32 sum of 32 uint4 codes (16 packed bytes) times 32 de-interleaved int8 codes */
+static inline int32_t idot_u4_32(const uint8_t *p, const int8_t *xq) {
+    v8i l = idot_u4_lanes(p, xq);
+    return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
 }
 
 /* one row of codes against NB weight rows kb bytes apart: groups summed exactly, scaled in fp32 */
@@ -436,72 +378,238 @@ static void block_int(const llmc_weight *w, const int8_t *xq, const float *xsc, 
     }
 }
 
-/* ---- int4 in LAYOUT_TILES: pieces of 32 values (16 bytes) ------------------------------------------
- * A tile holds, for every piece of 32 values along k, the 16 bytes of each of its 4 rows in turn
- * (groups are whole pieces: gs and k multiples of 32). The inputs are de-interleaved per piece as
- * the nibbles are: its 16 even values, then its 16 odd ones (floats for w4a16, int8 codes for w4a8). */
-#define TPIECE 32
-static int int4_tiles(const llmc_weight *w) {
-    return (w->kind == W_I4 || w->kind == W_I4A8) && w->group % TPIECE == 0 && w->k % TPIECE == 0;
-}
 
-static void deinterleave_f32(const float *x, float *xd, int64_t M, int64_t K) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k += TPIECE)
-            for (int i = 0; i < TPIECE / 2; i++) {
-                xd[m * K + k + i] = x[m * K + k + 2 * i];
-                xd[m * K + k + TPIECE / 2 + i] = x[m * K + k + 2 * i + 1];
-            }
-}
+/* ---- LAYOUT_PACKED panels: float kinds, int8 per channel and weight-only int4 ----------------------
+ * A panel is NR consecutive weight rows (the last panel padded with zero rows) stored k-major: for every
+ * k, the NR rows' values at k side by side; int4 keeps a byte per row for every pair of k (low nibble
+ * k, high nibble k + 1, as the rows layout packs them), then the panels' scales and zero points, NR a
+ * group. A kernel of MR input rows x P panels keeps its MR * P * NR outputs in vector accumulators:
+ * each k step loads (and widens) the panels' values once and broadcasts one input value a row, so at
+ * MR = 6 each widened weight vector feeds 6 FMAs and no horizontal sum is ever needed. Decode (MR = 1)
+ * runs P = 4 panels side by side for independent FMA chains.
+ *
+ * Every output is accumulated in the order k = 0, 1, ..., K - 1 whatever MR and P (int4: each group in
+ * that order, then tot = fma(scale, sum - zero * xsum, tot) over the groups in order), so a row's result
+ * never depends on the other rows or on which kernel ran it. */
+#define NR 16                   /* rows a panel: two AVX2 vectors of outputs, one AVX-512 vector */
+#define NV (NR / VL)
+#define MR_MAX 6
 
-/* w4a16: one row of x (xd de-interleaved, xs its group sums) against a tile of 4 rows */
-static void i4t_tile(const float *xd, const float *xs, int64_t K, int64_t G, int64_t gs, const uint8_t *t,
-                     const float *sn, const uint8_t *zn, float *out) {
-    vf tot[4];
-    float rest[4];
-    for (int j = 0; j < 4; j++) { tot[j] = vzero(); rest[j] = 0.0f; }
-    const uint8_t *b = t;
-    for (int64_t g = 0; g < G; g++) {
-        int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
-        vf acc[4];
-        for (int j = 0; j < 4; j++) acc[j] = vzero();
-        for (int64_t k = k0; k < k1; k += TPIECE, b += 4 * 16)
-            for (int j = 0; j < 4; j++)
-                for (int h = 0; h < 16 / VL; h++) {
-                    vf lo, hi;
-                    widen_u4(b + j * 16 + h * VL, &lo, &hi);
-                    acc[j] = vfma(*(const vf *)(xd + k + h * VL), lo, acc[j]);
-                    acc[j] = vfma(*(const vf *)(xd + k + 16 + h * VL), hi, acc[j]);
-                }
-        for (int j = 0; j < 4; j++) {
-            float s = sn[j * G + g];
-            tot[j] = vfma(vbroadcast(s), acc[j], tot[j]);
-            rest[j] -= s * ((float)zn[j * G + g] * xs[g]);
-        }
+static int64_t elem_bytes(int64_t kind) {
+    switch (kind) {
+        case W_F32: return 4;
+        case W_BF16: case W_F16: return 2;
+        case W_I8: return 1;
+        default: return 0;
     }
-    for (int j = 0; j < 4; j++) out[j] = hsum(tot[j]) + rest[j];
+}
+static int float_panels(const llmc_weight *w) { return elem_bytes(w->kind) > 0; }
+static int int4_panels(const llmc_weight *w) { return w->kind == W_I4 && w->k % 2 == 0 && w->group % 2 == 0; }
+
+typedef struct {
+    const float *x;                     /* MR input rows, ldx apart */
+    int64_t ldx;
+    const float *xs;                    /* int4: the rows' group sums, G a row */
+    const char *w;                      /* the first panel; the next one pstride bytes on */
+    int64_t pstride;
+    const float *sc;                    /* int4: the first panel's scales, then its zero points: G * NR */
+    const uint8_t *zc;                  /* each; the next panel's G * NR on */
+    int64_t K, G, gs;
+    float *out;                         /* MR rows of P * NR raw sums */
+} panel_args;
+typedef void (*panel_fn)(const panel_args *);
+
+#define DEFINE_PANEL(KIND, MR, P)                                                                  \
+static void panel_##KIND##_##MR##x##P(const panel_args *a) {                                      \
+    vf acc[MR][P][NV];                                                                             \
+    for (int i = 0; i < MR; i++)                                                                   \
+        for (int j = 0; j < P; j++)                                                                \
+            for (int v = 0; v < NV; v++) acc[i][j][v] = vzero();                                   \
+    const float *x = a->x;                                                                         \
+    for (int64_t k = 0; k < a->K; k++) {                                                           \
+        vf wv[P][NV];                                                                              \
+        for (int j = 0; j < P; j++)                                                                \
+            for (int v = 0; v < NV; v++) wv[j][v] = wide_##KIND(a->w + j * a->pstride, k * NR + v * VL); \
+        for (int i = 0; i < MR; i++) {                                                             \
+            vf xv = vbroadcast(x[i * a->ldx + k]);                                                 \
+            for (int j = 0; j < P; j++)                                                            \
+                for (int v = 0; v < NV; v++) acc[i][j][v] = vfma(xv, wv[j][v], acc[i][j][v]);      \
+        }                                                                                          \
+    }                                                                                              \
+    for (int i = 0; i < MR; i++)                                                                   \
+        for (int j = 0; j < P; j++)                                                                \
+            for (int v = 0; v < NV; v++) *(vf *)(a->out + (i * P + j) * NR + v * VL) = acc[i][j][v]; \
 }
 
-/* 8 int32 lanes: lane l sums the products of bytes 4l..4l+3 of 32 uint4 codes u and 32 int8 codes x
- * (what maddubs then madd give; exact) */
-typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
-static inline v8i idot_u4_lanes(const uint8_t *p, const int8_t *xq) {
-#if defined(__AVX2__)
-    __m128i b = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
-    __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
-    return (v8i)_mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq)),
-                                  _mm256_set1_epi16(1));
+/* VL bytes -> VL floats (zero points) */
+static inline vf wide_u8(const uint8_t *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 #else
-    v8i r;
-    for (int l = 0; l < 8; l++) {
-        int32_t s = 0;
-        for (int i = 4 * l; i < 4 * l + 4; i++) s += (i < 16 ? p[i] & 15 : p[i - 16] >> 4) * xq[i];
-        r[l] = s;
-    }
+    vf r;
+    for (int i = 0; i < VL; i++) r[i] = (float)p[i];
     return r;
 #endif
 }
+
+#define DEFINE_PANEL_I4(MR, P)                                                                     \
+static void panel_i4_##MR##x##P(const panel_args *a) {                                            \
+    vf tot[MR][P][NV];                                                                             \
+    for (int i = 0; i < MR; i++)                                                                   \
+        for (int j = 0; j < P; j++)                                                                \
+            for (int v = 0; v < NV; v++) tot[i][j][v] = vzero();                                   \
+    const float *x = a->x;                                                                         \
+    const uint8_t *w = (const uint8_t *)a->w;                                                      \
+    for (int64_t g = 0; g < a->G; g++) {                                                           \
+        int64_t k0 = g * a->gs, k1 = k0 + a->gs < a->K ? k0 + a->gs : a->K;                        \
+        vf acc[MR][P][NV];                                                                         \
+        for (int i = 0; i < MR; i++)                                                               \
+            for (int j = 0; j < P; j++)                                                            \
+                for (int v = 0; v < NV; v++) acc[i][j][v] = vzero();                               \
+        for (int64_t k = k0; k < k1; k += 2) {     /* widen a vector, use it, then the next */      \
+            const uint8_t *b = w + (k >> 1) * NR;                                                  \
+            for (int j = 0; j < P; j++)                                                            \
+                for (int v = 0; v < NV; v++) {                                                     \
+                    vf lo, hi;                                                                     \
+                    widen_u4(b + j * a->pstride + v * VL, &lo, &hi);                               \
+                    for (int i = 0; i < MR; i++)                                                   \
+                        acc[i][j][v] = vfma(vbroadcast(x[i * a->ldx + k + 1]), hi,                 \
+                                            vfma(vbroadcast(x[i * a->ldx + k]), lo, acc[i][j][v])); \
+                }                                                                                  \
+        }                                                                                          \
+        for (int j = 0; j < P; j++)                                                                \
+            for (int v = 0; v < NV; v++) {                                                         \
+                int64_t at = (j * a->G + g) * NR + v * VL;                                         \
+                vf s = *(const vf *)(a->sc + at), nz = -wide_u8(a->zc + at);                       \
+                for (int i = 0; i < MR; i++)                                                       \
+                    tot[i][j][v] = vfma(s, vfma(nz, vbroadcast(a->xs[i * a->G + g]), acc[i][j][v]), \
+                                        tot[i][j][v]);                                             \
+            }                                                                                      \
+    }                                                                                              \
+    for (int i = 0; i < MR; i++)                                                                   \
+        for (int j = 0; j < P; j++)                                                                \
+            for (int v = 0; v < NV; v++) *(vf *)(a->out + (i * P + j) * NR + v * VL) = tot[i][j][v]; \
+}
+
+/* the kernels of a kind by [MR][P]: P panels at most PANELS[MR] (MR * P * NR accumulators fit the
+ * registers); MR = 6 and the remainders of a chunk of rows run one panel at a time */
+static const int PANELS[MR_MAX + 1] = {0, 4, 3, 2, 1, 1, 1};
+#define DEFINE_PANELS(KIND, DEF)                                                                   \
+DEF(KIND, 1, 1) DEF(KIND, 1, 2) DEF(KIND, 1, 3) DEF(KIND, 1, 4) DEF(KIND, 2, 1) DEF(KIND, 2, 2)    \
+DEF(KIND, 2, 3) DEF(KIND, 3, 1) DEF(KIND, 3, 2) DEF(KIND, 4, 1) DEF(KIND, 5, 1) DEF(KIND, 6, 1)    \
+static const panel_fn PANEL_##KIND[MR_MAX + 1][5] = {                                              \
+    {0}, {0, panel_##KIND##_1x1, panel_##KIND##_1x2, panel_##KIND##_1x3, panel_##KIND##_1x4},      \
+    {0, panel_##KIND##_2x1, panel_##KIND##_2x2, panel_##KIND##_2x3}, {0, panel_##KIND##_3x1, panel_##KIND##_3x2}, \
+    {0, panel_##KIND##_4x1}, {0, panel_##KIND##_5x1}, {0, panel_##KIND##_6x1}};
+#define DEF_FLOAT(KIND, MR, P) DEFINE_PANEL(KIND, MR, P)
+#define DEF_I4(KIND, MR, P) DEFINE_PANEL_I4(MR, P)
+DEFINE_PANELS(f32, DEF_FLOAT)
+DEFINE_PANELS(bf16, DEF_FLOAT)
+DEFINE_PANELS(f16, DEF_FLOAT)
+DEFINE_PANELS(i8, DEF_FLOAT)
+DEFINE_PANELS(i4, DEF_I4)
+
+static const panel_fn (*panel_table(int64_t kind))[5] {
+    switch (kind) {
+        case W_F32: return PANEL_f32;
+        case W_BF16: return PANEL_bf16;
+        case W_F16: return PANEL_f16;
+        case W_I8: return PANEL_i8;
+        default: return PANEL_i4;
+    }
+}
+
+static int64_t panel_stride(const llmc_weight *w) {
+    return w->kind == W_I4 ? (w->k / 2) * NR : w->k * NR * elem_bytes(w->kind);
+}
+
+static void panels_bytes(const llmc_weight *w, int64_t *data, int64_t *total) {
+    int64_t np = (w->n + NR - 1) / NR, G = w->kind == W_I4 ? (w->k + w->group - 1) / w->group : 0;
+    *data = np * panel_stride(w);
+    *total = *data + np * G * NR * (int64_t)(sizeof(float) + 1);
+}
+
+static void pack_panels(const llmc_weight *w, char *dst) {
+    int64_t N = w->n, K = w->k, ps = panel_stride(w), data, total;
+    panels_bytes(w, &data, &total);
+    if (w->kind == W_I4) {                 /* the rows layout's bytes, a pair of k at a time, NR rows side by side */
+        int64_t kb = K / 2, G = (K + w->group - 1) / w->group;
+        float *sc = (float *)(dst + data);
+        uint8_t *zc = (uint8_t *)(sc + ((N + NR - 1) / NR) * G * NR);
+        for (int64_t n = 0; n < N; n++) {
+            int64_t p = n / NR, j = n % NR;
+            for (int64_t b = 0; b < kb; b++) dst[p * ps + b * NR + j] = ((const char *)w->data)[n * kb + b];
+            for (int64_t g = 0; g < G; g++) {
+                sc[(p * G + g) * NR + j] = w->scale[n * G + g];
+                zc[(p * G + g) * NR + j] = w->zero[n * G + g];
+            }
+        }
+        return;
+    }
+    int64_t es = elem_bytes(w->kind);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++)
+            memcpy(dst + (n / NR) * ps + (k * NR + n % NR) * es, (const char *)w->data + (n * K + k) * es, (size_t)es);
+}
+
+/* y [M, N] from panels: threads take contiguous ranges of panels; few rows (M < MR_MAX) run as one
+ * block across up to PANELS[M] panels at a time, many rows panel by panel in chunks of rows that stay
+ * in L2 while the panel is reused from L1 by every block of MR_MAX rows */
+static void run_panels(const llmc_weight *w, const float *x, const float *xs, int64_t M, float *y, int nthreads) {
+    int64_t N = w->n, K = w->k, np = (N + NR - 1) / NR, ps = panel_stride(w), data, total;
+    int64_t G = w->kind == W_I4 ? (K + w->group - 1) / w->group : 0;
+    panels_bytes(w, &data, &total);
+    const float *sc = w->kind == W_I4 ? (const float *)((const char *)w->data + data) : NULL;
+    const uint8_t *zc = sc ? (const uint8_t *)(sc + np * G * NR) : NULL;
+    const panel_fn (*table)[5] = panel_table(w->kind);
+    int64_t mc = (65536 / (K > 0 ? K : 1)) / MR_MAX * MR_MAX;        /* 256 KiB of inputs a chunk */
+    mc = mc < MR_MAX ? MR_MAX : mc;
+    #pragma omp parallel num_threads(nthreads)
+    {
+#ifdef _OPENMP
+        int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        int64_t t = 0, T = 1;
+#endif
+        int64_t p0 = np * t / T, p1 = np * (t + 1) / T;
+        float out[MR_MAX * 4 * NR];
+        panel_args a = {x, K, xs, NULL, ps, NULL, NULL, K, G, w->group, out};
+        for (int64_t m0 = 0; m0 < M; m0 += mc) {
+            int64_t m1 = m0 + mc < M ? m0 + mc : M;
+            int64_t step = m1 - m0 < MR_MAX ? PANELS[m1 - m0] : 1;
+            for (int64_t p = p0; p < p1; p += step) {
+                int64_t P = p1 - p < step ? p1 - p : step;
+                a.w = (const char *)w->data + p * ps;
+                a.sc = sc ? sc + p * G * NR : NULL;
+                a.zc = zc ? zc + p * G * NR : NULL;
+                for (int64_t m = m0; m < m1; m += MR_MAX) {
+                    int64_t mr = m1 - m < MR_MAX ? m1 - m : MR_MAX;
+                    a.x = x + m * K;
+                    a.xs = xs ? xs + m * G : NULL;
+                    table[mr][P](&a);
+                    for (int64_t i = 0; i < mr; i++)
+                        for (int64_t c = 0; c < P * NR && p * NR + c < N; c++) {
+                            int64_t n = p * NR + c;
+                            float v = out[i * P * NR + c];
+                            if (w->kind == W_I8) v *= w->scale[n];
+                            y[(m + i) * N + n] = w->bias ? v + w->bias[n] : v;
+                        }
+                }
+            }
+        }
+    }
+}
+/* ---- w4a8 in LAYOUT_PACKED tiles: pieces of 32 values (16 bytes) ------------------------------------
+ * A tile holds, for every piece of 32 values along k, the 16 bytes of each of its 4 rows in turn
+ * (groups are whole pieces: gs and k multiples of 32). The int8 input codes are de-interleaved per
+ * piece as the nibbles are: its 16 even values, then its 16 odd ones. */
+static int int4_tiles(const llmc_weight *w) {
+    return w->kind == W_I4A8 && w->group % IPIECE == 0 && w->k % IPIECE == 0;
+}
+
+
 static inline v8f v8fma(v8f a, v8f b, v8f c) {
 #if defined(__FMA__)
     return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
@@ -523,7 +631,7 @@ static void i4a8t_tile(const int8_t *xq, const float *xsc, const int32_t *xsum, 
         int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
         v8i ip[4];
         for (int j = 0; j < 4; j++) ip[j] = (v8i){0};
-        for (int64_t k = k0; k < k1; k += TPIECE, b += 4 * 16)
+        for (int64_t k = k0; k < k1; k += IPIECE, b += 4 * 16)
             for (int j = 0; j < 4; j++) ip[j] += idot_u4_lanes(b + j * 16, xq + k);
         for (int j = 0; j < 4; j++) {
             float d = sn[j * G + g] * xsc[g];
@@ -539,9 +647,9 @@ static void i4a8t_tile(const int8_t *xq, const float *xsc, const int32_t *xsum, 
     }
 }
 
-/* w8a8 in LAYOUT_TILES: pieces of 32 int8 values, 32 bytes of each of the tile's 4 rows in turn; the
+/* w8a8 in LAYOUT_PACKED tiles: pieces of 32 int8 values, 32 bytes of each of the tile's 4 rows in turn; the
  * products summed exactly in int32 lanes, so the result is the rows layout's to the bit */
-static int int8_tiles(const llmc_weight *w) { return w->kind == W_I8A8 && w->k % TPIECE == 0; }
+static int int8_tiles(const llmc_weight *w) { return w->kind == W_I8A8 && w->k % IPIECE == 0; }
 
 static inline v8i idot_i8_lanes(const int8_t *w, const int8_t *xq) {
 #if defined(__AVX2__)
@@ -566,8 +674,8 @@ static void i8a8t_block(const llmc_weight *w, const int8_t *xq, const float *xsc
     for (int64_t m = m0; m < m1; m++) {
         const int8_t *x = xq + m * K, *b = tb;
         v8i ip[4] = {{0}};
-        for (int64_t k = 0; k < K; k += TPIECE, b += 4 * TPIECE)
-            for (int j = 0; j < 4; j++) ip[j] += idot_i8_lanes(b + j * TPIECE, x + k);
+        for (int64_t k = 0; k < K; k += IPIECE, b += 4 * IPIECE)
+            for (int j = 0; j < 4; j++) ip[j] += idot_i8_lanes(b + j * IPIECE, x + k);
         for (int64_t j = 0; j < nb; j++) {
             int32_t sum = 0;
             for (int l = 0; l < 8; l++) sum += ip[j][l];
@@ -577,8 +685,9 @@ static void i8a8t_block(const llmc_weight *w, const int8_t *xq, const float *xsc
 }
 
 /* rows [m0, m1) against the tile of weight rows n0 .. n0 + nb; a last tile's padding rows get scale 0 */
-static void i4t_block(const llmc_weight *w, const float *xd, const int8_t *xq, const float *xs,
-                      const int32_t *xsum, int64_t m0, int64_t m1, int64_t n0, int64_t nb, float *y) {
+/* rows [m0, m1) against the tile of weight rows n0 .. n0 + nb; a last tile's padding rows get scale 0 */
+static void i4t_block(const llmc_weight *w, const int8_t *xq, const float *xs, const int32_t *xsum,
+                      int64_t m0, int64_t m1, int64_t n0, int64_t nb, float *y) {
     int64_t N = w->n, K = w->k, gs = w->group, G = (K + gs - 1) / gs;
     const uint8_t *tb = (const uint8_t *)w->data + n0 * (K / 2), *zn = w->zero + n0 * G;
     const float *sn = w->scale + n0 * G;
@@ -591,54 +700,39 @@ static void i4t_block(const llmc_weight *w, const float *xd, const int8_t *xq, c
         memcpy(z4, zn, (size_t)(nb * G));
     }
     for (int64_t m = m0; m < m1; m++) {
-        if (w->kind == W_I4) i4t_tile(xd + m * K, xs + m * G, K, G, gs, tb, s4 ? s4 : sn, z4 ? z4 : zn, out);
-        else i4a8t_tile(xq + m * K, xs + m * G, xsum + m * G, K, G, gs, tb, s4 ? s4 : sn, z4 ? z4 : zn, out);
+        i4a8t_tile(xq + m * K, xs + m * G, xsum + m * G, K, G, gs, tb, s4 ? s4 : sn, z4 ? z4 : zn, out);
         for (int64_t j = 0; j < nb; j++) y[m * N + n0 + j] = out[j];
     }
     free(s4);
     free(z4);
 }
 
-/* ---- LAYOUT_TILES ---------------------------------------------------------------------------------- */
-static int64_t elem_bytes(int64_t kind) {
-    switch (kind) {
-        case W_F32: return 4;
-        case W_BF16: case W_F16: return 2;
-        case W_I8: return 1;
-        default: return 0;                 /* packed int4 and the integer kinds: rows only */
-    }
-}
-
+/* ---- LAYOUT_PACKED ---------------------------------------------------------------------------------- */
 int64_t llmc_packed_bytes(const llmc_weight *w) {
     if (int4_tiles(w)) return ((w->n + 3) / 4) * 4 * (w->k / 2);
     if (int8_tiles(w)) return ((w->n + 3) / 4) * 4 * w->k;
-    return elem_bytes(w->kind) * ((w->n + 3) / 4) * 4 * w->k;
+    if (float_panels(w) || int4_panels(w)) {
+        int64_t data, total;
+        panels_bytes(w, &data, &total);
+        return total;
+    }
+    return 0;
 }
 
 void llmc_pack_weight(const llmc_weight *w, void *dst) {
-    int64_t es = elem_bytes(w->kind), K = w->k, kv = K - K % VL, tile = 4 * K * es;
+    int64_t K = w->k;
     const char *src = (const char *)w->data;
     memset(dst, 0, (size_t)llmc_packed_bytes(w));
     if (int4_tiles(w)) {                    /* per piece of 32 values, 16 bytes of each row in turn */
         for (int64_t n = 0; n < w->n; n++)
-            for (int64_t q = 0; q < K / TPIECE; q++)
+            for (int64_t q = 0; q < K / IPIECE; q++)
                 memcpy((char *)dst + (n / 4) * 2 * K + (q * 4 + n % 4) * 16, src + n * (K / 2) + q * 16, 16);
-        return;
-    }
-    if (int8_tiles(w)) {                    /* per piece of 32 values, 32 bytes of each row in turn */
+    } else if (int8_tiles(w)) {             /* per piece of 32 values, 32 bytes of each row in turn */
         for (int64_t n = 0; n < w->n; n++)
-            for (int64_t q = 0; q < K / TPIECE; q++)
-                memcpy((char *)dst + (n / 4) * 4 * K + (q * 4 + n % 4) * TPIECE, src + n * K + q * TPIECE, TPIECE);
-        return;
-    }
-    for (int64_t n = 0; n < w->n; n++) {
-        char *t = (char *)dst + (n / 4) * tile;
-        int64_t j = n % 4;
-        const char *row = src + n * K * es;
-        for (int64_t k = 0; k < kv; k += VL)
-            memcpy(t + ((k / VL) * 4 + j) * VL * es, row + k * es, (size_t)(VL * es));
-        memcpy(t + kv * 4 * es + j * (K - kv) * es, row + kv * es, (size_t)((K - kv) * es));
-    }
+            for (int64_t q = 0; q < K / IPIECE; q++)
+                memcpy((char *)dst + (n / 4) * 4 * K + (q * 4 + n % 4) * IPIECE, src + n * K + q * IPIECE, IPIECE);
+    } else if (float_panels(w) || int4_panels(w))
+        pack_panels(w, (char *)dst);
 }
 
 /* ---- the driver ------------------------------------------------------------------------------------ */
@@ -653,28 +747,27 @@ static int64_t row_bytes(const llmc_weight *w) {
 
 void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t M, int nthreads) {
     int64_t N = w->n, K = w->k, ldw = row_bytes(w), nblocks = (N + 3) / 4;
-    float *xd = NULL, *xs = NULL;
-    int8_t *xq = NULL;
-    int32_t *xsum = NULL;
-    int tiled4 = w->layout == LAYOUT_TILES && (w->kind == W_I4 || w->kind == W_I4A8);
-    if (tiled4) {                           /* inputs de-interleaved per piece of 32, group sums */
-        int64_t gs = w->group, G = (K + gs - 1) / gs;
-        xs = malloc(sizeof(float) * (size_t)(M * G));
-        if (w->kind == W_I4) {
-            xd = malloc(sizeof(float) * (size_t)(M * K));
+    int packed = w->layout == LAYOUT_PACKED;
+    if (packed && (float_panels(w) || w->kind == W_I4)) {
+        float *xs = NULL;
+        if (w->kind == W_I4) {              /* the rows' group sums, each in the order of k */
+            int64_t gs = w->group, G = (K + gs - 1) / gs;
+            xs = malloc(sizeof(float) * (size_t)(M * G));
             for (int64_t m = 0; m < M; m++)
                 for (int64_t g = 0; g < G; g++) {
                     float sum = 0.0f;
                     for (int64_t k = g * gs; k < (g + 1) * gs && k < K; k++) sum += x[m * K + k];
                     xs[m * G + g] = sum;
                 }
-            deinterleave_f32(x, xd, M, K);
-        } else {
-            xq = malloc((size_t)(M * K));
-            xsum = malloc(sizeof(int32_t) * (size_t)(M * G));
-            quant_groups(x, xq, xs, xsum, M, K, gs);
         }
-    } else if (w->kind == W_I4) {
+        run_panels(w, x, xs, M, y, nthreads);
+        free(xs);
+        return;
+    }
+    float *xd = NULL, *xs = NULL;
+    int8_t *xq = NULL;
+    int32_t *xsum = NULL;
+    if (w->kind == W_I4) {
         int64_t G = (K + w->group - 1) / w->group;
         xd = malloc(sizeof(float) * (size_t)(M * K));
         xs = malloc(sizeof(float) * (size_t)(M * G));
@@ -695,14 +788,9 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
         for (int64_t b = 0; b < nblocks; b++) {
             int64_t n0 = 4 * b, nb = N - n0 < 4 ? N - n0 : 4;
             const char *wn = (const char *)w->data + n0 * ldw;
-            if (tiled4) i4t_block(w, xd, xq, xs, xsum, m0, m1, n0, nb, y);
-            else if (w->layout == LAYOUT_TILES && w->kind == W_I8A8) i8a8t_block(w, xq, xs, m0, m1, n0, nb, y);
-            else if (w->layout == LAYOUT_TILES) switch (w->kind) {      /* n0 * ldw is where tile b starts */
-                case W_F32: tblock_f32(x, m0, m1, K, wn, 4, nb, y + n0, N); break;
-                case W_BF16: tblock_bf16(x, m0, m1, K, wn, 2, nb, y + n0, N); break;
-                case W_F16: tblock_f16(x, m0, m1, K, wn, 2, nb, y + n0, N); break;
-                case W_I8: tblock_i8(x, m0, m1, K, wn, 1, nb, y + n0, N); break;
-            } else switch (w->kind) {
+            if (packed && w->kind == W_I4A8) i4t_block(w, xq, xs, xsum, m0, m1, n0, nb, y);
+            else if (packed && w->kind == W_I8A8) i8a8t_block(w, xq, xs, m0, m1, n0, nb, y);
+            else switch (w->kind) {
                 case W_F32: block_f32(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
                 case W_BF16: block_bf16(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
                 case W_F16: block_f16(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;

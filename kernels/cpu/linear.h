@@ -15,20 +15,21 @@ typedef struct {
     const float *scale;                  /* int8 [n]; int4 [n, G] */
     const uint8_t *zero;                 /* int4 [n, G] */
     const float *bias;                   /* [n] or NULL */
-    int64_t layout;                      /* LAYOUT_ROWS, or LAYOUT_TILES as llmc_pack_weight writes it */
+    int64_t layout;                      /* LAYOUT_ROWS or LAYOUT_PACKED */
 } llmc_weight;
 
-/* LAYOUT_TILES (float kinds and W_I8): the rows in tiles of 4 (the last one padded with zero rows),
- * each tile one stream: for every piece of VL values along k, the piece of each of its 4 rows in turn,
- * then each row's last k % VL values. The kernels read a tile front to back, so a linear is one
- * sequential stream through memory instead of four interleaved ones (measured: 2.5x the bandwidth
- * of one core). */
-enum { LAYOUT_ROWS = 0, LAYOUT_TILES = 1 };
+/* LAYOUT_PACKED, as llmc_pack_weight writes it once at load (gemm.c describes each):
+ * - float kinds, W_I8 and W_I4 (even k and group): panels of 16 rows stored k-major, each panel one
+ *   sequential stream; W_I4 panels carry their scales and zero points after the bytes;
+ * - W_I8A8 (k a multiple of 32) and W_I4A8 (k and group multiples of 32): tiles of 4 rows, pieces of
+ *   32 values of each row in turn.
+ * A linear then reads its weight as one stream instead of many interleaved rows. */
+enum { LAYOUT_ROWS = 0, LAYOUT_PACKED = 1 };
 
-/* bytes of w in LAYOUT_TILES (0: its kind has no tiled layout) */
+/* bytes of w in LAYOUT_PACKED (0: w has no packed layout) */
 int64_t llmc_packed_bytes(const llmc_weight *w);
 
-/* w (LAYOUT_ROWS) written to dst in LAYOUT_TILES */
+/* w (LAYOUT_ROWS) written to dst in LAYOUT_PACKED */
 void llmc_pack_weight(const llmc_weight *w, void *dst);
 
 /* y [M, n] = x [M, k] @ w.T (+ bias), fp32 rows; each output is accumulated in one fixed order that

@@ -26,7 +26,16 @@ static inline vf vfma(vf a, vf b, vf c) {
     return a * b + c;
 #endif
 }
-static inline vf vbroadcast(float s) { vf r; for (int i = 0; i < VL; i++) r[i] = s; return r; }
+/* s in every lane (a lane loop compiles to a chain of inserts) */
+static inline vf vbroadcast(float s) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_set1_ps(s);
+#elif defined(__AVX2__)
+    return (vf)_mm256_set1_ps(s);
+#else
+    return s - (vf){0};
+#endif
+}
 
 static inline float hsum(vf v) { float s = 0.0f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 static inline vf vzero(void) { vf z; for (int i = 0; i < VL; i++) z[i] = 0.0f; return z; }

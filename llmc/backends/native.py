@@ -44,7 +44,7 @@ class Val(ctypes.Structure):
     _fields_ = [("off", _I64), ("ld", _I64), ("width", _I64)]
 
 
-LAYOUT_ROWS, LAYOUT_TILES = 0, 1
+LAYOUT_ROWS, LAYOUT_PACKED = 0, 1                   # kernels/cpu/linear.h
 
 
 class Weight(ctypes.Structure):
@@ -53,19 +53,24 @@ class Weight(ctypes.Structure):
 
 
 def tiled(w: Weight, keep: list) -> Weight:
-    """`w` laid out in tiles for the kernels (kernels/cpu/linear.h), when its kind has a tiled
-    layout: the packed bytes replace the row-major tensor in `keep` (which must outlive the
-    returned Weight), so a fused matrix stacked for the plan is not held twice."""
+    """`w` laid out for the kernels (LAYOUT_PACKED, kernels/cpu/linear.h) when it has such a layout:
+    the packed bytes replace the row-major tensor in `keep` (which must outlive the returned Weight),
+    so a fused matrix stacked for the plan is not held twice. Weight-only int4 panels carry their
+    scales and zero points inside the packed bytes; the separate tensors are let go as well."""
     lib = native.library()
     size = lib.llmc_packed_bytes(ctypes.byref(w))
     if size == 0:
         return w
     packed = torch.empty(size, dtype=torch.uint8)
     lib.llmc_pack_weight(ctypes.byref(w), packed.data_ptr())
-    keep[:] = [t for t in keep if not (isinstance(t, torch.Tensor) and t.data_ptr() == w.data)]
-    keep.append(packed)
     out = Weight.from_buffer_copy(w)
-    out.data, out.layout = packed.data_ptr(), LAYOUT_TILES
+    out.data, out.layout = packed.data_ptr(), LAYOUT_PACKED
+    dropped = {w.data}
+    if w.kind == W_I4:
+        dropped |= {w.scale, w.zero}
+        out.scale = out.zero = None
+    keep[:] = [t for t in keep if not (isinstance(t, torch.Tensor) and t.data_ptr() in dropped)]
+    keep.append(packed)
     return out
 
 

@@ -9,7 +9,7 @@ import ctypes
 import pytest
 import torch
 
-from llmc.backends.native import FLOAT_KINDS, LAYOUT_TILES, WEIGHT_KINDS, Weight, tiled
+from llmc.backends.native import FLOAT_KINDS, LAYOUT_PACKED, WEIGHT_KINDS, Weight, tiled
 from llmc.kernels.cpu import native
 from llmc.kernels.reference.dequant import dequantize
 from llmc.kernels.reference.quant import quantize_input
@@ -53,14 +53,15 @@ def _run(weight: Weight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
     return y
 
 
-TILED = ["fp32", "bf16", "fp16", "int8", "int4-g32", "int4-g64-asym", "w4a8-g32", "w4a8-g64-asym", "w8a8"]
+TILED = ["fp32", "bf16", "fp16", "int8", "int4-g32", "int4-g48-asym", "int4-g64-asym", "w4a8-g32", "w4a8-g64-asym", "w8a8"]
 
 
 def tileable(kind: str, k: int) -> bool:
-    """Tiles of integer products hold pieces of 32 values: whole pieces (and whole groups of them) only."""
+    """Tiles of integer products hold pieces of 32 values: whole pieces (and whole groups of them) only;
+    weight-only int4 panels hold a byte per pair of k (even k and group)."""
     fmt, act = KINDS[kind]
     if isinstance(fmt, TensorQuant) and fmt.dtype == "int4":
-        return k % 32 == 0 and fmt.group_size % 32 == 0
+        return k % 32 == 0 and fmt.group_size % 32 == 0 if act is not None else k % 2 == 0 and fmt.group_size % 2 == 0
     return act is None or k % 32 == 0
 
 
@@ -72,7 +73,7 @@ def test_every_kind_matches_the_reference(kind, layout, m, n, k):
     weight, keep, ref_w, act = _weight(kind, w, bias if m % 2 else None)
     if layout == "tiles":
         weight = tiled(weight, keep)
-        assert (weight.layout == LAYOUT_TILES) == tileable(kind, k)
+        assert (weight.layout == LAYOUT_PACKED) == tileable(kind, k)
     got = _run(weight, x)
     xin = x if act is None else quantize_input(x, act, None)        # the inputs the integers stand for
     exact = xin.double() @ ref_w.T + (bias.double() if m % 2 else 0)
@@ -90,7 +91,7 @@ def test_a_row_is_bit_identical_whatever_the_other_rows(kind, k):
     packed_keep: list = []
     packed = tiled(weight, packed_keep)                               # the row-major copy stays in keep
     together_tiled = _run(packed, x)
-    for r in (0, 1, 47, 48, 60):                                     # tiles of 3 rows, chunks of 48
+    for r in (0, 1, 47, 48, 60):            # blocks of 3 (rows) or 6 (panels) rows, chunks of 48 rows
         alone = _run(weight, x[r:r + 1].contiguous(), threads=1)
         assert torch.equal(alone[0], together[r]), f"row {r}"
         assert torch.equal(_run(packed, x[r:r + 1].contiguous())[0], together_tiled[r]), f"row {r}, tiled"
