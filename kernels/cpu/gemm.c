@@ -454,43 +454,52 @@ static inline vf wide_u8(const uint8_t *p) {
 #endif
 }
 
-#define DEFINE_PANEL_I4(MR, P)                                                                     \
-static void panel_i4_##MR##x##P(const panel_args *a) {                                            \
-    vf tot[MR][P][NV];                                                                             \
-    for (int i = 0; i < MR; i++)                                                                   \
-        for (int j = 0; j < P; j++)                                                                \
-            for (int v = 0; v < NV; v++) tot[i][j][v] = vzero();                                   \
-    const float *x = a->x;                                                                         \
-    const uint8_t *w = (const uint8_t *)a->w;                                                      \
-    for (int64_t g = 0; g < a->G; g++) {                                                           \
-        int64_t k0 = g * a->gs, k1 = k0 + a->gs < a->K ? k0 + a->gs : a->K;                        \
-        vf acc[MR][P][NV];                                                                         \
-        for (int i = 0; i < MR; i++)                                                               \
-            for (int j = 0; j < P; j++)                                                            \
-                for (int v = 0; v < NV; v++) acc[i][j][v] = vzero();                               \
-        for (int64_t k = k0; k < k1; k += 2) {     /* widen a vector, use it, then the next */      \
-            const uint8_t *b = w + (k >> 1) * NR;                                                  \
-            for (int j = 0; j < P; j++)                                                            \
-                for (int v = 0; v < NV; v++) {                                                     \
-                    vf lo, hi;                                                                     \
-                    widen_u4(b + j * a->pstride + v * VL, &lo, &hi);                               \
-                    for (int i = 0; i < MR; i++)                                                   \
-                        acc[i][j][v] = vfma(vbroadcast(x[i * a->ldx + k + 1]), hi,                 \
-                                            vfma(vbroadcast(x[i * a->ldx + k]), lo, acc[i][j][v])); \
-                }                                                                                  \
-        }                                                                                          \
+/* int4 panels: SUMS(MR, P, a, k0, k1, acc) adds each group's products to acc, per accumulator in the
+ * order k0, k0 + 1, ..., k1 - 1: from the packed bytes (a pair of k widened at a time, used at once), or
+ * from a panel already widened to floats [K][NR] for many rows (u exact: the same sums to the bit) */
+#define I4_BYTES(MR, P, a, k0, k1, acc)                                                            \
+    for (int64_t k = k0; k < k1; k += 2)                                                           \
         for (int j = 0; j < P; j++)                                                                \
             for (int v = 0; v < NV; v++) {                                                         \
-                int64_t at = (j * a->G + g) * NR + v * VL;                                         \
-                vf s = *(const vf *)(a->sc + at), nz = -wide_u8(a->zc + at);                       \
+                vf lo, hi;                                                                         \
+                widen_u4((const uint8_t *)a->w + j * a->pstride + (k >> 1) * NR + v * VL, &lo, &hi); \
                 for (int i = 0; i < MR; i++)                                                       \
-                    tot[i][j][v] = vfma(s, vfma(nz, vbroadcast(a->xs[i * a->G + g]), acc[i][j][v]), \
-                                        tot[i][j][v]);                                             \
+                    acc[i][j][v] = vfma(vbroadcast(a->x[i * a->ldx + k + 1]), hi,                  \
+                                        vfma(vbroadcast(a->x[i * a->ldx + k]), lo, acc[i][j][v])); \
+            }
+#define I4_FLOATS(MR, P, a, k0, k1, acc)                                                           \
+    for (int64_t k = k0; k < k1; k++) {                                                            \
+        vf wv[P][NV];                                                                              \
+        for (int j = 0; j < P; j++)                                                                \
+            for (int v = 0; v < NV; v++) wv[j][v] = *(const vf *)((const float *)a->w + k * NR + v * VL); \
+        for (int i = 0; i < MR; i++) {                                                             \
+            vf xv = vbroadcast(a->x[i * a->ldx + k]);                                              \
+            for (int j = 0; j < P; j++)                                                            \
+                for (int v = 0; v < NV; v++) acc[i][j][v] = vfma(xv, wv[j][v], acc[i][j][v]);      \
+        }                                                                                          \
+    }
+#define DEFINE_PANEL_I4(NAME, SUMS, MR, P)                                                         \
+static void NAME##_##MR##x##P(const panel_args *a) {                                              \
+    float *tot = a->out;                 /* per group: sum = -zero * xsum + the products, */       \
+    for (int i = 0; i < MR * P * NR; i++) tot[i] = 0.0f;     /* tot = fma(scale, sum, tot) */      \
+    vf acc[MR][P][NV];                                                                             \
+    for (int64_t g = 0; g < a->G; g++) {                                                           \
+        int64_t k0 = g * a->gs, k1 = k0 + a->gs < a->K ? k0 + a->gs : a->K;                        \
+        for (int j = 0; j < P; j++)                                                                \
+            for (int v = 0; v < NV; v++) {                                                         \
+                vf nz = -wide_u8(a->zc + (j * a->G + g) * NR + v * VL);                            \
+                for (int i = 0; i < MR; i++) acc[i][j][v] = nz * vbroadcast(a->xs[i * a->G + g]);  \
+            }                                                                                      \
+        SUMS(MR, P, a, k0, k1, acc)                                                                \
+        for (int j = 0; j < P; j++)                                                                \
+            for (int v = 0; v < NV; v++) {                                                         \
+                vf s = *(const vf *)(a->sc + (j * a->G + g) * NR + v * VL);                        \
+                for (int i = 0; i < MR; i++) {                                                     \
+                    vf *t = (vf *)(tot + (i * P + j) * NR + v * VL);                               \
+                    *t = vfma(s, acc[i][j][v], *t);                                                \
+                }                                                                                  \
             }                                                                                      \
     }                                                                                              \
-    for (int i = 0; i < MR; i++)                                                                   \
-        for (int j = 0; j < P; j++)                                                                \
-            for (int v = 0; v < NV; v++) *(vf *)(a->out + (i * P + j) * NR + v * VL) = tot[i][j][v]; \
 }
 
 /* the kernels of a kind by [MR][P]: P panels at most PANELS[MR] (MR * P * NR accumulators fit the
@@ -504,12 +513,29 @@ static const panel_fn PANEL_##KIND[MR_MAX + 1][5] = {                           
     {0, panel_##KIND##_2x1, panel_##KIND##_2x2, panel_##KIND##_2x3}, {0, panel_##KIND##_3x1, panel_##KIND##_3x2}, \
     {0, panel_##KIND##_4x1}, {0, panel_##KIND##_5x1}, {0, panel_##KIND##_6x1}};
 #define DEF_FLOAT(KIND, MR, P) DEFINE_PANEL(KIND, MR, P)
-#define DEF_I4(KIND, MR, P) DEFINE_PANEL_I4(MR, P)
+#define DEF_I4(KIND, MR, P) DEFINE_PANEL_I4(panel_i4, I4_BYTES, MR, P)
 DEFINE_PANELS(f32, DEF_FLOAT)
 DEFINE_PANELS(bf16, DEF_FLOAT)
 DEFINE_PANELS(f16, DEF_FLOAT)
 DEFINE_PANELS(i8, DEF_FLOAT)
 DEFINE_PANELS(i4, DEF_I4)
+DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 1, 1) DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 2, 1)
+DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 3, 1) DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 4, 1)
+DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 5, 1) DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 6, 1)
+static const panel_fn PANEL_i4f[MR_MAX + 1] = {0, panel_i4f_1x1, panel_i4f_2x1, panel_i4f_3x1, panel_i4f_4x1,
+                                               panel_i4f_5x1, panel_i4f_6x1};
+
+/* an int4 panel's codes as floats, [K][NR] (k even) */
+static void widen_i4_panel(const uint8_t *b, int64_t K, float *f) {
+    for (int64_t k = 0; k < K; k += 2)
+        for (int v = 0; v < NV; v++) {
+            vf lo, hi;
+            widen_u4(b + (k >> 1) * NR + v * VL, &lo, &hi);
+            *(vf *)(f + k * NR + v * VL) = lo;
+            *(vf *)(f + (k + 1) * NR + v * VL) = hi;
+        }
+}
+#define WIDEN_ROWS (2 * MR_MAX)   /* rows from which a chunk widens each int4 panel once for all of them */
 
 static const panel_fn (*panel_table(int64_t kind))[5] {
     switch (kind) {
@@ -574,7 +600,7 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, in
         int64_t t = 0, T = 1;
 #endif
         int64_t p0 = np * t / T, p1 = np * (t + 1) / T;
-        float out[MR_MAX * 4 * NR];
+        float out[MR_MAX * 4 * NR], *wide = NULL;
         panel_args a = {x, K, xs, NULL, ps, NULL, NULL, K, G, w->group, out};
         for (int64_t m0 = 0; m0 < M; m0 += mc) {
             int64_t m1 = m0 + mc < M ? m0 + mc : M;
@@ -584,11 +610,18 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, in
                 a.w = (const char *)w->data + p * ps;
                 a.sc = sc ? sc + p * G * NR : NULL;
                 a.zc = zc ? zc + p * G * NR : NULL;
+                int widened = w->kind == W_I4 && m1 - m0 >= WIDEN_ROWS;
+                if (widened) {
+                    if (wide == NULL) wide = malloc(sizeof(float) * (size_t)(K * NR));
+                    widen_i4_panel((const uint8_t *)a.w, K, wide);
+                    a.w = (const char *)wide;
+                }
                 for (int64_t m = m0; m < m1; m += MR_MAX) {
                     int64_t mr = m1 - m < MR_MAX ? m1 - m : MR_MAX;
                     a.x = x + m * K;
                     a.xs = xs ? xs + m * G : NULL;
-                    table[mr][P](&a);
+                    if (widened) PANEL_i4f[mr](&a);
+                    else table[mr][P](&a);
                     for (int64_t i = 0; i < mr; i++)
                         for (int64_t c = 0; c < P * NR && p * NR + c < N; c++) {
                             int64_t n = p * NR + c;
@@ -599,6 +632,7 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, in
                 }
             }
         }
+        free(wide);
     }
 }
 /* ---- w4a8 in LAYOUT_PACKED tiles: pieces of 32 values (16 bytes) ------------------------------------

@@ -110,22 +110,30 @@ static inline void axpy_d(float p, const float *v, float *out, int64_t d) {
     for (; e < d; e++) out[e] = fmaf(p, v[e], out[e]);
 }
 
-/* attention of one query row's heads that share KV head kv (G heads, q and out G * d apart: h0 .. h0 + G
- * - 1) over its sequence's keys [lo, pos] through the block table: each key and value is read once for
- * the G heads (a block's positions in a row, one division per block); every head's sums run in the
- * same order as it would alone */
-static void attend_group(const float *q, float *out, int64_t G, const float *kc, const float *vc,
-                         const int64_t *table, int64_t lo, int64_t pos, int64_t bs, int64_t kvh, int64_t kv,
-                         int64_t d, float scale, float *scores) {
-    int64_t len = pos - lo + 1, stride = kvh * d;
-    for (int64_t j = lo; j <= pos;) {
-        int64_t off = j % bs, n = bs - off < pos + 1 - j ? bs - off : pos + 1 - j;
+/* Attention of a query row runs in chunks of CHUNK positions (aligned to multiples of CHUNK, so they
+ * depend only on the row's own position and window): each chunk of each KV head is a unit of work, and
+ * the chunks of a row's heads are merged in order afterwards (flash-decoding's split along the keys).
+ * A decode row of 256 positions and 3 KV heads gives 24 units instead of 3, so two threads share it
+ * evenly. Everything a row computes depends only on the row, never on the batch. */
+#define CHUNK 32
+#define WAVE_FLOATS (1 << 20)       /* scratch of one wave of rows: 4 MiB */
+
+/* one chunk, keys [a, c] of KV head kv, for the G query heads that share it (q G * d apart): per head
+ * its max score m, the sum l of exp(score - m) and o = sum exp(score - m) v, in the order of the keys.
+ * Each key and value is read once for the G heads; a block's positions are walked without a division. */
+static void attend_chunk(const float *q, int64_t G, const float *kc, const float *vc, const int64_t *table,
+                         int64_t a, int64_t c, int64_t bs, int64_t kvh, int64_t kv, int64_t d, float scale,
+                         float *m, float *l, float *o) {
+    float scores[32 * CHUNK], *sc = G <= 32 ? scores : malloc(sizeof(float) * (size_t)(G * CHUNK));
+    int64_t len = c - a + 1, stride = kvh * d;
+    for (int64_t j = a; j <= c;) {
+        int64_t off = j % bs, n = bs - off < c + 1 - j ? bs - off : c + 1 - j;
         const float *kj = kc + ((table[j / bs] * bs + off) * kvh + kv) * d;
         for (int64_t i = 0; i < n; i++, j++, kj += stride)
-            for (int64_t g = 0; g < G; g++) scores[g * len + j - lo] = dot_d(q + g * d, kj, d) * scale;
+            for (int64_t g = 0; g < G; g++) sc[g * CHUNK + j - a] = dot_d(q + g * d, kj, d) * scale;
     }
     for (int64_t g = 0; g < G; g++) {
-        float *sg = scores + g * len, mx = -INFINITY;
+        float *sg = sc + g * CHUNK, mx = -INFINITY;
         for (int64_t j = 0; j < len; j++) mx = sg[j] > mx ? sg[j] : mx;
         vf vsum = vzero(), vmx = vbroadcast(mx);
         int64_t j = 0;
@@ -136,15 +144,31 @@ static void attend_group(const float *q, float *out, int64_t G, const float *kc,
         }
         float sum = hsum(vsum);
         for (; j < len; j++) sum += (sg[j] = expf(sg[j] - mx));
-        for (j = 0; j < len; j++) sg[j] /= sum;
-        for (int64_t e = 0; e < d; e++) out[g * d + e] = 0.0f;
+        m[g] = mx;
+        l[g] = sum;
+        for (int64_t e = 0; e < d; e++) o[g * d + e] = 0.0f;
     }
-    for (int64_t j = lo; j <= pos;) {
-        int64_t off = j % bs, n = bs - off < pos + 1 - j ? bs - off : pos + 1 - j;
+    for (int64_t j = a; j <= c;) {
+        int64_t off = j % bs, n = bs - off < c + 1 - j ? bs - off : c + 1 - j;
         const float *vj = vc + ((table[j / bs] * bs + off) * kvh + kv) * d;
         for (int64_t i = 0; i < n; i++, j++, vj += stride)
-            for (int64_t g = 0; g < G; g++) axpy_d(scores[g * len + j - lo], vj, out + g * d, d);
+            for (int64_t g = 0; g < G; g++) axpy_d(sc[g * CHUNK + j - a], vj, o + g * d, d);
     }
+    if (sc != scores) free(sc);
+}
+
+/* out = (sum_c o_c e^(m_c - M)) / (sum_c l_c e^(m_c - M)) over a head's n chunks in order, M = max m_c */
+static void merge_chunks(const float *m, const float *l, const float *o, int64_t n, int64_t step, int64_t d,
+                         float *out) {
+    float M = -INFINITY, L = 0.0f;
+    for (int64_t c = 0; c < n; c++) M = m[c * step] > M ? m[c * step] : M;
+    for (int64_t e = 0; e < d; e++) out[e] = 0.0f;
+    for (int64_t c = 0; c < n; c++) {
+        float w = expf(m[c * step] - M);
+        L += l[c * step] * w;
+        axpy_d(w, o + c * step * d, out, d);
+    }
+    for (int64_t e = 0; e < d; e++) out[e] /= L;
 }
 
 static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
@@ -155,25 +179,54 @@ static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b)
         memcpy(kc + slot * KVH * d, ROW(p, o->in[1], t), sizeof(float) * (size_t)(KVH * d));
         memcpy(vc + slot * KVH * d, ROW(p, o->in[2], t), sizeof(float) * (size_t)(KVH * d));
     }
-    int64_t longest = 0;
-    for (int64_t s = 0; s < b->S; s++) longest = b->ctx_len[s] > longest ? b->ctx_len[s] : longest;
-    int64_t group = H / KVH, units = 0;
-    for (int64_t s = 0; s < b->S; s++) units += b->q_len[s] * KVH;
-    #pragma omp parallel num_threads(p->nthreads)
-    {
-        float *scores = malloc(sizeof(float) * (size_t)(group * (longest > 0 ? longest : 1)));
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < units; u++) {             /* one (row, KV head) pair each */
-            int64_t s = 0, rest = u;
-            while (rest >= b->q_len[s] * KVH) rest -= b->q_len[s++] * KVH;
-            int64_t i = rest / KVH, kv = rest % KVH, t = b->q_start[s] + i;
-            int64_t pos = b->ctx_len[s] - b->q_len[s] + i;
-            int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-            attend_group(ROW(p, o->in[0], t) + kv * group * d, ROW(p, o->out[0], t) + kv * group * d, group, kc,
-                         vc, b->block_tables + s * b->max_blocks, lo, pos, bs, KVH, kv, d, (float)o->f[1], scores);
+    int64_t G = H / KVH, T = b->T;
+    /* per row: its sequence, position, first key and first chunk; and where its units start */
+    int64_t *seq = malloc(sizeof(int64_t) * (size_t)(4 * T + 1)), *pos = seq + T, *lo = pos + T, *first = lo + T;
+    for (int64_t s = 0; s < b->S; s++)
+        for (int64_t i = 0; i < b->q_len[s]; i++) {
+            int64_t t = b->q_start[s] + i;
+            seq[t] = s;
+            pos[t] = b->ctx_len[s] - b->q_len[s] + i;
+            lo[t] = window > 0 && pos[t] - window + 1 > 0 ? pos[t] - window + 1 : 0;
         }
-        free(scores);
+    for (int64_t t0 = 0; t0 < T;) {                       /* waves of rows whose chunks fit the scratch */
+        int64_t t1 = t0, units = 0;
+        while (t1 < T) {
+            int64_t n = KVH * (pos[t1] / CHUNK - lo[t1] / CHUNK + 1);
+            if (t1 > t0 && (units + n) * G * (d + 2) > WAVE_FLOATS) break;
+            first[t1 - t0] = units;
+            units += n;
+            t1++;
+        }
+        float *ml = malloc(sizeof(float) * (size_t)(units * G * (d + 2))), *ll = ml + units * G,
+              *ol = ll + units * G;
+        #pragma omp parallel num_threads(p->nthreads)
+        {
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t u = 0; u < units; u++) {             /* (row, KV head, chunk) */
+                int64_t r = t0, top = t1 - 1;                 /* the last row whose units start at or before u */
+                while (r < top) {
+                    int64_t mid = (r + top + 1) / 2;
+                    if (first[mid - t0] <= u) r = mid; else top = mid - 1;
+                }
+                int64_t rest = u - first[r - t0], c0 = lo[r] / CHUNK, nch = pos[r] / CHUNK - c0 + 1;
+                int64_t kv = rest / nch, c = c0 + rest % nch;
+                int64_t a = c * CHUNK > lo[r] ? c * CHUNK : lo[r], z = (c + 1) * CHUNK - 1 < pos[r] ? (c + 1) * CHUNK - 1 : pos[r];
+                attend_chunk(ROW(p, o->in[0], r) + kv * G * d, G, kc, vc, b->block_tables + seq[r] * b->max_blocks,
+                             a, z, bs, KVH, kv, d, (float)o->f[1], ml + u * G, ll + u * G, ol + u * G * d);
+            }
+            #pragma omp for schedule(static)
+            for (int64_t rh = 0; rh < (t1 - t0) * H; rh++) {   /* (row, query head): its chunks merged */
+                int64_t r = t0 + rh / H, h = rh % H, kv = h / G, g = h % G;
+                int64_t nch = pos[r] / CHUNK - lo[r] / CHUNK + 1, u = first[r - t0] + kv * nch;
+                merge_chunks(ml + u * G + g, ll + u * G + g, ol + (u * G + g) * d, nch, G, d,
+                             ROW(p, o->out[0], r) + h * d);
+            }
+        }
+        free(ml);
+        t0 = t1;
     }
+    free(seq);
 }
 
 /* a dense copy of value `id`'s rows (for a linear whose input is a view of a wider value) */
