@@ -118,6 +118,32 @@ static inline void axpy_d(float p, const float *v, float *out, int64_t d) {
 #define CHUNK 32
 #define WAVE_FLOATS (1 << 20)       /* scratch of one wave of rows: 4 MiB */
 
+/* o[e] = sum_j p[j] * v[j][e] over n rows, for every e in the order of j: a block of up to 8 vectors
+ * of o is held in registers while the rows pass (accumulating in memory, each row's update waited
+ * for the previous one's store) */
+static void weigh_values(const float *p, const float *const *v, int64_t n, int64_t d, float *o) {
+    int64_t e = 0;
+    for (; e + 8 * VL <= d; e += 8 * VL) {
+        vf acc[8];
+        for (int t = 0; t < 8; t++) acc[t] = vzero();
+        for (int64_t j = 0; j < n; j++) {
+            vf pj = vbroadcast(p[j]);
+            for (int t = 0; t < 8; t++) acc[t] = vfma(pj, *(const vf *)(v[j] + e + t * VL), acc[t]);
+        }
+        for (int t = 0; t < 8; t++) *(vf *)(o + e + t * VL) = acc[t];
+    }
+    for (; e + VL <= d; e += VL) {
+        vf acc = vzero();
+        for (int64_t j = 0; j < n; j++) acc = vfma(vbroadcast(p[j]), *(const vf *)(v[j] + e), acc);
+        *(vf *)(o + e) = acc;
+    }
+    for (; e < d; e++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < n; j++) acc = fmaf(p[j], v[j][e], acc);
+        o[e] = acc;
+    }
+}
+
 /* one chunk, keys [a, c] of KV head kv, for the G query heads that share it (q G * d apart): per head
  * its max score m, the sum l of exp(score - m) and o = sum exp(score - m) v, in the order of the keys.
  * Each key and value is read once for the G heads; a block's positions are walked without a division. */
@@ -146,14 +172,14 @@ static void attend_chunk(const float *q, int64_t G, const float *kc, const float
         for (; j < len; j++) sum += (sg[j] = expf(sg[j] - mx));
         m[g] = mx;
         l[g] = sum;
-        for (int64_t e = 0; e < d; e++) o[g * d + e] = 0.0f;
     }
+    const float *vrow[CHUNK];                 /* the chunk's value rows */
     for (int64_t j = a; j <= c;) {
         int64_t off = j % bs, n = bs - off < c + 1 - j ? bs - off : c + 1 - j;
         const float *vj = vc + ((table[j / bs] * bs + off) * kvh + kv) * d;
-        for (int64_t i = 0; i < n; i++, j++, vj += stride)
-            for (int64_t g = 0; g < G; g++) axpy_d(sc[g * CHUNK + j - a], vj, o + g * d, d);
+        for (int64_t i = 0; i < n; i++, j++, vj += stride) vrow[j - a] = vj;
     }
+    for (int64_t g = 0; g < G; g++) weigh_values(sc + g * CHUNK, vrow, len, d, o + g * d);
     if (sc != scores) free(sc);
 }
 
