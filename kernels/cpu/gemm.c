@@ -268,7 +268,7 @@ static void quant_span(const float *x, int8_t *q, int64_t len, float *scale, int
 static inline int64_t ipieces(int64_t len, int64_t gs) { return gs % 2 ? 0 : len / IPIECE; }
 
 static void quant_groups(const float *x, int8_t *q, float *scale, int32_t *qsum, int64_t M, int64_t K,
-                         int64_t gs) {
+                         int64_t gs, int deinterleave) {
     int64_t G = (K + gs - 1) / gs;
     int8_t tmp[IPIECE];
     for (int64_t m = 0; m < M; m++)
@@ -276,7 +276,7 @@ static void quant_groups(const float *x, int8_t *q, float *scale, int32_t *qsum,
             int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
             int8_t *qg = q + m * K + k0;
             quant_span(x + m * K + k0, qg, k1 - k0, scale + m * G + g, qsum + m * G + g);
-            for (int64_t p = 0; p < ipieces(k1 - k0, gs); p++) {
+            for (int64_t p = 0; deinterleave && p < ipieces(k1 - k0, gs); p++) {
                 int8_t *piece = qg + IPIECE * p;
                 for (int i = 0; i < IPIECE / 2; i++) { tmp[i] = piece[2 * i]; tmp[IPIECE / 2 + i] = piece[2 * i + 1]; }
                 memcpy(piece, tmp, IPIECE);
@@ -304,6 +304,14 @@ static inline v8i idot_u4_lanes(const uint8_t *p, const int8_t *xq) {
     return r;
 #endif
 }
+static inline v8f v8fma(v8f a, v8f b, v8f c) {
+#if defined(__FMA__)
+    return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+static inline v8f v8cvt(v8i a) { return __builtin_convertvector(a, v8f); }
 /* the int32 sum of 32 uint4 codes (16 packed bytes) times 32 de-interleaved int8 codes */
 static inline int32_t idot_u4_32(const uint8_t *p, const int8_t *xq) {
     v8i l = idot_u4_lanes(p, xq);
@@ -379,6 +387,29 @@ static void block_int(const llmc_weight *w, const int8_t *xq, const float *xsc, 
 }
 
 
+/* 8 int32 lanes: lane l sums the products of row l's 8 codes in 4 packed bytes (low nibbles: the
+ * first quad of k, high nibbles: the second) with the 8 input codes at xq (exact) */
+static inline v8i idot_u4_quads(const uint8_t *b, const int8_t *xq) {
+#if defined(__AVX2__)
+    __m256i w = _mm256_loadu_si256((const __m256i *)b), m4 = _mm256_set1_epi8(15);
+    int32_t qa, qb;
+    memcpy(&qa, xq, 4);
+    memcpy(&qb, xq + 4, 4);
+    __m256i lo = _mm256_and_si256(w, m4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+    __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(qa)),
+                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(qb)));
+    return (v8i)_mm256_madd_epi16(s, _mm256_set1_epi16(1));
+#else
+    v8i r;
+    for (int l = 0; l < 8; l++) {
+        int32_t sum = 0;
+        for (int i = 0; i < 4; i++) sum += (b[4 * l + i] & 15) * xq[i] + (b[4 * l + i] >> 4) * xq[4 + i];
+        r[l] = sum;
+    }
+    return r;
+#endif
+}
+
 /* ---- LAYOUT_PACKED panels: float kinds, int8 per channel and weight-only int4 ----------------------
  * A panel is NR consecutive weight rows (the last panel padded with zero rows) stored k-major: for every
  * k, the NR rows' values at k side by side; int4 keeps a byte per row for every pair of k (low nibble
@@ -404,7 +435,10 @@ static int64_t elem_bytes(int64_t kind) {
     }
 }
 static int float_panels(const llmc_weight *w) { return elem_bytes(w->kind) > 0; }
-static int int4_panels(const llmc_weight *w) { return w->kind == W_I4 && w->k % 2 == 0 && w->group % 2 == 0; }
+static int int4_panels(const llmc_weight *w) {
+    return (w->kind == W_I4 && w->k % 2 == 0 && w->group % 2 == 0) ||
+           (w->kind == W_I4A8 && w->k % 8 == 0 && w->group % 8 == 0);
+}
 
 typedef struct {
     const float *x;                     /* MR input rows, ldx apart */
@@ -416,6 +450,9 @@ typedef struct {
     const uint8_t *zc;                  /* each; the next panel's G * NR on */
     int64_t K, G, gs;
     float *out;                         /* MR rows of P * NR raw sums */
+    const int8_t *xq;                   /* w4a8: the rows' int8 codes (K a row), per group their scale */
+    const float *xsc;                   /* and code sum (G a row) */
+    const int32_t *xsum;
 } panel_args;
 typedef void (*panel_fn)(const panel_args *);
 
@@ -525,6 +562,44 @@ DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 5, 1) DEFINE_PANEL_I4(panel_i4f, I4_FLOATS
 static const panel_fn PANEL_i4f[MR_MAX + 1] = {0, panel_i4f_1x1, panel_i4f_2x1, panel_i4f_3x1, panel_i4f_4x1,
                                                panel_i4f_5x1, panel_i4f_6x1};
 
+/* w4a8 panels: for every 8 values of k (two quads), 32 bytes for each 8 rows of the panel: row l's 4
+ * bytes hold its codes at the first quad (low nibbles) and the second (high nibbles). A quad of input
+ * codes broadcast to every lane meets each row's 4 codes in one maddubs (pairs, int16: at most
+ * 2 * 15 * 127 twice) and one madd (quads, int32), so each lane sums one output's products exactly;
+ * per group: (sum - zero * code sum) * (weight scale * input scale) added to the output with one FMA. */
+#define DEFINE_PANEL_I4A8(KIND, MR, P)                                                             \
+static void panel_i4a8_##MR##x##P(const panel_args *a) {                                          \
+    float *tot = a->out;                                                                           \
+    for (int i = 0; i < MR * P * NR; i++) tot[i] = 0.0f;                                           \
+    for (int64_t g = 0; g < a->G; g++) {                                                           \
+        int64_t k0 = g * a->gs, k1 = k0 + a->gs < a->K ? k0 + a->gs : a->K;                        \
+        v8i acc[MR][P][NR / 8];                                                                    \
+        for (int i = 0; i < MR; i++)                                                               \
+            for (int j = 0; j < P; j++)                                                            \
+                for (int v = 0; v < NR / 8; v++) acc[i][j][v] = (v8i){0};                          \
+        for (int64_t k = k0; k < k1; k += 8)                                                       \
+            for (int j = 0; j < P; j++)                                                            \
+                for (int v = 0; v < NR / 8; v++) {                                                 \
+                    const uint8_t *b = (const uint8_t *)a->w + j * a->pstride + (k >> 3) * 4 * NR + v * 32; \
+                    for (int i = 0; i < MR; i++)                                                   \
+                        acc[i][j][v] += idot_u4_quads(b, a->xq + i * a->ldx + k);                  \
+                }                                                                                  \
+        for (int j = 0; j < P; j++)                                                                \
+            for (int v = 0; v < NR / 8; v++) {                                                     \
+                int64_t at = (j * a->G + g) * NR + v * 8;                                          \
+                v8f sw = *(const v8f *)(a->sc + at);                                               \
+                v8i z;                                                                             \
+                for (int l = 0; l < 8; l++) z[l] = a->zc[at + l];                                  \
+                for (int i = 0; i < MR; i++) {                                                     \
+                    v8f *t = (v8f *)(tot + (i * P + j) * NR + v * 8);                              \
+                    v8i c = acc[i][j][v] - z * a->xsum[i * a->G + g];                              \
+                    *t = v8fma(v8cvt(c), sw * a->xsc[i * a->G + g], *t);                          \
+                }                                                                                  \
+            }                                                                                      \
+    }                                                                                              \
+}
+DEFINE_PANELS(i4a8, DEFINE_PANEL_I4A8)
+
 /* an int4 panel's codes as floats, [K][NR] (k even) */
 static void widen_i4_panel(const uint8_t *b, int64_t K, float *f) {
     for (int64_t k = 0; k < K; k += 2)
@@ -543,16 +618,19 @@ static const panel_fn (*panel_table(int64_t kind))[5] {
         case W_BF16: return PANEL_bf16;
         case W_F16: return PANEL_f16;
         case W_I8: return PANEL_i8;
+        case W_I4A8: return PANEL_i4a8;
         default: return PANEL_i4;
     }
 }
 
+static int is_int4(const llmc_weight *w) { return w->kind == W_I4 || w->kind == W_I4A8; }
+
 static int64_t panel_stride(const llmc_weight *w) {
-    return w->kind == W_I4 ? (w->k / 2) * NR : w->k * NR * elem_bytes(w->kind);
+    return is_int4(w) ? (w->k / 2) * NR : w->k * NR * elem_bytes(w->kind);
 }
 
 static void panels_bytes(const llmc_weight *w, int64_t *data, int64_t *total) {
-    int64_t np = (w->n + NR - 1) / NR, G = w->kind == W_I4 ? (w->k + w->group - 1) / w->group : 0;
+    int64_t np = (w->n + NR - 1) / NR, G = is_int4(w) ? (w->k + w->group - 1) / w->group : 0;
     *data = np * panel_stride(w);
     *total = *data + np * G * NR * (int64_t)(sizeof(float) + 1);
 }
@@ -560,13 +638,22 @@ static void panels_bytes(const llmc_weight *w, int64_t *data, int64_t *total) {
 static void pack_panels(const llmc_weight *w, char *dst) {
     int64_t N = w->n, K = w->k, ps = panel_stride(w), data, total;
     panels_bytes(w, &data, &total);
-    if (w->kind == W_I4) {                 /* the rows layout's bytes, a pair of k at a time, NR rows side by side */
+    if (is_int4(w)) {
         int64_t kb = K / 2, G = (K + w->group - 1) / w->group;
+        const uint8_t *src = (const uint8_t *)w->data;
         float *sc = (float *)(dst + data);
         uint8_t *zc = (uint8_t *)(sc + ((N + NR - 1) / NR) * G * NR);
         for (int64_t n = 0; n < N; n++) {
             int64_t p = n / NR, j = n % NR;
-            for (int64_t b = 0; b < kb; b++) dst[p * ps + b * NR + j] = ((const char *)w->data)[n * kb + b];
+            if (w->kind == W_I4)           /* the rows layout's bytes, a pair of k at a time, NR rows side by side */
+                for (int64_t b = 0; b < kb; b++) dst[p * ps + b * NR + j] = (char)src[n * kb + b];
+            else                           /* per 8 values of k and 8 rows: 4 bytes a row, quads in the nibbles */
+                for (int64_t k = 0; k < K; k += 8)
+                    for (int i = 0; i < 4; i++) {
+                        uint8_t lo = (src[n * kb + (k + i) / 2] >> (((k + i) & 1) * 4)) & 15;
+                        uint8_t hi = (src[n * kb + (k + 4 + i) / 2] >> (((k + 4 + i) & 1) * 4)) & 15;
+                        dst[p * ps + (k / 8) * 4 * NR + (j / 8) * 32 + (j % 8) * 4 + i] = (char)(lo | hi << 4);
+                    }
             for (int64_t g = 0; g < G; g++) {
                 sc[(p * G + g) * NR + j] = w->scale[n * G + g];
                 zc[(p * G + g) * NR + j] = w->zero[n * G + g];
@@ -583,11 +670,12 @@ static void pack_panels(const llmc_weight *w, char *dst) {
 /* y [M, N] from panels: threads take contiguous ranges of panels; few rows (M < MR_MAX) run as one
  * block across up to PANELS[M] panels at a time, many rows panel by panel in chunks of rows that stay
  * in L2 while the panel is reused from L1 by every block of MR_MAX rows */
-static void run_panels(const llmc_weight *w, const float *x, const float *xs, int64_t M, float *y, int nthreads) {
+static void run_panels(const llmc_weight *w, const float *x, const float *xs, const int8_t *xq, const float *xsc,
+                       const int32_t *xsum, int64_t M, float *y, int nthreads) {
     int64_t N = w->n, K = w->k, np = (N + NR - 1) / NR, ps = panel_stride(w), data, total;
-    int64_t G = w->kind == W_I4 ? (K + w->group - 1) / w->group : 0;
+    int64_t G = is_int4(w) ? (K + w->group - 1) / w->group : 0;
     panels_bytes(w, &data, &total);
-    const float *sc = w->kind == W_I4 ? (const float *)((const char *)w->data + data) : NULL;
+    const float *sc = is_int4(w) ? (const float *)((const char *)w->data + data) : NULL;
     const uint8_t *zc = sc ? (const uint8_t *)(sc + np * G * NR) : NULL;
     const panel_fn (*table)[5] = panel_table(w->kind);
     int64_t mc = (65536 / (K > 0 ? K : 1)) / MR_MAX * MR_MAX;        /* 256 KiB of inputs a chunk */
@@ -601,7 +689,7 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, in
 #endif
         int64_t p0 = np * t / T, p1 = np * (t + 1) / T;
         float out[MR_MAX * 4 * NR], *wide = NULL;
-        panel_args a = {x, K, xs, NULL, ps, NULL, NULL, K, G, w->group, out};
+        panel_args a = {x, K, xs, NULL, ps, NULL, NULL, K, G, w->group, out, xq, xsc, xsum};
         for (int64_t m0 = 0; m0 < M; m0 += mc) {
             int64_t m1 = m0 + mc < M ? m0 + mc : M;
             int64_t step = m1 - m0 < MR_MAX ? PANELS[m1 - m0] : 1;
@@ -620,6 +708,7 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, in
                     int64_t mr = m1 - m < MR_MAX ? m1 - m : MR_MAX;
                     a.x = x + m * K;
                     a.xs = xs ? xs + m * G : NULL;
+                    if (xq) a.xq = xq + m * K, a.xsc = xsc + m * G, a.xsum = xsum + m * G;
                     if (widened) PANEL_i4f[mr](&a);
                     else table[mr][P](&a);
                     for (int64_t i = 0; i < mr; i++)
@@ -635,51 +724,9 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, in
         free(wide);
     }
 }
-/* ---- w4a8 in LAYOUT_PACKED tiles: pieces of 32 values (16 bytes) ------------------------------------
- * A tile holds, for every piece of 32 values along k, the 16 bytes of each of its 4 rows in turn
- * (groups are whole pieces: gs and k multiples of 32). The int8 input codes are de-interleaved per
- * piece as the nibbles are: its 16 even values, then its 16 odd ones. */
-static int int4_tiles(const llmc_weight *w) {
-    return w->kind == W_I4A8 && w->group % IPIECE == 0 && w->k % IPIECE == 0;
-}
 
 
-static inline v8f v8fma(v8f a, v8f b, v8f c) {
-#if defined(__FMA__)
-    return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-    return a * b + c;
-#endif
-}
-static inline v8f v8cvt(v8i a) { return __builtin_convertvector(a, v8f); }
 
-/* w4a8: one row of codes against a tile of 4 rows: each group's products summed exactly in int32
- * lanes, then scaled into float lanes (sw * sx), the zero point's share taken off in a scalar */
-static void i4a8t_tile(const int8_t *xq, const float *xsc, const int32_t *xsum, int64_t K, int64_t G, int64_t gs,
-                       const uint8_t *t, const float *sn, const uint8_t *zn, float *out) {
-    v8f acc[4];
-    float rest[4];
-    for (int j = 0; j < 4; j++) { acc[j] = (v8f){0}; rest[j] = 0.0f; }
-    const uint8_t *b = t;
-    for (int64_t g = 0; g < G; g++) {
-        int64_t k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
-        v8i ip[4];
-        for (int j = 0; j < 4; j++) ip[j] = (v8i){0};
-        for (int64_t k = k0; k < k1; k += IPIECE, b += 4 * 16)
-            for (int j = 0; j < 4; j++) ip[j] += idot_u4_lanes(b + j * 16, xq + k);
-        for (int j = 0; j < 4; j++) {
-            float d = sn[j * G + g] * xsc[g];
-            v8f dv = {d, d, d, d, d, d, d, d};
-            acc[j] = v8fma(v8cvt(ip[j]), dv, acc[j]);
-            rest[j] -= d * (float)((int32_t)zn[j * G + g] * xsum[g]);
-        }
-    }
-    for (int j = 0; j < 4; j++) {
-        float s = 0.0f;
-        for (int l = 0; l < 8; l++) s += acc[j][l];
-        out[j] = s + rest[j];
-    }
-}
 
 /* w8a8 in LAYOUT_PACKED tiles: pieces of 32 int8 values, 32 bytes of each of the tile's 4 rows in turn; the
  * products summed exactly in int32 lanes, so the result is the rows layout's to the bit */
@@ -718,32 +765,9 @@ static void i8a8t_block(const llmc_weight *w, const int8_t *xq, const float *xsc
     }
 }
 
-/* rows [m0, m1) against the tile of weight rows n0 .. n0 + nb; a last tile's padding rows get scale 0 */
-/* rows [m0, m1) against the tile of weight rows n0 .. n0 + nb; a last tile's padding rows get scale 0 */
-static void i4t_block(const llmc_weight *w, const int8_t *xq, const float *xs, const int32_t *xsum,
-                      int64_t m0, int64_t m1, int64_t n0, int64_t nb, float *y) {
-    int64_t N = w->n, K = w->k, gs = w->group, G = (K + gs - 1) / gs;
-    const uint8_t *tb = (const uint8_t *)w->data + n0 * (K / 2), *zn = w->zero + n0 * G;
-    const float *sn = w->scale + n0 * G;
-    float out[4], *s4 = NULL;
-    uint8_t *z4 = NULL;
-    if (nb < 4) {
-        s4 = calloc((size_t)(4 * G), sizeof(float));
-        z4 = calloc((size_t)(4 * G), 1);
-        memcpy(s4, sn, sizeof(float) * (size_t)(nb * G));
-        memcpy(z4, zn, (size_t)(nb * G));
-    }
-    for (int64_t m = m0; m < m1; m++) {
-        i4a8t_tile(xq + m * K, xs + m * G, xsum + m * G, K, G, gs, tb, s4 ? s4 : sn, z4 ? z4 : zn, out);
-        for (int64_t j = 0; j < nb; j++) y[m * N + n0 + j] = out[j];
-    }
-    free(s4);
-    free(z4);
-}
 
 /* ---- LAYOUT_PACKED ---------------------------------------------------------------------------------- */
 int64_t llmc_packed_bytes(const llmc_weight *w) {
-    if (int4_tiles(w)) return ((w->n + 3) / 4) * 4 * (w->k / 2);
     if (int8_tiles(w)) return ((w->n + 3) / 4) * 4 * w->k;
     if (float_panels(w) || int4_panels(w)) {
         int64_t data, total;
@@ -757,11 +781,7 @@ void llmc_pack_weight(const llmc_weight *w, void *dst) {
     int64_t K = w->k;
     const char *src = (const char *)w->data;
     memset(dst, 0, (size_t)llmc_packed_bytes(w));
-    if (int4_tiles(w)) {                    /* per piece of 32 values, 16 bytes of each row in turn */
-        for (int64_t n = 0; n < w->n; n++)
-            for (int64_t q = 0; q < K / IPIECE; q++)
-                memcpy((char *)dst + (n / 4) * 2 * K + (q * 4 + n % 4) * 16, src + n * (K / 2) + q * 16, 16);
-    } else if (int8_tiles(w)) {             /* per piece of 32 values, 32 bytes of each row in turn */
+    if (int8_tiles(w)) {             /* per piece of 32 values, 32 bytes of each row in turn */
         for (int64_t n = 0; n < w->n; n++)
             for (int64_t q = 0; q < K / IPIECE; q++)
                 memcpy((char *)dst + (n / 4) * 4 * K + (q * 4 + n % 4) * IPIECE, src + n * K + q * IPIECE, IPIECE);
@@ -782,10 +802,12 @@ static int64_t row_bytes(const llmc_weight *w) {
 void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t M, int nthreads) {
     int64_t N = w->n, K = w->k, ldw = row_bytes(w), nblocks = (N + 3) / 4;
     int packed = w->layout == LAYOUT_PACKED;
-    if (packed && (float_panels(w) || w->kind == W_I4)) {
-        float *xs = NULL;
+    if (packed && (float_panels(w) || is_int4(w))) {
+        float *xs = NULL, *xsc = NULL;
+        int8_t *xq = NULL;
+        int32_t *xsum = NULL;
+        int64_t gs = w->group, G = is_int4(w) ? (K + gs - 1) / gs : 0;
         if (w->kind == W_I4) {              /* the rows' group sums, each in the order of k */
-            int64_t gs = w->group, G = (K + gs - 1) / gs;
             xs = malloc(sizeof(float) * (size_t)(M * G));
             for (int64_t m = 0; m < M; m++)
                 for (int64_t g = 0; g < G; g++) {
@@ -793,9 +815,17 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
                     for (int64_t k = g * gs; k < (g + 1) * gs && k < K; k++) sum += x[m * K + k];
                     xs[m * G + g] = sum;
                 }
+        } else if (w->kind == W_I4A8) {     /* the rows' codes, per group their scale and sum */
+            xq = malloc((size_t)(M * K));
+            xsc = malloc(sizeof(float) * (size_t)(M * G));
+            xsum = malloc(sizeof(int32_t) * (size_t)(M * G));
+            quant_groups(x, xq, xsc, xsum, M, K, gs, 0);
         }
-        run_panels(w, x, xs, M, y, nthreads);
+        run_panels(w, x, xs, xq, xsc, xsum, M, y, nthreads);
         free(xs);
+        free(xq);
+        free(xsc);
+        free(xsum);
         return;
     }
     float *xd = NULL, *xs = NULL;
@@ -811,7 +841,7 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
         xq = malloc((size_t)(M * K));
         xs = malloc(sizeof(float) * (size_t)(M * G));
         xsum = malloc(sizeof(int32_t) * (size_t)(M * G));
-        if (w->kind == W_I4A8) quant_groups(x, xq, xs, xsum, M, K, span);
+        if (w->kind == W_I4A8) quant_groups(x, xq, xs, xsum, M, K, span, 1);
         else
             for (int64_t m = 0; m < M; m++) quant_span(x + m * K, xq + m * K, K, xs + m, xsum + m);
     }
@@ -822,8 +852,7 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
         for (int64_t b = 0; b < nblocks; b++) {
             int64_t n0 = 4 * b, nb = N - n0 < 4 ? N - n0 : 4;
             const char *wn = (const char *)w->data + n0 * ldw;
-            if (packed && w->kind == W_I4A8) i4t_block(w, xq, xs, xsum, m0, m1, n0, nb, y);
-            else if (packed && w->kind == W_I8A8) i8a8t_block(w, xq, xs, m0, m1, n0, nb, y);
+            if (packed && w->kind == W_I8A8) i8a8t_block(w, xq, xs, m0, m1, n0, nb, y);
             else switch (w->kind) {
                 case W_F32: block_f32(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
                 case W_BF16: block_bf16(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;

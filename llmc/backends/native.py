@@ -55,7 +55,7 @@ class Weight(ctypes.Structure):
 def tiled(w: Weight, keep: list) -> Weight:
     """`w` laid out for the kernels (LAYOUT_PACKED, kernels/cpu/linear.h) when it has such a layout:
     the packed bytes replace the row-major tensor in `keep` (which must outlive the returned Weight),
-    so a fused matrix stacked for the plan is not held twice. Weight-only int4 panels carry their
+    so a fused matrix stacked for the plan is not held twice. int4 panels (w4a16, w4a8) carry their
     scales and zero points inside the packed bytes; the separate tensors are let go as well."""
     lib = native.library()
     size = lib.llmc_packed_bytes(ctypes.byref(w))
@@ -66,7 +66,7 @@ def tiled(w: Weight, keep: list) -> Weight:
     out = Weight.from_buffer_copy(w)
     out.data, out.layout = packed.data_ptr(), LAYOUT_PACKED
     dropped = {w.data}
-    if w.kind == W_I4:
+    if w.kind in (W_I4, W_I4A8):
         dropped |= {w.scale, w.zero}
         out.scale = out.zero = None
     keep[:] = [t for t in keep if not (isinstance(t, torch.Tensor) and t.data_ptr() in dropped)]

@@ -53,15 +53,15 @@ def _run(weight: Weight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
     return y
 
 
-TILED = ["fp32", "bf16", "fp16", "int8", "int4-g32", "int4-g48-asym", "int4-g64-asym", "w4a8-g32", "w4a8-g64-asym", "w8a8"]
+TILED = ["fp32", "bf16", "fp16", "int8", "int4-g32", "int4-g48-asym", "int4-g64-asym", "w4a8-g32", "w4a8-g48-asym", "w4a8-g64-asym", "w8a8"]
 
 
 def tileable(kind: str, k: int) -> bool:
-    """Tiles of integer products hold pieces of 32 values: whole pieces (and whole groups of them) only;
-    weight-only int4 panels hold a byte per pair of k (even k and group)."""
+    """w8a8 tiles hold pieces of 32 values; w4a8 panels 8 values of k at a time (whole ones, in whole
+    groups); weight-only int4 panels a byte per pair of k (even k and group)."""
     fmt, act = KINDS[kind]
     if isinstance(fmt, TensorQuant) and fmt.dtype == "int4":
-        return k % 32 == 0 and fmt.group_size % 32 == 0 if act is not None else k % 2 == 0 and fmt.group_size % 2 == 0
+        return k % 8 == 0 and fmt.group_size % 8 == 0 if act is not None else k % 2 == 0 and fmt.group_size % 2 == 0
     return act is None or k % 32 == 0
 
 
