@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from llmc.runtime.batch import RaggedBatch
-from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 STORIES = GOLDEN / "stories260K"
@@ -76,10 +75,8 @@ def backend(model, kernels: str = "cpu"):
 
 def forward_all(model, ids: list[int], kernels: str = "cpu", executor=None) -> torch.Tensor:
     """Logits for every position of one sequence run as a single prefill through llmc."""
-    a = model.arch
     ex = executor or backend(model, kernels)
-    kv = PagedKVCache(KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim), num_blocks=-(-len(ids) // 16),
-                      block_size=16)
+    kv = ex.allocate_kv(-(-len(ids) // 16), 16)            # the backend's cache format (a quantized KV cache)
     batch = RaggedBatch(token_ids=list(ids), query_lens=[len(ids)], context_lens=[len(ids)],
                         block_tables=[list(range(kv.num_blocks))], block_size=16, all_logits=True)
     return ex.forward(batch, kv)

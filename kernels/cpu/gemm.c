@@ -28,12 +28,13 @@
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#include "fp8.h"
 #include "linear.h"
 #include "simd.h"
 
 /* The interface version llmc checks after loading this library (native.ABI_VERSION): bump both
  * when an exported function is added, removed or changes its signature. */
-#define LLMC_ABI_VERSION 5
+#define LLMC_ABI_VERSION 6
 
 int llmc_abi_version(void) { return LLMC_ABI_VERSION; }
 
@@ -92,6 +93,30 @@ static inline vf wide_f16(const void *p, int64_t k) {
 }
 static inline float one_f16(const void *p, int64_t k) { return (float)((const _Float16 *)p)[k]; }
 
+/* fp8 e4m3 as fp16 bits (sign, then exponent and mantissa moved up by 7: a value 2^-8 of the e4m3
+ * one, subnormals included), converted by the hardware and scaled back by 2^8: exact */
+static inline vf wide_f8(const void *p, int64_t k) {
+    const uint8_t *q = (const uint8_t *)p + k;
+#if (defined(__F16C__) && defined(__AVX2__)) || defined(__AVX512F__)
+#if defined(__AVX512F__)
+    __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
+    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7),
+                                _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
+    return (vf)_mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
+#else
+    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)q));
+    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7),
+                             _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+    return (vf)_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+#endif
+#else
+    vf r;
+    for (int i = 0; i < VL; i++) r[i] = e4m3_to_float(q[i]);
+    return r;
+#endif
+}
+static inline float one_f8(const void *p, int64_t k) { return e4m3_to_float(((const uint8_t *)p)[k]); }
+
 /* ---- LAYOUT_ROWS, float-widenable kinds: MB x NB tiles ---------------------------------------------------------
  * x: MB rows ldx apart; w: NB rows ldw bytes apart; y: MB rows ldy apart, NB outputs each (raw sums:
  * the caller applies scale and bias). */
@@ -145,6 +170,7 @@ DEFINE_KIND(f32)
 DEFINE_KIND(bf16)
 DEFINE_KIND(f16)
 DEFINE_KIND(i8)
+DEFINE_KIND(f8)
 
 /* ---- packed int4 groups ----------------------------------------------------------------------------
  * packed uint4 [N, ceil(K/2)] (element 2i in the low nibble of byte i), scale and zero [N, G], groups
@@ -430,7 +456,7 @@ static int64_t elem_bytes(int64_t kind) {
     switch (kind) {
         case W_F32: return 4;
         case W_BF16: case W_F16: return 2;
-        case W_I8: return 1;
+        case W_I8: case W_F8: return 1;
         default: return 0;
     }
 }
@@ -555,6 +581,7 @@ DEFINE_PANELS(f32, DEF_FLOAT)
 DEFINE_PANELS(bf16, DEF_FLOAT)
 DEFINE_PANELS(f16, DEF_FLOAT)
 DEFINE_PANELS(i8, DEF_FLOAT)
+DEFINE_PANELS(f8, DEF_FLOAT)
 DEFINE_PANELS(i4, DEF_I4)
 DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 1, 1) DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 2, 1)
 DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 3, 1) DEFINE_PANEL_I4(panel_i4f, I4_FLOATS, 4, 1)
@@ -618,6 +645,7 @@ static const panel_fn (*panel_table(int64_t kind))[5] {
         case W_BF16: return PANEL_bf16;
         case W_F16: return PANEL_f16;
         case W_I8: return PANEL_i8;
+        case W_F8: return PANEL_f8;
         case W_I4A8: return PANEL_i4a8;
         default: return PANEL_i4;
     }
@@ -715,7 +743,7 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, co
                         for (int64_t c = 0; c < P * NR && p * NR + c < N; c++) {
                             int64_t n = p * NR + c;
                             float v = out[i * P * NR + c];
-                            if (w->kind == W_I8) v *= w->scale[n];
+                            if (w->kind == W_I8 || w->kind == W_F8) v *= w->scale[n];
                             y[(m + i) * N + n] = w->bias ? v + w->bias[n] : v;
                         }
                 }
@@ -794,12 +822,21 @@ static int64_t row_bytes(const llmc_weight *w) {
     switch (w->kind) {
         case W_F32: return 4 * w->k;
         case W_BF16: case W_F16: return 2 * w->k;
-        case W_I8: case W_I8A8: return w->k;
+        case W_I8: case W_I8A8: case W_F8: return w->k;
         default: return (w->k + 1) / 2;
     }
 }
 
 void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t M, int nthreads) {
+    if (w->kind == W_F8 && w->act_scale) {  /* the inputs through fp8 first, as the reference does */
+        float *xf = malloc(sizeof(float) * (size_t)(M * w->k)), s = *w->act_scale;
+        for (int64_t i = 0; i < M * w->k; i++) xf[i] = fake_quant_e4m3(x[i], s);
+        llmc_weight plain = *w;
+        plain.act_scale = NULL;
+        llmc_linear_weight(&plain, xf, y, M, nthreads);
+        free(xf);
+        return;
+    }
     int64_t N = w->n, K = w->k, ldw = row_bytes(w), nblocks = (N + 3) / 4;
     int packed = w->layout == LAYOUT_PACKED;
     if (packed && (float_panels(w) || is_int4(w))) {
@@ -858,10 +895,11 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
                 case W_BF16: block_bf16(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
                 case W_F16: block_f16(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
                 case W_I8: block_i8(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
+                case W_F8: block_f8(x, m0, m1, K, wn, ldw, nb, y + n0, N); break;
                 case W_I4: block_i4(xd, xs, m0, m1, K, w->group, w, n0, nb, y, N); break;
                 case W_I4A8: case W_I8A8: block_int(w, xq, xs, xsum, m0, m1, n0, nb, y); break;
             }
-            if (w->kind == W_I8)
+            if (w->kind == W_I8 || w->kind == W_F8)
                 for (int64_t m = m0; m < m1; m++)
                     for (int64_t n = n0; n < n0 + nb; n++)
                         y[m * N + n] = y[m * N + n] * w->scale[n] + (w->bias ? w->bias[n] : 0.0f);
@@ -879,19 +917,19 @@ void llmc_linear_weight(const llmc_weight *w, const float *x, float *y, int64_t 
 /* ---- the entry points of the cpu kernel set (kernels/cpu/native.py) ------------------------------- */
 void llmc_linear_f32(const float *x, const float *w, const float *bias, float *y,
                      int64_t M, int64_t N, int64_t K, int nthreads) {
-    llmc_weight lw = {W_F32, N, K, 0, w, NULL, NULL, bias};
+    llmc_weight lw = {W_F32, N, K, 0, w, NULL, NULL, bias, LAYOUT_ROWS, NULL};
     llmc_linear_weight(&lw, x, y, M, nthreads);
 }
 
 void llmc_linear_i8(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
                     int64_t M, int64_t N, int64_t K, int nthreads) {
-    llmc_weight lw = {W_I8, N, K, 0, q, scale, NULL, bias};
+    llmc_weight lw = {W_I8, N, K, 0, q, scale, NULL, bias, LAYOUT_ROWS, NULL};
     llmc_linear_weight(&lw, x, y, M, nthreads);
 }
 
 void llmc_linear_i4g(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
-    llmc_weight lw = {W_I4, N, K, gs, packed, scale, zero, bias};
+    llmc_weight lw = {W_I4, N, K, gs, packed, scale, zero, bias, LAYOUT_ROWS, NULL};
     llmc_linear_weight(&lw, x, y, M, nthreads);
 }
 

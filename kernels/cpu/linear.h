@@ -6,8 +6,9 @@
 /* how a weight's values are stored: float kinds are widened to fp32 in registers; W_I8 is int8 per
  * output channel (scale [n]); W_I4 is packed uint4 in groups along k (scale and zero [n, G]).
  * W_I4A8 and W_I8A8 are the same weights multiplied as integers with int8 inputs quantized at run
- * time: per group of the weight's groups (w4a8) or per row (w8a8). */
-enum { W_F32 = 0, W_I8 = 1, W_I4 = 2, W_BF16 = 3, W_F16 = 4, W_I4A8 = 5, W_I8A8 = 6 };
+ * time: per group of the weight's groups (w4a8) or per row (w8a8). W_F8 is fp8 e4m3 per output channel
+ * (scale [n]) whose inputs go through fp8 at the static per-tensor scale act_scale. */
+enum { W_F32 = 0, W_I8 = 1, W_I4 = 2, W_BF16 = 3, W_F16 = 4, W_I4A8 = 5, W_I8A8 = 6, W_F8 = 7 };
 
 typedef struct {
     int64_t kind, n, k, group;          /* W_*; logical [n, k]; int4 group size */
@@ -16,10 +17,11 @@ typedef struct {
     const uint8_t *zero;                 /* int4 [n, G] */
     const float *bias;                   /* [n] or NULL */
     int64_t layout;                      /* LAYOUT_ROWS or LAYOUT_PACKED */
+    const float *act_scale;              /* W_F8: the inputs' static scale [1] (NULL: inputs as they are) */
 } llmc_weight;
 
 /* LAYOUT_PACKED, as llmc_pack_weight writes it once at load (gemm.c describes each):
- * - float kinds, W_I8 and W_I4 (even k and group): panels of 16 rows stored k-major, each panel one
+ * - float kinds, W_I8, W_F8 and W_I4 (even k and group): panels of 16 rows stored k-major, each panel one
  *   sequential stream; W_I4 panels carry their scales and zero points after the bytes;
  * - W_I8A8 (k a multiple of 32) and W_I4A8 (k and group multiples of 32): tiles of 4 rows, pieces of
  *   32 values of each row in turn.

@@ -47,10 +47,10 @@ from torch import Tensor
 from llmc.io import removed_on_failure
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "step.c"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("linear.h", "simd.h"))      # included by the sources: part of the cache key
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("linear.h", "simd.h", "fp8.h"))   # included by the sources: part of the cache key
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")   # fusions explicit
 MAX_ROWS = 8             # above this, torch's GEMM (MKL/oneDNN) is as fast or faster (benchmarked)
-ABI_VERSION = 5          # what gemm.c's llmc_abi_version() returns: bump both when an export changes
+ABI_VERSION = 6          # what gemm.c's llmc_abi_version() returns: bump both when an export changes
 LIB_NAME = "libllmc_cpu.so"
 DIGEST_NAME = LIB_NAME + ".sha256"
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -64,6 +64,7 @@ SIGNATURES = {           # every export llmc calls: (argtypes, restype)
     "llmc_packed_bytes": ([_P], _I64),
     "llmc_pack_weight": ([_P, _P], None),
     "llmc_step": ([_P, _P], None),
+    "llmc_e4m3_encode": ([_P, _P, _I64], _INT),
 }
 _HOST = socket.gethostname()
 _TEMP = re.compile(rf"\.(?:{re.escape(LIB_NAME)}|{re.escape(DIGEST_NAME)})\.{re.escape(_HOST)}\.(?P<pid>\d+)\.tmp")

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "fp8.h"
 #include "linear.h"
 #include "simd.h"
 
@@ -34,14 +35,21 @@ typedef struct {
                                             head_dim, window (0: none) | gate_up: intermediate size */
     double f[2];                         /* norm: eps | attention: scale */
     const float *cos, *sin;              /* rope: tables [max_positions, head_dim / 2] */
+    int64_t kv_kind;                     /* attention: how the cache stores K and V (KV_*) */
+    const float *k_scale, *v_scale;      /* attention, KV_I8 / KV_F8: per KV head [kv_heads] */
 } llmc_op;
+
+/* KV-cache element formats: fp32, 16-bit floats (as the model computes), or one byte with a static
+ * scale per KV head: int8 (round half to even, +-127) or fp8 e4m3 (saturating at +-448), as
+ * kernels/reference/kv_quant.py encodes them */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3, KV_F8 = 4 };
 
 typedef struct {
     int64_t nops;
     const llmc_op *ops;
     const llmc_val *vals;
     float *ws;                            /* the workspace every value lives in */
-    float *const *k_cache, *const *v_cache;   /* per layer: [num_blocks, block_size, kv_heads, head_dim] */
+    void *const *k_cache, *const *v_cache;    /* per layer: [num_blocks, block_size, kv_heads, head_dim] */
     int64_t block_size;
     int nthreads;
     double *op_seconds;                   /* [nops]: each op's wall time is added here (NULL: not timed) */
@@ -110,6 +118,72 @@ static inline void axpy_d(float p, const float *v, float *out, int64_t d) {
     for (; e < d; e++) out[e] = fmaf(p, v[e], out[e]);
 }
 
+/* ---- KV-cache values ---------------------------------------------------------------------------- */
+static int64_t kv_bytes(int64_t kind) { return kind == KV_F32 ? 4 : kind <= KV_F16 ? 2 : 1; }
+
+int llmc_e4m3_encode(const float *x, uint8_t *y, int64_t n) {     /* for tests: the encoder as is */
+    for (int64_t i = 0; i < n; i++) y[i] = float_to_e4m3(x[i]);
+    return 0;
+}
+
+static void kv_encode(const float *x, void *dst, int64_t kind, float scale, int64_t d) {
+    switch (kind) {
+        case KV_F32: memcpy(dst, x, sizeof(float) * (size_t)d); break;
+        case KV_BF16:
+            for (int64_t e = 0; e < d; e++) {
+                uint32_t u;
+                memcpy(&u, x + e, 4);
+                ((uint16_t *)dst)[e] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+            }
+            break;
+        case KV_F16: for (int64_t e = 0; e < d; e++) ((_Float16 *)dst)[e] = (_Float16)x[e]; break;
+        case KV_I8:
+            for (int64_t e = 0; e < d; e++) {
+                float v = nearbyintf(x[e] / scale);
+                ((int8_t *)dst)[e] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+            }
+            break;
+        case KV_F8:
+            for (int64_t e = 0; e < d; e++) {
+                float v = x[e] / scale;
+                ((uint8_t *)dst)[e] = float_to_e4m3(v > 448.0f ? 448.0f : v < -448.0f ? -448.0f : v);
+            }
+            break;
+    }
+}
+
+static void kv_decode(const void *src, float *y, int64_t kind, float scale, int64_t d) {
+    switch (kind) {
+        case KV_BF16:
+            for (int64_t e = 0; e < d; e++) {
+                uint32_t u = (uint32_t)((const uint16_t *)src)[e] << 16;
+                memcpy(y + e, &u, 4);
+            }
+            break;
+        case KV_F16: for (int64_t e = 0; e < d; e++) y[e] = (float)((const _Float16 *)src)[e]; break;
+        case KV_I8: for (int64_t e = 0; e < d; e++) y[e] = (float)((const int8_t *)src)[e] * scale; break;
+        case KV_F8: for (int64_t e = 0; e < d; e++) y[e] = e4m3_to_float(((const uint8_t *)src)[e]) * scale; break;
+    }
+}
+
+/* the float rows of keys (or values) [a, c] of KV head kv: pointers into an fp32 cache, else each row
+ * decoded into buf (d floats a row) */
+static void kv_rows(const void *cache, int64_t kind, float scale, const int64_t *table, int64_t a, int64_t c,
+                    int64_t bs, int64_t kvh, int64_t kv, int64_t d, float *buf, const float **rows) {
+    int64_t eb = kv_bytes(kind);
+    for (int64_t j = a; j <= c;) {
+        int64_t off = j % bs, n = bs - off < c + 1 - j ? bs - off : c + 1 - j;
+        const char *r = (const char *)cache + ((table[j / bs] * bs + off) * kvh + kv) * d * eb;
+        for (int64_t i = 0; i < n; i++, j++, r += kvh * d * eb) {
+            if (kind == KV_F32) rows[j - a] = (const float *)r;
+            else {
+                kv_decode(r, buf + (j - a) * d, kind, scale, d);
+                rows[j - a] = buf + (j - a) * d;
+            }
+        }
+    }
+}
+
 /* Attention of a query row runs in chunks of CHUNK positions (aligned to multiples of CHUNK, so they
  * depend only on the row's own position and window): each chunk of each KV head is a unit of work, and
  * the chunks of a row's heads are merged in order afterwards (flash-decoding's split along the keys).
@@ -147,17 +221,16 @@ static void weigh_values(const float *p, const float *const *v, int64_t n, int64
 /* one chunk, keys [a, c] of KV head kv, for the G query heads that share it (q G * d apart): per head
  * its max score m, the sum l of exp(score - m) and o = sum exp(score - m) v, in the order of the keys.
  * Each key and value is read once for the G heads; a block's positions are walked without a division. */
-static void attend_chunk(const float *q, int64_t G, const float *kc, const float *vc, const int64_t *table,
-                         int64_t a, int64_t c, int64_t bs, int64_t kvh, int64_t kv, int64_t d, float scale,
-                         float *m, float *l, float *o) {
+static void attend_chunk(const float *q, int64_t G, const void *kc, const void *vc, int64_t kind, float ksc,
+                         float vsc, const int64_t *table, int64_t a, int64_t c, int64_t bs, int64_t kvh, int64_t kv,
+                         int64_t d, float scale, float *m, float *l, float *o) {
     float scores[32 * CHUNK], *sc = G <= 32 ? scores : malloc(sizeof(float) * (size_t)(G * CHUNK));
-    int64_t len = c - a + 1, stride = kvh * d;
-    for (int64_t j = a; j <= c;) {
-        int64_t off = j % bs, n = bs - off < c + 1 - j ? bs - off : c + 1 - j;
-        const float *kj = kc + ((table[j / bs] * bs + off) * kvh + kv) * d;
-        for (int64_t i = 0; i < n; i++, j++, kj += stride)
-            for (int64_t g = 0; g < G; g++) sc[g * CHUNK + j - a] = dot_d(q + g * d, kj, d) * scale;
-    }
+    float *buf = kind == KV_F32 ? NULL : malloc(sizeof(float) * (size_t)(CHUNK * d));
+    const float *rows[CHUNK];
+    int64_t len = c - a + 1;
+    kv_rows(kc, kind, ksc, table, a, c, bs, kvh, kv, d, buf, rows);
+    for (int64_t j = 0; j < len; j++)
+        for (int64_t g = 0; g < G; g++) sc[g * CHUNK + j] = dot_d(q + g * d, rows[j], d) * scale;
     for (int64_t g = 0; g < G; g++) {
         float *sg = sc + g * CHUNK, mx = -INFINITY;
         for (int64_t j = 0; j < len; j++) mx = sg[j] > mx ? sg[j] : mx;
@@ -173,13 +246,9 @@ static void attend_chunk(const float *q, int64_t G, const float *kc, const float
         m[g] = mx;
         l[g] = sum;
     }
-    const float *vrow[CHUNK];                 /* the chunk's value rows */
-    for (int64_t j = a; j <= c;) {
-        int64_t off = j % bs, n = bs - off < c + 1 - j ? bs - off : c + 1 - j;
-        const float *vj = vc + ((table[j / bs] * bs + off) * kvh + kv) * d;
-        for (int64_t i = 0; i < n; i++, j++, vj += stride) vrow[j - a] = vj;
-    }
-    for (int64_t g = 0; g < G; g++) weigh_values(sc + g * CHUNK, vrow, len, d, o + g * d);
+    kv_rows(vc, kind, vsc, table, a, c, bs, kvh, kv, d, buf, rows);
+    for (int64_t g = 0; g < G; g++) weigh_values(sc + g * CHUNK, rows, len, d, o + g * d);
+    free(buf);
     if (sc != scores) free(sc);
 }
 
@@ -199,12 +268,14 @@ static void merge_chunks(const float *m, const float *l, const float *o, int64_t
 
 static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
     int64_t layer = o->i[0], H = o->i[1], KVH = o->i[2], d = o->i[3], window = o->i[4], bs = p->block_size;
-    float *kc = p->k_cache[layer], *vc = p->v_cache[layer];
-    for (int64_t t = 0; t < b->T; t++) {                  /* this step's keys and values into the cache */
-        int64_t slot = b->slots[t];
-        memcpy(kc + slot * KVH * d, ROW(p, o->in[1], t), sizeof(float) * (size_t)(KVH * d));
-        memcpy(vc + slot * KVH * d, ROW(p, o->in[2], t), sizeof(float) * (size_t)(KVH * d));
-    }
+    void *kc = p->k_cache[layer], *vc = p->v_cache[layer];
+    int64_t kind = o->kv_kind, eb = kv_bytes(kind);
+    for (int64_t t = 0; t < b->T; t++)                    /* this step's keys and values into the cache */
+        for (int64_t h = 0; h < KVH; h++) {
+            int64_t at = (b->slots[t] * KVH + h) * d * eb;
+            kv_encode(ROW(p, o->in[1], t) + h * d, (char *)kc + at, kind, o->k_scale ? o->k_scale[h] : 1.0f, d);
+            kv_encode(ROW(p, o->in[2], t) + h * d, (char *)vc + at, kind, o->v_scale ? o->v_scale[h] : 1.0f, d);
+        }
     int64_t G = H / KVH, T = b->T;
     /* per row: its sequence, position, first key and first chunk; and where its units start */
     int64_t *seq = malloc(sizeof(int64_t) * (size_t)(4 * T + 1)), *pos = seq + T, *lo = pos + T, *first = lo + T;
@@ -238,7 +309,8 @@ static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b)
                 int64_t rest = u - first[r - t0], c0 = lo[r] / CHUNK, nch = pos[r] / CHUNK - c0 + 1;
                 int64_t kv = rest / nch, c = c0 + rest % nch;
                 int64_t a = c * CHUNK > lo[r] ? c * CHUNK : lo[r], z = (c + 1) * CHUNK - 1 < pos[r] ? (c + 1) * CHUNK - 1 : pos[r];
-                attend_chunk(ROW(p, o->in[0], r) + kv * G * d, G, kc, vc, b->block_tables + seq[r] * b->max_blocks,
+                attend_chunk(ROW(p, o->in[0], r) + kv * G * d, G, kc, vc, kind, o->k_scale ? o->k_scale[kv] : 1.0f,
+                             o->v_scale ? o->v_scale[kv] : 1.0f, b->block_tables + seq[r] * b->max_blocks,
                              a, z, bs, KVH, kv, d, (float)o->f[1], ml + u * G, ll + u * G, ol + u * G * d);
             }
             #pragma omp for schedule(static)

@@ -8,10 +8,12 @@ concatenated, as the cpu kernel set does). The plan holds pointers into tensors 
 alive. Per step, Python only packs the batch (tokens, positions, slots, per sequence its rows,
 context and block table) into arrays.
 
-What it runs: models whose matrices are float32, bfloat16, float16 (read as stored, computed in
-float32), int8 per channel or int4 group-wise (weight-only), with a float32 KV cache, every op the decoder builder and the default passes emit.
-`unsupported(model)` says why anything else cannot run here (activation-quantized weights, a
-quantized KV cache, no C compiler); the cpu kernel set runs those.
+What it runs: every op the decoder builder and the default passes emit, over matrices stored as
+float32, bfloat16 or float16 (read as stored, computed in float32), int8 per channel or int4
+group-wise (weight-only, or multiplied as integers with int8 inputs: w8a8, w4a8) and fp8 e4m3 (inputs
+through fp8 at their static scale), with a KV cache in the model's format: fp32, 16-bit, or int8 /
+fp8 with static per-KV-head scales. `unsupported(model)` says why a model cannot run here (no C
+compiler, or a format this list lacks); the cpu kernel set runs those.
 """
 from __future__ import annotations
 
@@ -33,11 +35,12 @@ from llmc.runtime.threads import ThreadPolicy
 _I64, _P, _D = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
 OP_CODES = {"embed": 1, "rms_norm": 2, "add": 3, "add_rms_norm": 4, "linear": 5, "qkv_linear": 5, "silu_mul": 6,
             "gate_up_silu": 7, "rope": 8, "attention": 9, "logits": 10}
-W_F32, W_I8, W_I4, W_BF16, W_F16, W_I4A8, W_I8A8 = 0, 1, 2, 3, 4, 5, 6    # kernels/cpu/linear.h
+W_F32, W_I8, W_I4, W_BF16, W_F16, W_I4A8, W_I8A8, W_F8 = 0, 1, 2, 3, 4, 5, 6, 7    # kernels/cpu/linear.h
 FLOAT_KINDS = {torch.float32: W_F32, torch.bfloat16: W_BF16, torch.float16: W_F16}   # stored as is, fp32 compute
 WEIGHT_KINDS = {"int8/channel": W_I8, "int4/group": W_I4, "int4/group-asym": W_I4,  # QuantizedWeight.kernel_key
                 "int4/group+int8/group": W_I4A8, "int4/group-asym+int8/group": W_I4A8,   # integer dot products
-                "int8/channel+int8/token": W_I8A8}
+                "int8/channel+int8/token": W_I8A8,
+                "fp8_e4m3/channel+fp8_e4m3/tensor": W_F8}                 # inputs through fp8 at a static scale
 
 
 class Val(ctypes.Structure):
@@ -49,7 +52,7 @@ LAYOUT_ROWS, LAYOUT_PACKED = 0, 1                   # kernels/cpu/linear.h
 
 class Weight(ctypes.Structure):
     _fields_ = [("kind", _I64), ("n", _I64), ("k", _I64), ("group", _I64), ("data", _P), ("scale", _P),
-                ("zero", _P), ("bias", _P), ("layout", _I64)]
+                ("zero", _P), ("bias", _P), ("layout", _I64), ("act_scale", _P)]
 
 
 def tiled(w: Weight, keep: list) -> Weight:
@@ -76,7 +79,11 @@ def tiled(w: Weight, keep: list) -> Weight:
 
 class Op(ctypes.Structure):
     _fields_ = [("op", _I64), ("inp", _I64 * 3), ("out", _I64 * 2), ("w", Weight), ("i", _I64 * 6), ("f", _D * 2),
-                ("cos", _P), ("sin", _P)]
+                ("cos", _P), ("sin", _P), ("kv_kind", _I64), ("k_scale", _P), ("v_scale", _P)]
+
+
+KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3,   # kernels/cpu/step.c KV_*
+            torch.float8_e4m3fn: 4}
 
 
 class Plan(ctypes.Structure):
@@ -97,21 +104,19 @@ def unsupported(model) -> str | None:
         return f"the native library is unavailable ({native.status()['error']})"
     if model.dtype not in FLOAT_KINDS:
         return f"it runs float32, bfloat16 and float16 weights, not {str(model.dtype).removeprefix('torch.')}"
-    if model.kv_dtype not in FLOAT_KINDS:
-        return "it runs a float32 KV cache, not a quantized one"
+    if model.kv_dtype not in KV_KINDS:
+        return f"it has no KV cache of {str(model.kv_dtype).removeprefix('torch.')}"
     fmt_of = getattr(model.weights, "quantized_format", lambda name: None)
     for n in model.graph.nodes:
         if n.op not in OP_CODES:
             return f"it has no kernel for op {n.op!r}"
-        if n.op == "attention" and len(n.inputs) > 3:
-            return "it runs no KV-cache scales"
         for w in n.inputs[OPS[n.op].num_values:]:
             f = fmt_of(w)
             if f is None:
                 continue
             key = f[0].key if f[1] is None else f"{f[0].key}+{f[1].key}"
             if key not in WEIGHT_KINDS or (f[1] is not None and f[1].group_size != f[0].group_size):
-                return f"it runs int8 per-channel and int4 group-wise weights (w8a16, w4a16, w8a8, w4a8), not " \
+                return f"it runs int8 per-channel, int4 group-wise and fp8 weights (w8a16, w4a16, w8a8, w4a8, fp8), not " \
                        f"{f[0].key}" + ("" if f[1] is None else f" with {f[1].key} inputs")
     return None
 
@@ -169,7 +174,7 @@ class NativeBackend:
             raise ConfigError(f"the native executor runs on cpu, not {device}")
         self.target, self.device, self.model = target, torch.device(device), model
         a = model.arch
-        self.kv_spec = KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, torch.float32)
+        self.kv_spec = KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, model.kv_dtype)
         self._keep: list[Any] = []                     # every tensor a pointer in the plan refers to
         self._calls = 0
         self._threads = ThreadPolicy()
@@ -186,8 +191,10 @@ class NativeBackend:
         b = self._tensor(bias.float()) if bias is not None else None
         if isinstance(w, QuantizedWeight):
             kind = WEIGHT_KINDS[w.kernel_key]
+            act_scale = self._tensor(w.act_scale.float().reshape(-1)) if w.act_scale is not None else None
             return Weight(kind, w.shape[0], w.shape[1], w.fmt.group_size or 0, self._tensor(w.data),
-                          self._tensor(w.scale.float()), self._tensor(w.zero) if w.zero is not None else None, b)
+                          self._tensor(w.scale.float()), self._tensor(w.zero) if w.zero is not None else None, b,
+                          LAYOUT_ROWS, act_scale)
         if w.dtype not in FLOAT_KINDS:
             w = w.float()
         return Weight(FLOAT_KINDS[w.dtype], w.shape[0], w.shape[1], 0, self._tensor(w), None, None, b)
@@ -252,6 +259,9 @@ class NativeBackend:
         elif n.op == "attention":
             o.i[:5] = [a["layer"], a["num_heads"], a["num_kv_heads"], a["head_dim"], a["sliding_window"] or 0]
             o.f[1] = a["scale"]
+            o.kv_kind = KV_KINDS[self.model.kv_dtype]
+            if weights:                           # static per-KV-head scales of a quantized cache
+                o.k_scale, o.v_scale = (self._tensor(t.float().reshape(-1)) for t in weights)
         return o
 
     def _resize(self, capacity: int) -> None:

@@ -28,7 +28,9 @@ KINDS = {   # name -> (weight format or float dtype, input format)
     "int4-g64-asym": (TensorQuant(**INT4, group_size=64, symmetric=False), None),
     "w4a8-g64-asym": (TensorQuant(**INT4, group_size=64, symmetric=False),
                       TensorQuant(dtype="int8", granularity="group", group_size=64)),
+    "fp8": (TensorQuant(dtype="fp8_e4m3", granularity="channel"), TensorQuant(dtype="fp8_e4m3", granularity="tensor")),
 }
+ACT_SCALE = torch.tensor([0.01])        # fp8 inputs' static scale: inputs up to |4| use codes up to 400 of 448
 
 
 def _weight(kind: str, w: torch.Tensor, bias: torch.Tensor | None):
@@ -42,9 +44,11 @@ def _weight(kind: str, w: torch.Tensor, bias: torch.Tensor | None):
     qw = quantize(w, fmt, "w")
     key = fmt.key if act is None else f"{fmt.key}+{act.key}"
     scale = qw.scale.float().contiguous()
-    keep = [qw.data, scale, qw.zero, b]
+    keep = [qw.data, scale, qw.zero, b, ACT_SCALE]
+    act_scale = ACT_SCALE.data_ptr() if fmt.dtype == "fp8_e4m3" else None
     return (Weight(WEIGHT_KINDS[key], *w.shape, fmt.group_size or 0, qw.data.data_ptr(), scale.data_ptr(),
-                   qw.zero.data_ptr() if qw.zero is not None else None, bp), keep, dequantize(qw).double(), act)
+                   qw.zero.data_ptr() if qw.zero is not None else None, bp, 0, act_scale), keep,
+            dequantize(qw).double(), act)
 
 
 def _run(weight: Weight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
@@ -53,7 +57,7 @@ def _run(weight: Weight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
     return y
 
 
-TILED = ["fp32", "bf16", "fp16", "int8", "int4-g32", "int4-g48-asym", "int4-g64-asym", "w4a8-g32", "w4a8-g48-asym", "w4a8-g64-asym", "w8a8"]
+TILED = ["fp32", "bf16", "fp16", "int8", "fp8", "int4-g32", "int4-g48-asym", "int4-g64-asym", "w4a8-g32", "w4a8-g48-asym", "w4a8-g64-asym", "w8a8"]
 
 
 def tileable(kind: str, k: int) -> bool:
@@ -62,7 +66,7 @@ def tileable(kind: str, k: int) -> bool:
     fmt, act = KINDS[kind]
     if isinstance(fmt, TensorQuant) and fmt.dtype == "int4":
         return k % 8 == 0 and fmt.group_size % 8 == 0 if act is not None else k % 2 == 0 and fmt.group_size % 2 == 0
-    return act is None or k % 32 == 0
+    return act is None or fmt.dtype == "fp8_e4m3" or k % 32 == 0
 
 
 @pytest.mark.parametrize("kind,layout", [(k, "rows") for k in KINDS] + [(k, "tiles") for k in TILED])
@@ -75,7 +79,7 @@ def test_every_kind_matches_the_reference(kind, layout, m, n, k):
         weight = tiled(weight, keep)
         assert (weight.layout == LAYOUT_PACKED) == tileable(kind, k)
     got = _run(weight, x)
-    xin = x if act is None else quantize_input(x, act, None)        # the inputs the integers stand for
+    xin = x if act is None else quantize_input(x, act, ACT_SCALE)   # the inputs the kernels multiply
     exact = xin.double() @ ref_w.T + (bias.double() if m % 2 else 0)
     # fp32 sums of k products of O(1) values in another order (integer kernels: exact sums, scaled in fp32)
     torch.testing.assert_close(got, exact.float(), rtol=1e-5, atol=4e-6 * k ** 0.5 * ref_w.abs().max().item())

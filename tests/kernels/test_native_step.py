@@ -31,6 +31,9 @@ NATIVE_VS_REFERENCE_ATOL = 1e-4      # fp32 sums of up to a few hundred terms in
 # at most and 0.029 on average. The linear itself is held to 1e-5 in tests/kernels/test_native_linear.py.
 DYNAMIC_INPUTS_MAX, DYNAMIC_INPUTS_MEAN = 0.5, 0.05
 DYNAMIC_INPUTS_TOKENS = 32           # greedy tokens that must agree (w4a8-g32 first parts at the 40th)
+# Keys and values stored at 16 bits (8 significant bits for bf16, 11 for fp16) against the fp32 reference's
+# fp32 cache, logits up to |17|: measured max 0.13 / 0.21 (bf16) and 0.017 / 0.022 (fp16) at 37 / 200 tokens.
+KV16_MAX_MEAN = {"bf16": (0.3, 0.03), "fp16": (0.04, 0.004)}
 STDLIB = GOLDEN / "stdlib-llama"
 PROMPTS = ["Once upon a time", "Tom and his dog", "The sun"]
 
@@ -44,7 +47,13 @@ WEIGHT_FORMATS = {                   # every weight format the native executor r
     "w4a8-g48-asym": rtn("w4a8", group_size=48, symmetric=False),        # a piece of 32 and 16 values per group
     "w8a16-head-int8": dataclasses.replace(rtn("w8a16"), head=HEAD_FORMATS["int8"]),    # its own (untied) head
     "w4a16-head-int4": dataclasses.replace(rtn("w4a16", group_size=32), head=HEAD_FORMATS["int4"]),
+    "w8a16-kv-int8": dataclasses.replace(rtn("w8a16"), kv_cache=TensorQuant(dtype="int8"), calib_samples=4,
+                                         calib_seqlen=64),          # static per-KV-head scales, calibrated
+    "w4a16-kv-fp8": dataclasses.replace(rtn("w4a16", group_size=32), kv_cache=TensorQuant(dtype="fp8_e4m3"),
+                                        calib_samples=4, calib_seqlen=64),
+    "fp8": QuantRecipe(scheme=resolve_scheme("fp8"), calib_samples=4, calib_seqlen=64),   # static input scales
 }
+QUANTIZED_KV = {"w8a16-kv-int8", "w4a16-kv-fp8"}
 
 
 def ids(n: int, seed: int) -> list[int]:
@@ -58,7 +67,8 @@ def test_logits_and_greedy_tokens_match_the_reference(fmt, quantized_stories):
     model = load_model(path)
     prompt = ids(37, 0)
     diff = (forward_all(model, prompt, "native") - forward_all(model, prompt, "reference")).abs()
-    dynamic = WEIGHT_FORMATS.get(fmt) is not None and WEIGHT_FORMATS[fmt].scheme.activation is not None
+    # a quantized KV cache rounds keys and values at run time: the same one-ulp sensitivity as quantized inputs
+    dynamic = fmt in QUANTIZED_KV or WEIGHT_FORMATS.get(fmt) is not None and WEIGHT_FORMATS[fmt].scheme.activation is not None
     if dynamic:
         assert diff.max() <= DYNAMIC_INPUTS_MAX and diff.mean() <= DYNAMIC_INPUTS_MEAN, \
             f"{fmt}: max abs {diff.max():.2e}, mean {diff.mean():.2e}"
@@ -72,9 +82,10 @@ def test_logits_and_greedy_tokens_match_the_reference(fmt, quantized_stories):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_16_bit_weights_match_the_reference_on_the_same_rounded_weights(dtype, tmp_path):
-    """`compile --dtype bf16|fp16`: the native executor reads the 16-bit weights as stored and
-    computes in fp32, so it matches the fp32 reference over the same rounded weights (and keeps
-    the reference's greedy tokens, whose own compute is 16-bit, within the usual tolerance)."""
+    """`compile --dtype bf16|fp16`: the native executor reads the 16-bit weights as stored, keeps the
+    KV cache in the model's 16-bit format (as the reference does) and computes in fp32, so it matches
+    the fp32 reference over the same rounded weights up to the rounding of keys and values (and keeps
+    the greedy tokens of that reference)."""
     from llmc.compiler import compile
     engine = tmp_path / f"{dtype}.engine"
     compile(STORIES, engine, dtype=dtype)
@@ -82,8 +93,9 @@ def test_16_bit_weights_match_the_reference_on_the_same_rounded_weights(dtype, t
     assert model.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     rounded = dataclasses.replace(model, dtype=torch.float32)
     prompt = ids(37, 1)
-    err = (forward_all(model, prompt, "native") - forward_all(rounded, prompt, "reference")).abs().max().item()
-    assert err <= NATIVE_VS_REFERENCE_ATOL, f"{dtype}: max abs {err:.2e}"
+    err = (forward_all(model, prompt, "native") - forward_all(rounded, prompt, "reference")).abs()
+    top, mean = KV16_MAX_MEAN[dtype]
+    assert err.max() <= top and err.mean() <= mean, f"{dtype}: max abs {err.max():.2e}, mean {err.mean():.2e}"
     p = SamplingParams(max_tokens=32)
     tokens = {k: [c.token_ids for c in generate(None, PROMPTS, p, RuntimeConfig(kernels=k), model=m).completions]
               for k, m in (("reference", rounded), ("native", model))}
@@ -157,14 +169,11 @@ def test_a_step_larger_than_the_workspace_grows_it():
     torch.testing.assert_close(out, forward_all(model, prompt, "reference"), rtol=0, atol=NATIVE_VS_REFERENCE_ATOL)
 
 
-@pytest.mark.parametrize("recipe,why", [
-    (QuantRecipe(scheme=resolve_scheme("fp8"), calib_samples=4, calib_seqlen=64),
-     "fp8_e4m3/channel with fp8_e4m3/tensor inputs"),
-    (QuantRecipe(scheme=resolve_scheme("w8a16"), kv_cache=TensorQuant(dtype="int8"), calib_samples=4,
-                 calib_seqlen=64), "quantized"),
-])
-def test_what_it_does_not_run_is_refused_clearly(recipe, why, quantized_stories):
-    model = load_model(quantized_stories(recipe)[0])
-    with pytest.raises(ConfigError, match=f"native executor cannot run .*{why}") as e:
-        backend(model, "native")
+def test_without_the_native_library_it_is_refused_clearly(monkeypatch):
+    """Every weight format and KV cache runs natively; what remains is a machine without a C compiler."""
+    from llmc.backends import native as backend_native
+    monkeypatch.setattr(backend_native.native, "library", lambda: None)
+    monkeypatch.setattr(backend_native.native, "status", lambda: {"error": "no C compiler (cc) on PATH"})
+    with pytest.raises(ConfigError, match="native executor cannot run .*no C compiler") as e:
+        backend(load_model(STORIES), "native")
     assert e.value.hint == "use --kernels cpu"
