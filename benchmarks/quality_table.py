@@ -8,7 +8,8 @@ divergence per token, top-1 agreement, size on disk and KV-cache bytes per token
                                                  [--text MODEL=FILE ...]
 
 Models whose directory is missing are skipped with a note. Progress goes to stderr; the Markdown
-table to stdout (and --markdown FILE).
+table to stdout (and --markdown FILE). --json and --markdown are rewritten (atomically) after every
+row, so an interrupted run keeps what it measured.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -26,8 +28,8 @@ from llmc.bench.quality import quality  # noqa: E402
 from llmc.inspection import inspect  # noqa: E402
 from llmc.io import write_json_atomic, write_text_atomic  # noqa: E402
 from llmc.quantizer import quantize_checkpoint  # noqa: E402
-from llmc.quantized.formats import TensorQuant
-from llmc.quantized.scheme import HEAD_FORMATS, QuantRecipe, resolve_scheme  # noqa: E402
+from llmc.quantized.formats import TensorQuant  # noqa: E402
+from llmc.quantized.scheme import EMBEDDING_FORMATS, HEAD_FORMATS, QuantRecipe, resolve_scheme  # noqa: E402
 
 MODELS = {  # name: (directory, evaluation text, group size that is meaningful for its widths, seqlen)
     "stories260K": (ROOT / "golden/stories260K", ROOT / "golden/tinystories_valid_head.txt", 32, 512),
@@ -36,10 +38,11 @@ MODELS = {  # name: (directory, evaluation text, group size that is meaningful f
 
 
 def recipes(group: int, samples: int, seqlen: int) -> dict[str, QuantRecipe | None]:
-    def r(scheme, algo="rtn", kv=None, weight_observer="minmax", head=None, **kw):
+    def r(scheme, algo="rtn", kv=None, weight_observer="minmax", head=None, embeddings=None, **kw):
         return QuantRecipe(scheme=resolve_scheme(scheme, **kw), algorithm=algo, calib_samples=samples,
                            calib_seqlen=seqlen, kv_cache=TensorQuant(dtype=kv) if kv else None,
-                           weight_observer=weight_observer, head=HEAD_FORMATS[head] if head else None)
+                           weight_observer=weight_observer, head=HEAD_FORMATS[head] if head else None,
+                           embeddings=EMBEDDING_FORMATS[embeddings] if embeddings else None)
     return {
         "fp32": None,
         "w8a16 rtn": r("w8a16"),
@@ -58,6 +61,9 @@ def recipes(group: int, samples: int, seqlen: int) -> dict[str, QuantRecipe | No
         "w8a16 rtn + head int8": r("w8a16", head="int8"),
         f"w4a16 gptq g{group} + head int8": r("w4a16", "gptq", group_size=group, head="int8"),
         f"w4a16 gptq g{group} + head int4": r("w4a16", "gptq", group_size=group, head="int4"),
+        "w8a16 rtn + embeddings int8": r("w8a16", embeddings="int8"),
+        f"w4a16 gptq g{group} + head int8 + embeddings int8": r("w4a16", "gptq", group_size=group, head="int8",
+                                                                embeddings="int8"),
         "w8a16 rtn + kv int8": r("w8a16", kv="int8"),
         "w8a16 rtn + kv fp8": r("w8a16", kv="fp8_e4m3"),
     }
@@ -78,9 +84,9 @@ class Row:
 
 
 def measure(name: str, path: Path, text: Path, group: int, seqlen: int, max_tokens: int, samples: int,
-            work: Path, calib: Path | None) -> list[Row]:
-    """A model that ships its own calibration text (in its domain) calibrates on it."""
-    rows = []
+            work: Path, calib: Path | None, on_row: Callable[[Row], None]) -> None:
+    """Every recipe's row, given to on_row as it is measured. A model that ships its own calibration
+    text (in its domain) calibrates on it."""
     for label, recipe in recipes(group, samples, seqlen).items():
         t0 = time.perf_counter()
         print(f"[quality_table] {name}: {label}", file=sys.stderr, flush=True)
@@ -91,9 +97,8 @@ def measure(name: str, path: Path, text: Path, group: int, seqlen: int, max_toke
         q = quality(target, path, text, seqlen=seqlen, max_tokens=max_tokens)
         info = inspect(target)
         weights = sum(f.stat().st_size for f in Path(target).iterdir() if f.suffix == ".safetensors")
-        rows.append(Row(name, label, q.perplexity, q.reference_perplexity, q.kl_divergence, q.top1_agreement,
-                        q.tokens, weights, info.kv_cache_bytes_per_token, time.perf_counter() - t0))
-    return rows
+        on_row(Row(name, label, q.perplexity, q.reference_perplexity, q.kl_divergence, q.top1_agreement,
+                   q.tokens, weights, info.kv_cache_bytes_per_token, time.perf_counter() - t0))
 
 
 def markdown(rows: list[Row]) -> str:
@@ -123,6 +128,13 @@ def main() -> None:
             ap.error(f"--text {item!r}: expected MODEL=FILE with MODEL in {', '.join(MODELS)} and an existing FILE")
         texts[model] = Path(file)
     rows: list[Row] = []
+
+    def add(row: Row) -> None:                   # every row saved as soon as it is measured
+        rows.append(row)
+        if args.markdown:
+            write_text_atomic(args.markdown, markdown(rows))
+        if args.json:
+            write_json_atomic(args.json, {"rows": [asdict(r) for r in rows], "max_tokens": args.max_tokens})
     with tempfile.TemporaryDirectory(prefix="llmc-quality-") as tmp:
         for name in args.models:
             path, text, group, seqlen = MODELS[name]
@@ -131,14 +143,9 @@ def main() -> None:
                 print(f"[quality_table] {name}: {path} is missing, skipped", file=sys.stderr)
                 continue
             calib = path / "calibration.txt"
-            rows += measure(name, path, text, group, seqlen, args.max_tokens, args.calib_samples, Path(tmp),
-                            calib if calib.exists() else None)
-    table = markdown(rows)
-    sys.stdout.write(table)
-    if args.markdown:
-        write_text_atomic(args.markdown, table)
-    if args.json:
-        write_json_atomic(args.json, {"rows": [asdict(r) for r in rows], "max_tokens": args.max_tokens})
+            measure(name, path, text, group, seqlen, args.max_tokens, args.calib_samples, Path(tmp),
+                    calib if calib.exists() else None, add)
+    sys.stdout.write(markdown(rows))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from llmc.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # `compile --dtype`
-QUANTIZED_WEIGHT_OPS = ("linear", "qkv_linear", "gate_up_silu", "logits")   # their kernels take a QuantizedWeight
+QUANTIZED_WEIGHT_OPS = ("embed", "linear", "qkv_linear", "gate_up_silu", "logits")   # kernels take a QuantizedWeight
 
 
 @dataclass

@@ -29,6 +29,7 @@ from llmc.io import atomic_directory, check_output, temp_path, write_json_atomic
 from llmc.kernels.reference.dequant import dequantize
 from llmc.passes.quant.algorithms import (AlgorithmSpec, InputStats, LayerWork, attach_activation_format,
                                           calibrates, check_recipe, input_width, kv_head_scales, sqnr_db)
+from llmc.passes.quant.observers import Observer
 from llmc.paths import copy_model_file
 from llmc.quantized.formats import QuantizedWeight, quantize as quantize_weight
 from llmc.quantized.scheme import QuantRecipe
@@ -126,9 +127,14 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                                 vocab_size=arch.vocab_size)
         calibration = data.provenance
         runner = LayerRunner(arch, graph, data.samples)
-        hidden = runner.embed(store.get(EMBED_NAME))
+    embed_q = None                                   # the quantized table; calibration starts from its values
+    if recipe.embeddings is not None:
+        embed_q = quantize_weight(store.get(EMBED_NAME).float(), recipe.embeddings, EMBED_NAME,
+                                  Observer(recipe.weight_observer, recipe.percentile))
+    if runner is not None:
+        hidden = runner.embed(store.get(EMBED_NAME) if embed_q is None else dequantize(embed_q))
     head_src = next(n.inputs[1] for n in graph.nodes if n.op == "logits")
-    untie = recipe.head is not None and head_src == EMBED_NAME    # the embeddings stay float: own head copy
+    untie = head_src == EMBED_NAME and recipe.head != recipe.embeddings     # tied, in two formats: own head copy
     producers = graph.producers()
     entries: dict[str, QuantizedEntry] = {}
     reports, weight_map = [], {}
@@ -150,12 +156,14 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                 fp_out, kv_stats = _calibrate_layer(runner, int(layer), hidden, work, spec,
                                                     recipe.kv_cache is not None)
             quantized = attach_activation_format(work, spec.fn(work))
-            if recipe.head is not None and head_src in names:        # round to nearest, in its own format
-                head = LM_HEAD if untie else head_src
-                if untie:
-                    names, original[head], work.fp[head] = names + [head], original[head_src], work.fp[head_src]
-                    reference_fp[head] = work.fp[head]
+            if untie and head_src in names:                 # the head's own copy of the tied table
+                names, original[LM_HEAD], work.fp[LM_HEAD] = names + [LM_HEAD], original[head_src], work.fp[head_src]
+                reference_fp[LM_HEAD] = work.fp[LM_HEAD]
+            head = LM_HEAD if untie else head_src
+            if recipe.head is not None and head in names:   # round to nearest, in its own format
                 quantized[head] = quantize_weight(work.fp[head], recipe.head, head, work.weight_observer)
+            if embed_q is not None and EMBED_NAME in names:
+                quantized[EMBED_NAME] = embed_q
             if runner is not None and nodes:                 # true sequential: the next layer sees these
                 weights = {**work.fp, **quantized}
                 hidden = [h for h, _ in runner.run(int(layer), hidden, weights.__getitem__)]
@@ -209,6 +217,9 @@ def quantize(model: Path | str, out: Path | str, recipe: QuantRecipe, *, format:
         raise OptionError("format", f"unknown format {format!r}; choose {' or '.join(QUANTIZE_FORMATS)}")
     out, src = Path(out), check_path(model)
     check_recipe(recipe)
+    if format == "gptq" and (recipe.head is not None or recipe.embeddings is not None):
+        raise OptionError("format", "the GPTQ layout holds the decoder's linears only, not a quantized LM head or "
+                                    "embedding table (--head, --embeddings): use --format llmc for those")
     if fit_context and calibrates(recipe):
         check_model_files(src)
         context = parse_arch(read_json(src / "config.json", "config.json")).max_position_embeddings

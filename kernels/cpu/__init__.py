@@ -13,7 +13,7 @@ from llmc.kernels import register_kernel, register_kernel_set
 from llmc.kernels.cpu import native
 from llmc.kernels.cpu.attention import AttentionPlans, paged_attention
 from llmc.kernels.reference import dense
-from llmc.kernels.reference.dequant import dequantize
+from llmc.kernels.reference.dequant import dequantize, dequantize_rows
 from llmc.kernels.reference.quant import fake_quant_fp8_tensor, fake_quant_int8_groupwise, fake_quant_int8_rowwise
 from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
 from llmc.quantized.formats import QuantizedWeight
@@ -25,6 +25,8 @@ C = register_kernel_set("cpu", "fast CPU kernels: native int8/int4 GEMV for deco
 
 @register_kernel("embed", C)
 def _embed(ctx, tokens, table):
+    if isinstance(table, QuantizedWeight):             # --embeddings int8: only the looked-up rows decoded
+        return dequantize_rows(table, tokens)
     return F.embedding(tokens, table)
 
 

@@ -355,6 +355,11 @@ static void run_op(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
                 case W_F16:
                     for (int64_t j = 0; j < width; j++) y[j] = (float)((const _Float16 *)o->w.data)[r + j];
                     break;
+                case W_I8: {                                  /* int8 rows, a scale each (--embeddings int8) */
+                    float sc = o->w.scale[b->tokens[t]];
+                    for (int64_t j = 0; j < width; j++) y[j] = (float)((const int8_t *)o->w.data)[r + j] * sc;
+                    break;
+                }
                 default:
                     memcpy(y, (const float *)o->w.data + r, sizeof(float) * (size_t)width);
             }

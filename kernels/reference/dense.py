@@ -5,9 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmc.kernels.reference.dequant import dequantize_rows
+from llmc.quantized.formats import QuantizedWeight
 
-def embed(tokens: Tensor, table: Tensor) -> Tensor:
-    """tokens [T] int -> rows of table [V, H] -> [T, H]."""
+
+def embed(tokens: Tensor, table) -> Tensor:
+    """tokens [T] int -> rows of table [V, H] -> [T, H]; a quantized table's rows decoded to fp32."""
+    if isinstance(table, QuantizedWeight):
+        return dequantize_rows(table, tokens)
     return table[tokens]
 
 

@@ -18,3 +18,13 @@ def dequantize(qw: QuantizedWeight) -> Tensor:
         return ungrouped(decode(grouped(codes.float(), fmt.group_size), qw.scale[..., None], zero), k)
     scale = qw.scale if fmt.granularity == "channel" else qw.scale.reshape(())
     return decode(codes, scale, qw.zero)
+
+
+def dequantize_rows(qw: QuantizedWeight, rows: Tensor) -> Tensor:
+    """The fp32 values of rows `rows` of a channel- or group-wise QuantizedWeight (an embedding
+    table's looked-up tokens), without decoding the others."""
+    if qw.fmt.granularity == "tensor":
+        return dequantize(qw)[rows]
+    picked = QuantizedWeight(qw.fmt, (len(rows), qw.shape[1]), qw.data[rows], qw.scale[rows],
+                             None if qw.zero is None else qw.zero[rows])
+    return dequantize(picked)

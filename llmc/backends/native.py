@@ -115,6 +115,8 @@ def unsupported(model) -> str | None:
             if f is None:
                 continue
             key = f[0].key if f[1] is None else f"{f[0].key}+{f[1].key}"
+            if n.op == "embed" and key != "int8/channel":
+                return f"it reads float or int8 embeddings, not {key}"
             if key not in WEIGHT_KINDS or (f[1] is not None and f[1].group_size != f[0].group_size):
                 return f"it runs int8 per-channel, int4 group-wise and fp8 weights (w8a16, w4a16, w8a8, w4a8, fp8), not " \
                        f"{f[0].key}" + ("" if f[1] is None else f" with {f[1].key} inputs")

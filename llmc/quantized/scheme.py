@@ -50,6 +50,7 @@ SCHEMES = {s.name: s for s in (W8A16, W4A16, W8A8, W4A8, FP8)}
 KV_CACHE_DTYPES = {"int8": "int8", "fp8": "fp8_e4m3"}
 HEAD_FORMATS = {"int8": TensorQuant(dtype="int8", granularity="channel"),          # `--head`; float: None
                 "int4": TensorQuant(dtype="int4", granularity="group", group_size=32)}
+EMBEDDING_FORMATS = {"int8": TensorQuant(dtype="int8", granularity="channel")}     # `--embeddings`: per token row
 
 
 def resolve_scheme(name: str, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
@@ -83,6 +84,16 @@ def _head_from_option(name: str) -> TensorQuant | None:
     if name not in HEAD_FORMATS:
         raise OptionError("head", f"unknown head format {name!r}; choose {', '.join(HEAD_FORMATS)} or float")
     return HEAD_FORMATS[name]
+
+
+def _embeddings_from_option(name: str) -> TensorQuant | None:
+    """The embedding table's format `--embeddings NAME` stands for; float (None) keeps it as stored."""
+    if name == "float":
+        return None
+    if name not in EMBEDDING_FORMATS:
+        raise OptionError("embeddings", f"unknown embeddings format {name!r}; choose "
+                                        f"{', '.join(EMBEDDING_FORMATS)} or float")
+    return EMBEDDING_FORMATS[name]
 
 
 def _kv_cache_from_option(name: str | None) -> TensorQuant | None:
@@ -179,8 +190,13 @@ class QuantRecipe:                                     # how we get there
                "fewer bytes per token than fp32)."), build=_kv_cache_from_option, default=None)
     head: TensorQuant | None = recipe_field(
         Option("head", str, "int8 (per channel) or int4 (groups of 32): quantize the LM head too, round to nearest "
-               "(a tied head gets its own copy; the embeddings stay float). Default: float.", default="float"),
+               "(a tied head gets its own copy unless --embeddings is the same format). Default: float.",
+               default="float"),
         build=_head_from_option, default=None)
+    embeddings: TensorQuant | None = recipe_field(
+        Option("embeddings", str, "int8 (per token row): store the embedding table quantized, round to nearest (a "
+               "tied head keeps its own copy in the --head format). Default: float.", default="float"),
+        build=_embeddings_from_option, default=None)
     calib_samples: int = recipe_field(Option("calib_samples", int, "Calibration samples.", default=128, low=1))
     calib_seqlen: int = recipe_field(
         Option("calib_seqlen", int, "Tokens per calibration sample; the default is capped by the model's context.",

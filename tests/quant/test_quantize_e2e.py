@@ -115,6 +115,48 @@ def test_cli_exports_gptq_format(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)[0]["token_ids"]) == 4
 
 
+@pytest.mark.parametrize("head", [None, "int8", "int4"])
+def test_int8_embeddings_of_a_tied_model(head, quantized_stories):
+    """`--embeddings int8`: the table stored int8 per token row. A tied head in another format (float,
+    int4) becomes its own lm_head.weight; one in the same format (int8) stays tied to the quantized
+    table. Every kernel set decodes only the looked-up rows, and greedy tokens stay close to fp32."""
+    from dataclasses import replace
+    from llmc.quantized.scheme import EMBEDDING_FORMATS, HEAD_FORMATS
+    r = replace(recipe("w8a16"), embeddings=EMBEDDING_FORMATS["int8"], head=HEAD_FORMATS.get(head))
+    path, res = quantized_stories(r)
+    cfg = json.loads((path / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["recipe"]["embeddings"]["dtype"] == "int8"
+    assert q["weights"]["model.embed_tokens.weight"]["format"]["dtype"] == "int8"
+    m = load_model(path)
+    table = m.weights.get("model.embed_tokens.weight")
+    assert isinstance(table, QuantizedWeight) and table.data.dtype == torch.int8
+    tied = head == "int8"
+    assert cfg.get("tie_word_embeddings", True) is tied
+    assert ("lm_head.weight" in q["weights"]) == (head == "int4")
+    if head is None:
+        assert not isinstance(m.weights.get("lm_head.weight"), QuantizedWeight)
+    ids = [1, 20, 30, 40, 50, 60, 70]
+    got = {k: forward_all(m, ids, k) for k in ("reference", "cpu", "native")}
+    torch.testing.assert_close(got["cpu"], got["reference"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["native"], got["reference"], rtol=1e-4, atol=1e-4)
+    ref = generate(STORIES, [PROMPT], SamplingParams(max_tokens=40)).completions[0].token_ids
+    out = generate(path, [PROMPT], SamplingParams(max_tokens=40)).completions[0].token_ids
+    prefix = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), len(ref))
+    assert prefix / len(ref) >= (0.3 if head == "int4" else 0.5), (prefix, out)
+
+
+def test_gptq_format_refuses_a_quantized_head_or_embeddings(tmp_path):
+    from dataclasses import replace
+    from llmc.errors import OptionError
+    from llmc.quantizer import quantize
+    from llmc.quantized.scheme import EMBEDDING_FORMATS
+    with pytest.raises(OptionError, match="GPTQ layout holds the decoder's linears only"):
+        quantize(STORIES, tmp_path / "g", replace(recipe("w4a16"), embeddings=EMBEDDING_FORMATS["int8"]),
+                 format="gptq")
+    assert not (tmp_path / "g").exists()
+
+
 @pytest.mark.parametrize("head", ["int8", "int4"])
 def test_quantized_head_of_a_tied_model_is_its_own_tensor(head, quantized_stories):
     """`--head int8|int4` on tied embeddings: the head becomes lm_head.weight, quantized round to
