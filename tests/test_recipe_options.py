@@ -21,7 +21,7 @@ from llmc.quantized.scheme import (KV_CACHE_DTYPES, QUANTIZE_OPTIONS, SCHEMES, Q
 from tests.helpers import STORIES
 
 NOT_RECIPE = {"output", "profile", "calib", "fmt", "requantize", "force", "as_json", "help"}   # declared in cli.py
-RECORD_KEYS = ["scheme", "algorithm", "kv_cache", "head", "calib_samples", "calib_seqlen", "smooth_alpha", "awq_clip",
+RECORD_KEYS = ["scheme", "algorithm", "kv_cache", "head", "embeddings", "calib_samples", "calib_seqlen", "smooth_alpha", "awq_clip",
                "weight_observer", "act_observer", "percentile"]          # a stored recipe's keys, in order
 
 
@@ -84,7 +84,7 @@ def test_an_unset_flag_is_none_so_the_profile_applies(tmp_path, capsys):
 def test_profile_types_are_the_declared_types():
     declared = quantize_option_types()
     assert declared == {"scheme": (str,), "algo": (str,), "group_size": (int,), "asymmetric": (bool,),
-                        "kv_cache": (str,), "head": (str,), "calib_samples": (int,), "calib_seqlen": (int,), "alpha": (float, int),
+                        "kv_cache": (str,), "head": (str,), "embeddings": (str,), "calib_samples": (int,), "calib_seqlen": (int,), "alpha": (float, int),
                         "awq_clip": (bool,), "observer": (str,), "act_observer": (str,), "percentile": (float, int)}
     assert {k: v for k, v in SECTIONS["quantize"].items() if k not in ("calib", "format")} == declared
 
@@ -166,13 +166,14 @@ def test_the_stored_form_is_unchanged():
         "algorithm": "gptq",
         "kv_cache": {"dtype": "fp8_e4m3", "granularity": "channel", "group_size": None, "symmetric": True},
         "head": None,                                                     # added with --head: absent reads as None
+        "embeddings": None,                                               # added with --embeddings: the same
         "calib_samples": 16, "calib_seqlen": 512, "smooth_alpha": 0.5, "awq_clip": True,
         "weight_observer": "minmax", "act_observer": "minmax", "percentile": 99.99}
 
 
 def test_a_recipe_from_before_the_observers_reads_with_their_defaults():
     d = recipe_from_options("w8a16").to_dict()
-    for key in ("awq_clip", "weight_observer", "act_observer", "percentile", "head"):
+    for key in ("awq_clip", "weight_observer", "act_observer", "percentile", "head", "embeddings"):
         del d[key]
     assert QuantRecipe.from_dict(d) == recipe_from_options("w8a16")
 
