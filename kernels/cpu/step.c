@@ -9,8 +9,8 @@
  *
  * Batch invariance: every row is computed on its own, in a fixed order that does not depend on the
  * other rows or on where the row lands (the linears accumulate each row the same way whatever the
- * number of rows; attention runs per sequence and head), so a request's logits are bit-identical
- * whatever else is in the batch.
+ * number of rows; attention runs per row, KV head and aligned chunk of keys), so a request's logits
+ * are bit-identical whatever else is in the batch.
  */
 #include <math.h>
 #include <stdint.h>
