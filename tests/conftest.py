@@ -12,6 +12,15 @@ settings.register_profile("long", max_examples=20000, deadline=None,
 settings.load_profile("ci")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_library():
+    """The native library compiled (or found in the kernel cache) once, before any test runs: on a
+    fresh machine the first load compiles for several seconds, which must not land inside a test
+    that bounds its own time (tests/fuzz). Tests of the kernel cache clear and rebuild it themselves."""
+    from llmc.kernels.cpu import native
+    return native.library()
+
+
 # Golden artifacts built once per session and shared read-only: a test that alters one copies it.
 
 
