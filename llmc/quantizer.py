@@ -159,11 +159,11 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
             if untie and head_src in names:                 # the head's own copy of the tied table
                 names, original[LM_HEAD], work.fp[LM_HEAD] = names + [LM_HEAD], original[head_src], work.fp[head_src]
                 reference_fp[LM_HEAD] = work.fp[LM_HEAD]
-            head = LM_HEAD if untie else head_src
-            if recipe.head is not None and head in names:   # round to nearest, in its own format
-                quantized[head] = quantize_weight(work.fp[head], recipe.head, head, work.weight_observer)
             if embed_q is not None and EMBED_NAME in names:
-                quantized[EMBED_NAME] = embed_q
+                quantized[EMBED_NAME] = embed_q             # a head tied to it (same format) is this tensor
+            head = LM_HEAD if untie else head_src
+            if recipe.head is not None and head in names and head not in quantized:   # round to nearest
+                quantized[head] = quantize_weight(work.fp[head], recipe.head, head, work.weight_observer)
             if runner is not None and nodes:                 # true sequential: the next layer sees these
                 weights = {**work.fp, **quantized}
                 hidden = [h for h, _ in runner.run(int(layer), hidden, weights.__getitem__)]

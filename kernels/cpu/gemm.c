@@ -4,9 +4,9 @@
  * to floats in registers, so memory traffic is the stored size and no float copy of the weight is
  * written; w8a8 and w4a8 multiply int8 input codes as integers. Two layouts:
  * - LAYOUT_PACKED (the native executor lays every weight out once at load, llmc_pack_weight): float
- *   kinds and weight-only int8/int4 in k-major panels of 16 rows, run by outer-product kernels of up
- *   to 6 input rows (no horizontal sums; each widened weight vector feeds every row); w8a8 and w4a8
- *   in tiles of 4 rows of 32-value pieces (exact int32 dot products).
+ *   kinds, fp8, weight-only int8/int4 and w4a8 in k-major panels of 16 rows, run by outer-product
+ *   kernels of up to 6 input rows (no horizontal sums; each widened weight vector feeds every row;
+ *   w4a8 sums exact int32 products); w8a8 in tiles of 4 rows of 32-value pieces.
  * - LAYOUT_ROWS (the cpu kernel set's entry points, weights as torch holds them): tiles of MB input
  *   rows x NB weight rows, one vector accumulator per output, its lanes summed at the end.
  * Threads (OpenMP, the runtime torch has loaded) split the weight rows; rows of x are taken in chunks
@@ -412,7 +412,6 @@ static void block_int(const llmc_weight *w, const int8_t *xq, const float *xsc, 
     }
 }
 
-
 /* 8 int32 lanes: lane l sums the products of row l's 8 codes in 4 packed bytes (low nibbles: the
  * first quad of k, high nibbles: the second) with the 8 input codes at xq (exact) */
 static inline v8i idot_u4_quads(const uint8_t *b, const int8_t *xq) {
@@ -436,7 +435,7 @@ static inline v8i idot_u4_quads(const uint8_t *b, const int8_t *xq) {
 #endif
 }
 
-/* ---- LAYOUT_PACKED panels: float kinds, int8 per channel and weight-only int4 ----------------------
+/* ---- LAYOUT_PACKED panels: float kinds, fp8, int8 per channel, weight-only int4 and w4a8 ------------
  * A panel is NR consecutive weight rows (the last panel padded with zero rows) stored k-major: for every
  * k, the NR rows' values at k side by side; int4 keeps a byte per row for every pair of k (low nibble
  * k, high nibble k + 1, as the rows layout packs them), then the panels' scales and zero points, NR a
@@ -753,9 +752,6 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, co
     }
 }
 
-
-
-
 /* w8a8 in LAYOUT_PACKED tiles: pieces of 32 int8 values, 32 bytes of each of the tile's 4 rows in turn; the
  * products summed exactly in int32 lanes, so the result is the rows layout's to the bit */
 static int int8_tiles(const llmc_weight *w) { return w->kind == W_I8A8 && w->k % IPIECE == 0; }
@@ -792,7 +788,6 @@ static void i8a8t_block(const llmc_weight *w, const int8_t *xq, const float *xsc
         }
     }
 }
-
 
 /* ---- LAYOUT_PACKED ---------------------------------------------------------------------------------- */
 int64_t llmc_packed_bytes(const llmc_weight *w) {

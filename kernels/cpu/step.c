@@ -220,12 +220,12 @@ static void weigh_values(const float *p, const float *const *v, int64_t n, int64
 
 /* one chunk, keys [a, c] of KV head kv, for the G query heads that share it (q G * d apart): per head
  * its max score m, the sum l of exp(score - m) and o = sum exp(score - m) v, in the order of the keys.
- * Each key and value is read once for the G heads; a block's positions are walked without a division. */
+ * Each key and value is read once for the G heads; a block's positions are walked without a division.
+ * Scratch: sc, G * CHUNK floats (the scores); buf, CHUNK * d floats (rows decoded from a cache that is
+ * not fp32; NULL for an fp32 cache). */
 static void attend_chunk(const float *q, int64_t G, const void *kc, const void *vc, int64_t kind, float ksc,
                          float vsc, const int64_t *table, int64_t a, int64_t c, int64_t bs, int64_t kvh, int64_t kv,
-                         int64_t d, float scale, float *m, float *l, float *o) {
-    float scores[32 * CHUNK], *sc = G <= 32 ? scores : malloc(sizeof(float) * (size_t)(G * CHUNK));
-    float *buf = kind == KV_F32 ? NULL : malloc(sizeof(float) * (size_t)(CHUNK * d));
+                         int64_t d, float scale, float *m, float *l, float *o, float *sc, float *buf) {
     const float *rows[CHUNK];
     int64_t len = c - a + 1;
     kv_rows(kc, kind, ksc, table, a, c, bs, kvh, kv, d, buf, rows);
@@ -248,8 +248,6 @@ static void attend_chunk(const float *q, int64_t G, const void *kc, const void *
     }
     kv_rows(vc, kind, vsc, table, a, c, bs, kvh, kv, d, buf, rows);
     for (int64_t g = 0; g < G; g++) weigh_values(sc + g * CHUNK, rows, len, d, o + g * d);
-    free(buf);
-    if (sc != scores) free(sc);
 }
 
 /* out = (sum_c o_c e^(m_c - M)) / (sum_c l_c e^(m_c - M)) over a head's n chunks in order, M = max m_c */
@@ -299,6 +297,9 @@ static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b)
               *ol = ll + units * G;
         #pragma omp parallel num_threads(p->nthreads)
         {
+            /* a thread's scratch for every chunk it runs: the scores of the G heads, decoded rows */
+            float *sc = malloc(sizeof(float) * (size_t)(G * CHUNK));
+            float *buf = kind == KV_F32 ? NULL : malloc(sizeof(float) * (size_t)(CHUNK * d));
             #pragma omp for schedule(dynamic, 1)
             for (int64_t u = 0; u < units; u++) {             /* (row, KV head, chunk) */
                 int64_t r = t0, top = t1 - 1;                 /* the last row whose units start at or before u */
@@ -311,8 +312,10 @@ static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b)
                 int64_t a = c * CHUNK > lo[r] ? c * CHUNK : lo[r], z = (c + 1) * CHUNK - 1 < pos[r] ? (c + 1) * CHUNK - 1 : pos[r];
                 attend_chunk(ROW(p, o->in[0], r) + kv * G * d, G, kc, vc, kind, o->k_scale ? o->k_scale[kv] : 1.0f,
                              o->v_scale ? o->v_scale[kv] : 1.0f, b->block_tables + seq[r] * b->max_blocks,
-                             a, z, bs, KVH, kv, d, (float)o->f[1], ml + u * G, ll + u * G, ol + u * G * d);
+                             a, z, bs, KVH, kv, d, (float)o->f[1], ml + u * G, ll + u * G, ol + u * G * d, sc, buf);
             }
+            free(sc);
+            free(buf);
             #pragma omp for schedule(static)
             for (int64_t rh = 0; rh < (t1 - t0) * H; rh++) {   /* (row, query head): its chunks merged */
                 int64_t r = t0 + rh / H, h = rh % H, kv = h / G, g = h % G;

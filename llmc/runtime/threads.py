@@ -6,7 +6,7 @@ process holds one of the cores, the thread that waits for it spins through its w
 a step that takes 12 ms on a quiet machine took 200 ms beside two busy loops (measured on 2 cores).
 Waiting passively instead costs a wake-up per barrier on a quiet machine. So the policy looks at the
 machine instead: every `interval` seconds it reads how many cores the other processes used since the
-last look (/proc/stat's busy time, less this process's own from /proc/self/stat; time the
+last look (/proc/stat's busy time, less this process's own from os.times(); time the
 hypervisor stole counts as used) and runs the next steps on the cores left, at least one. On a quiet
 machine that is every thread; the cost is two small file reads per interval.
 """
