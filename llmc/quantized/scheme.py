@@ -195,7 +195,8 @@ class QuantRecipe:                                     # how we get there
         build=_head_from_option, default=None)
     embeddings: TensorQuant | None = recipe_field(
         Option("embeddings", str, "int8 (per token row): store the embedding table quantized, round to nearest (a "
-               "tied head keeps its own copy in the --head format). Default: float.", default="float"),
+               "tied head in another format gets its own copy; with --head int8 the two stay one tensor). "
+               "Default: float.", default="float"),
         build=_embeddings_from_option, default=None)
     calib_samples: int = recipe_field(Option("calib_samples", int, "Calibration samples.", default=128, low=1))
     calib_seqlen: int = recipe_field(
