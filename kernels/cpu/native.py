@@ -47,7 +47,7 @@ from torch import Tensor
 from llmc.io import removed_on_failure
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "step.c"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("linear.h", "simd.h", "fp8.h"))   # included by the sources: part of the cache key
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("linear.h", "simd.h", "fp8.h", "widen.h"))   # included by the sources: part of the cache key
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")   # fusions explicit
 MAX_ROWS = 8             # above this, torch's GEMM (MKL/oneDNN) is as fast or faster (benchmarked)
 ABI_VERSION = 6          # what gemm.c's llmc_abi_version() returns: bump both when an export changes

@@ -52,7 +52,11 @@ static inline float hsum_pairs(vf v) {
 static inline vf vexp(vf x) {
     vf r, p;
     vf n;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    n = (vf)_mm256_round_ps((__m256)(x * 1.44269504f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
     for (int i = 0; i < VL; i++) n[i] = __builtin_roundf(x[i] * 1.44269504f);
+#endif
     r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
     p = vbroadcast(1.0f / 720.0f);
     p = vfma(p, r, vbroadcast(1.0f / 120.0f));
@@ -61,6 +65,11 @@ static inline vf vexp(vf x) {
     p = vfma(p, r, vbroadcast(0.5f));
     p = vfma(p, r, vbroadcast(1.0f));
     p = vfma(p, r, vbroadcast(1.0f));
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32((__m256)n), 23);
+    __m256 v = (__m256)_mm256_add_epi32((__m256i)p, e);
+    return (vf)_mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps((__m256)x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ));
+#else
     for (int i = 0; i < VL; i++) {
         int32_t e = (int32_t)n[i];
         if (x[i] < -87.0f) { p[i] = 0.0f; continue; }
@@ -69,6 +78,7 @@ static inline vf vexp(vf x) {
         p[i] = b.f;
     }
     return p;
+#endif
 }
 
 #endif
