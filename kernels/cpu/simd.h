@@ -37,6 +37,17 @@ static inline vf vbroadcast(float s) {
 #endif
 }
 
+/* the lanes' maxima (exact: for finite values the same in any order) */
+static inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX2__)
+    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    for (int i = 0; i < VL; i++) a[i] = b[i] > a[i] ? b[i] : a[i];
+    return a;
+#endif
+}
 static inline float hsum(vf v) { float s = 0.0f; for (int i = 0; i < VL; i++) s += v[i]; return s; }
 static inline vf vzero(void) { vf z; for (int i = 0; i < VL; i++) z[i] = 0.0f; return z; }
 

@@ -282,23 +282,26 @@ static void scores(const float *q, const float *const *k, int64_t n, int64_t d, 
     for (; j < n; j++) sc[j] = dot_d(q, k[j], d) * scale;
 }
 
-/* one chunk, keys [a, c] of KV head kv, for the G query heads that share it (q G * d apart): per head
- * its max score m, the sum l of exp(score - m) and o = sum exp(score - m) v, in the order of the keys.
- * Each key and value is read once for the G heads; a block's positions are walked without a division.
- * Scratch: sc, G * CHUNK floats (the scores); buf, CHUNK * d floats (rows decoded from a cache that is
- * not fp32; NULL for an fp32 cache). */
-static void attend_chunk(const float *q, int64_t G, const void *kc, const void *vc, int64_t kind, float ksc,
-                         float vsc, const int64_t *table, int64_t a, int64_t c, int64_t bs, int64_t kvh, int64_t kv,
-                         int64_t d, float scale, float *m, float *l, float *o, float *sc, float *buf) {
-    const float *rows[CHUNK];
-    int64_t len = c - a + 1;
-    kv_rows(kc, kind, ksc, table, a, c, bs, kvh, kv, d, buf, rows);
-    for (int64_t g = 0; g < G; g++) scores(q + g * d, rows, len, d, scale, sc + g * CHUNK);
+/* one query row's chunk of keys: the G query heads that share a KV head (q G * d apart) against the len
+ * keys and values at krows / vrows (decoded rows): per head its max score m, the sum l of
+ * exp(score - m) and o = sum exp(score - m) v, in the order of the keys. sc: G * CHUNK floats. */
+static void attend_rows(const float *q, int64_t G, const float *const *krows, const float *const *vrows,
+                        int64_t len, int64_t d, float scale, float *m, float *l, float *o, float *sc) {
+    for (int64_t g = 0; g < G; g++) scores(q + g * d, krows, len, d, scale, sc + g * CHUNK);
     for (int64_t g = 0; g < G; g++) {
         float *sg = sc + g * CHUNK, mx = -INFINITY;
-        for (int64_t j = 0; j < len; j++) mx = sg[j] > mx ? sg[j] : mx;
-        vf vsum = vzero(), vmx = vbroadcast(mx);
         int64_t j = 0;
+        if (len >= VL) {                                  /* the max is exact in any order */
+            vf vm = *(vf *)sg;
+            for (j = VL; j + VL <= len; j += VL) {
+                vf x = *(vf *)(sg + j);
+                vm = vmax(x, vm);
+            }
+            for (int i = 0; i < VL; i++) mx = vm[i] > mx ? vm[i] : mx;
+        }
+        for (; j < len; j++) mx = sg[j] > mx ? sg[j] : mx;
+        vf vsum = vzero(), vmx = vbroadcast(mx);
+        j = 0;
         for (; j + VL <= len; j += VL) {
             vf e = vexp(*(vf *)(sg + j) - vmx);
             *(vf *)(sg + j) = e;
@@ -309,8 +312,7 @@ static void attend_chunk(const float *q, int64_t G, const void *kc, const void *
         m[g] = mx;
         l[g] = sum;
     }
-    kv_rows(vc, kind, vsc, table, a, c, bs, kvh, kv, d, buf, rows);
-    for (int64_t g = 0; g < G; g++) weigh_values(sc + g * CHUNK, rows, len, d, o + g * d);
+    for (int64_t g = 0; g < G; g++) weigh_values(sc + g * CHUNK, vrows, len, d, o + g * d);
 }
 
 /* out = (sum_c o_c e^(m_c - M)) / (sum_c l_c e^(m_c - M)) over a head's n chunks in order, M = max m_c */
@@ -327,20 +329,25 @@ static void merge_chunks(const float *m, const float *l, const float *o, int64_t
     for (int64_t e = 0; e < d; e++) out[e] /= L;
 }
 
-/* unit u of a wave of rows [t0, t1) (first: where each row's units start): its row, KV head and keys
- * [a, z] (a row's units: per KV head, its chunks in order) */
-typedef struct { int64_t r, kv, a, z; } unit_span;
-static unit_span unit_at(int64_t u, int64_t t0, int64_t t1, const int64_t *first, const int64_t *pos,
-                         const int64_t *lo) {
-    int64_t r = t0, top = t1 - 1;                         /* the last row whose units start at or before u */
-    while (r < top) {
-        int64_t mid = (r + top + 1) / 2;
-        if (first[mid - t0] <= u) r = mid; else top = mid - 1;
+/* A wave's work: tiles of up to TILE consecutive rows of one sequence (a prefill's rows; a decode row
+ * is a tile of its own), and for each tile every (KV head, chunk) any of its rows reaches: an item.
+ * An item decodes the chunk's keys and values once for all of the tile's rows, then runs each row that
+ * reaches the chunk exactly as it would run alone (its own key range, the same arithmetic), so a row's
+ * result does not depend on its tile. */
+#define TILE 16
+typedef struct { int64_t r0, r1, c0, nch, item0; } att_tile;   /* rows [r0, r1), chunks c0.., items from item0 */
+typedef struct { const att_tile *tile; int64_t kv, c, a, z; } att_item;   /* keys [a, z]: the rows' union */
+static att_item item_at(int64_t i, const att_tile *tiles, int64_t ntiles, const int64_t *pos, const int64_t *lo) {
+    int64_t t = 0, top = ntiles - 1;                      /* the last tile whose items start at or before i */
+    while (t < top) {
+        int64_t mid = (t + top + 1) / 2;
+        if (tiles[mid].item0 <= i) t = mid; else top = mid - 1;
     }
-    int64_t rest = u - first[r - t0], c0 = lo[r] / CHUNK, nch = pos[r] / CHUNK - c0 + 1, c = c0 + rest % nch;
-    unit_span s = {r, rest / nch, c * CHUNK > lo[r] ? c * CHUNK : lo[r],
-                   (c + 1) * CHUNK - 1 < pos[r] ? (c + 1) * CHUNK - 1 : pos[r]};
-    return s;
+    const att_tile *tl = tiles + t;
+    int64_t rest = i - tl->item0, c = tl->c0 + rest % tl->nch;
+    att_item it = {tl, rest / tl->nch, c, c * CHUNK > lo[tl->r0] ? c * CHUNK : lo[tl->r0],
+                   (c + 1) * CHUNK - 1 < pos[tl->r1 - 1] ? (c + 1) * CHUNK - 1 : pos[tl->r1 - 1]};
+    return it;
 }
 
 static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b) {
@@ -374,26 +381,46 @@ static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b)
         }
         float *ml = malloc(sizeof(float) * (size_t)(units * G * (d + 2))), *ll = ml + units * G,
               *ol = ll + units * G;
+        att_tile *tiles = malloc(sizeof(att_tile) * (size_t)(t1 - t0));
+        int64_t ntiles = 0, items = 0;
+        for (int64_t r = t0; r < t1; ntiles++) {
+            int64_t r1 = r + 1;
+            while (r1 < t1 && r1 - r < TILE && seq[r1] == seq[r] && pos[r1] == pos[r1 - 1] + 1) r1++;
+            att_tile tl = {r, r1, lo[r] / CHUNK, pos[r1 - 1] / CHUNK - lo[r] / CHUNK + 1, items};
+            tiles[ntiles] = tl;
+            items += KVH * tl.nch;
+            r = r1;
+        }
         #pragma omp parallel num_threads(p->nthreads)
         {
-            /* a thread's scratch for every chunk it runs: the scores of the G heads, decoded rows */
+            /* a thread's scratch: the scores of the G heads; the chunk's keys and values decoded */
             float *sc = malloc(sizeof(float) * (size_t)(G * CHUNK));
-            float *buf = kind == KV_F32 ? NULL : malloc(sizeof(float) * (size_t)(CHUNK * d));
-            /* contiguous runs of units a thread: a row's chunks in turn, so its keys are read in order;
-             * while one unit runs, the next one's keys and values are prefetched */
+            float *buf = kind == KV_F32 ? NULL : malloc(sizeof(float) * (size_t)(2 * CHUNK * d));
+            const float *krows[CHUNK], *vrows[CHUNK];
+            /* contiguous runs of items a thread: a tile's chunks in turn, so its keys are read in order;
+             * while one item runs, the next one's keys and values are prefetched */
             #pragma omp for schedule(static)
-            for (int64_t u = 0; u < units; u++) {             /* (row, KV head, chunk) */
-                unit_span uu = unit_at(u, t0, t1, first, pos, lo);
-                if (u + 1 < units) {
-                    unit_span nx = unit_at(u + 1, t0, t1, first, pos, lo);
-                    const int64_t *tb = b->block_tables + seq[nx.r] * b->max_blocks;
+            for (int64_t i = 0; i < items; i++) {
+                att_item it = item_at(i, tiles, ntiles, pos, lo);
+                if (i + 1 < items) {
+                    att_item nx = item_at(i + 1, tiles, ntiles, pos, lo);
+                    const int64_t *tb = b->block_tables + seq[nx.tile->r0] * b->max_blocks;
                     kv_prefetch(kc, eb, tb, nx.a, nx.z, bs, KVH, nx.kv, d);
                     kv_prefetch(vc, eb, tb, nx.a, nx.z, bs, KVH, nx.kv, d);
                 }
-                attend_chunk(ROW(p, o->in[0], uu.r) + uu.kv * G * d, G, kc, vc, kind,
-                             o->k_scale ? o->k_scale[uu.kv] : 1.0f, o->v_scale ? o->v_scale[uu.kv] : 1.0f,
-                             b->block_tables + seq[uu.r] * b->max_blocks, uu.a, uu.z, bs, KVH, uu.kv, d,
-                             (float)o->f[1], ml + u * G, ll + u * G, ol + u * G * d, sc, buf);
+                const int64_t *tb = b->block_tables + seq[it.tile->r0] * b->max_blocks;
+                kv_rows(kc, kind, o->k_scale ? o->k_scale[it.kv] : 1.0f, tb, it.a, it.z, bs, KVH, it.kv, d, buf, krows);
+                kv_rows(vc, kind, o->v_scale ? o->v_scale[it.kv] : 1.0f, tb, it.a, it.z, bs, KVH, it.kv, d,
+                        buf ? buf + CHUNK * d : NULL, vrows);
+                for (int64_t r = it.tile->r0; r < it.tile->r1; r++) {
+                    int64_t c0 = lo[r] / CHUNK, nch = pos[r] / CHUNK - c0 + 1;
+                    if (it.c < c0 || it.c >= c0 + nch) continue;          /* this row does not reach the chunk */
+                    int64_t a = it.c * CHUNK > lo[r] ? it.c * CHUNK : lo[r];
+                    int64_t z = (it.c + 1) * CHUNK - 1 < pos[r] ? (it.c + 1) * CHUNK - 1 : pos[r];
+                    int64_t u = first[r - t0] + it.kv * nch + (it.c - c0);
+                    attend_rows(ROW(p, o->in[0], r) + it.kv * G * d, G, krows + (a - it.a), vrows + (a - it.a),
+                                z - a + 1, d, (float)o->f[1], ml + u * G, ll + u * G, ol + u * G * d, sc);
+                }
             }
             free(sc);
             free(buf);
@@ -406,6 +433,7 @@ static void attention(const llmc_plan *p, const llmc_op *o, const llmc_batch *b)
             }
         }
         free(ml);
+        free(tiles);
         t0 = t1;
     }
     free(seq);

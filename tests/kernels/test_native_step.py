@@ -125,6 +125,31 @@ def _run(be, kv, seqs: list[tuple[list[int], int, int]], tables: list[list[int]]
     return per_seq
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "w8a8"])
+def test_prefill_chunking_invariance(fmt, quantized_stories):
+    """A prompt's every row has bit-identical logits however its prefill was split into chunks (rows
+    that shared a tile of attention in one split are alone, or in other tiles, in another), and
+    whether its sequence shares the step with other sequences."""
+    path = STORIES if fmt == "fp32" else quantized_stories(WEIGHT_FORMATS[fmt])[0]
+    be = backend(load_model(path), "native")
+    r = random.Random(fmt)
+    for trial in range(6):
+        length = r.randint(20, 90)
+        tokens = ids(length, 7 * trial)
+        kv = be.allocate_kv(32, 4)
+        whole = _run(be, kv, [(tokens, 0, length)], [list(range(32))], [0])[0]
+        cuts = sorted(r.sample(range(1, length), r.randint(1, 5)))
+        kv = be.allocate_kv(64, 4)
+        other = ids(r.randint(2, 30), 99 + trial)
+        pieces, start = [], 0
+        for stop in [*cuts, length]:
+            out = _run(be, kv, [(tokens, start, stop), (other, 0, len(other))], [list(range(32)), list(range(32, 64))],
+                       r.sample([0, 1], 2))
+            pieces.append(out[0])
+            start = stop
+        assert torch.equal(torch.cat(pieces), whole), f"trial {trial}: cuts {cuts} of {length}"
+
+
 @pytest.mark.parametrize("fmt", ["fp32", "w4a16-g32"])
 def test_batch_invariance(fmt, quantized_stories):
     """20 random batch compositions (whole prefills, prefill chunks after cached context, decodes),
