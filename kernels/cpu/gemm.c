@@ -655,8 +655,13 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, co
                     widen_i4_panel((const uint8_t *)a.w, K, wide);
                     a.w = (const char *)wide;
                 }
-                for (int64_t m = m0; m < m1; m += MR_MAX) {
-                    int64_t mr = m1 - m < MR_MAX ? m1 - m : MR_MAX;
+                /* the chunk's rows in nb blocks as even as possible (8 rows: 4 + 4, not 6 + 2, whose
+                 * 2-row block had too few accumulators to hide the FMA latency); weight-only int4 in
+                 * blocks of MR_MAX (its 4- and 5-row kernels measured slower than a short last block) */
+                int64_t rows = m1 - m0, nb = (rows + MR_MAX - 1) / MR_MAX, even = w->kind != W_I4;
+                for (int64_t bi = 0; bi < nb; bi++) {
+                    int64_t m = even ? m0 + rows * bi / nb : m0 + bi * MR_MAX;
+                    int64_t mr = even ? m0 + rows * (bi + 1) / nb - m : (m1 - m < MR_MAX ? m1 - m : MR_MAX);
                     a.x = x + m * K;
                     a.xs = xs ? xs + m * G : NULL;
                     if (xq) a.xq = xq + m * K, a.xsc = xsc + m * G, a.xsum = xsum + m * G;
