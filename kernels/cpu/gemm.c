@@ -366,7 +366,7 @@ static inline v8i idot_u4_quads(const uint8_t *b, const int8_t *xq) {
  * group. A kernel of MR input rows x P panels keeps its MR * P * NR outputs in vector accumulators:
  * each k step loads (and widens) the panels' values once and broadcasts one input value a row, so at
  * MR = 6 each widened weight vector feeds 6 FMAs and no horizontal sum is ever needed. Decode (MR = 1)
- * runs P = 4 panels side by side for independent FMA chains.
+ * runs P = 3 panels side by side for independent FMA chains (4 needed more than the 16 AVX2 registers).
  *
  * Every output is accumulated in the order k = 0, 1, ..., K - 1 whatever MR and P (int4: each group in
  * that order, then tot = fma(scale, sum - zero * xsum, tot) over the groups in order), so a row's result
@@ -489,13 +489,14 @@ static void NAME##_##MR##x##P(const panel_args *a) {                            
 }
 
 /* the kernels of a kind by [MR][P]: P panels at most PANELS[MR] (MR * P * NR accumulators fit the
- * registers); MR = 6 and the remainders of a chunk of rows run one panel at a time */
-static const int PANELS[MR_MAX + 1] = {0, 4, 3, 2, 1, 1, 1};
+ * registers: one row runs 3, not 4, whose 8 accumulators and 8 weight vectors spilled); MR >= 4 runs one
+ * panel at a time */
+static const int PANELS[MR_MAX + 1] = {0, 3, 3, 2, 1, 1, 1};
 #define DEFINE_PANELS(KIND, DEF)                                                                   \
-DEF(KIND, 1, 1) DEF(KIND, 1, 2) DEF(KIND, 1, 3) DEF(KIND, 1, 4) DEF(KIND, 2, 1) DEF(KIND, 2, 2)    \
+DEF(KIND, 1, 1) DEF(KIND, 1, 2) DEF(KIND, 1, 3) DEF(KIND, 2, 1) DEF(KIND, 2, 2)                    \
 DEF(KIND, 2, 3) DEF(KIND, 3, 1) DEF(KIND, 3, 2) DEF(KIND, 4, 1) DEF(KIND, 5, 1) DEF(KIND, 6, 1)    \
-static const panel_fn PANEL_##KIND[MR_MAX + 1][5] = {                                              \
-    {0}, {0, panel_##KIND##_1x1, panel_##KIND##_1x2, panel_##KIND##_1x3, panel_##KIND##_1x4},      \
+static const panel_fn PANEL_##KIND[MR_MAX + 1][4] = {                                              \
+    {0}, {0, panel_##KIND##_1x1, panel_##KIND##_1x2, panel_##KIND##_1x3},                          \
     {0, panel_##KIND##_2x1, panel_##KIND##_2x2, panel_##KIND##_2x3}, {0, panel_##KIND##_3x1, panel_##KIND##_3x2}, \
     {0, panel_##KIND##_4x1}, {0, panel_##KIND##_5x1}, {0, panel_##KIND##_6x1}};
 #define DEF_FLOAT(KIND, MR, P) DEFINE_PANEL(KIND, MR, P)
@@ -562,7 +563,7 @@ static void widen_i4_panel(const uint8_t *b, int64_t K, float *f) {
 }
 #define WIDEN_ROWS (2 * MR_MAX)   /* rows from which a chunk widens each int4 panel once for all of them */
 
-static const panel_fn (*panel_table(int64_t kind))[5] {
+static const panel_fn (*panel_table(int64_t kind))[4] {
     switch (kind) {
         case W_F32: return PANEL_f32;
         case W_BF16: return PANEL_bf16;
@@ -628,7 +629,7 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, co
     panels_bytes(w, &data, &total);
     const float *sc = is_int4(w) ? (const float *)((const char *)w->data + data) : NULL;
     const uint8_t *zc = sc ? (const uint8_t *)(sc + np * G * NR) : NULL;
-    const panel_fn (*table)[5] = panel_table(w->kind);
+    const panel_fn (*table)[4] = panel_table(w->kind);
     int64_t mc = (65536 / (K > 0 ? K : 1)) / MR_MAX * MR_MAX;        /* 256 KiB of inputs a chunk */
     mc = mc < MR_MAX ? MR_MAX : mc;
     #pragma omp parallel num_threads(nthreads)
