@@ -223,10 +223,11 @@ static void kv_prefetch(const void *cache, int64_t eb, const int64_t *table, int
 }
 
 /* Attention of a query row runs in chunks of CHUNK positions (aligned to multiples of CHUNK, so they
- * depend only on the row's own position and window): each chunk of each KV head is a unit of work, and
- * the chunks of a row's heads are merged in order afterwards (flash-decoding's split along the keys).
- * A decode row of 256 positions and 3 KV heads gives 24 units instead of 3, so two threads share it
- * evenly. Everything a row computes depends only on the row, never on the batch. */
+ * depend only on the row's own position and window): each chunk of each KV head is a unit whose
+ * max, sum and weighted values are kept, and the chunks of a row's heads are merged in order afterwards
+ * (flash-decoding's split along the keys). A decode row of 256 positions and 3 KV heads gives 24 units
+ * instead of 3, so two threads share it evenly; a prefill's rows share each chunk's decoded keys (the
+ * tiles below). Everything a row computes depends only on the row, never on the batch. */
 #define CHUNK 32
 #define WAVE_FLOATS (1 << 20)       /* scratch of one wave of rows: 4 MiB */
 
