@@ -77,23 +77,16 @@ def _scheme_from_options(scheme: str, group_size: int | None, asymmetric: bool) 
     return resolve_scheme(scheme, group_size, False if asymmetric else None)
 
 
-def _head_from_option(name: str) -> TensorQuant | None:
-    """The LM head's format `--head NAME` stands for; float (None) keeps it as stored."""
-    if name == "float":
-        return None
-    if name not in HEAD_FORMATS:
-        raise OptionError("head", f"unknown head format {name!r}; choose {', '.join(HEAD_FORMATS)} or float")
-    return HEAD_FORMATS[name]
-
-
-def _embeddings_from_option(name: str) -> TensorQuant | None:
-    """The embedding table's format `--embeddings NAME` stands for; float (None) keeps it as stored."""
-    if name == "float":
-        return None
-    if name not in EMBEDDING_FORMATS:
-        raise OptionError("embeddings", f"unknown embeddings format {name!r}; choose "
-                                        f"{', '.join(EMBEDDING_FORMATS)} or float")
-    return EMBEDDING_FORMATS[name]
+def _tensor_format_option(option: str, formats: dict[str, TensorQuant]) -> Callable[[str], TensorQuant | None]:
+    """The builder of `--OPTION NAME` (--head, --embeddings): the tensor's format NAME stands for, one of
+    `formats`; float (None) keeps the tensor as stored."""
+    def build(name: str) -> TensorQuant | None:
+        if name == "float":
+            return None
+        if name not in formats:
+            raise OptionError(option, f"unknown {option} format {name!r}; choose {', '.join(formats)} or float")
+        return formats[name]
+    return build
 
 
 def _kv_cache_from_option(name: str | None) -> TensorQuant | None:
@@ -192,12 +185,12 @@ class QuantRecipe:                                     # how we get there
         Option("head", str, "int8 (per channel) or int4 (groups of 32): quantize the LM head too, round to nearest "
                "(a tied head gets its own copy unless --embeddings is the same format). Default: float.",
                default="float"),
-        build=_head_from_option, default=None)
+        build=_tensor_format_option("head", HEAD_FORMATS), default=None)
     embeddings: TensorQuant | None = recipe_field(
         Option("embeddings", str, "int8 (per token row): store the embedding table quantized, round to nearest (a "
                "tied head in another format gets its own copy; with --head int8 the two stay one tensor). "
                "Default: float.", default="float"),
-        build=_embeddings_from_option, default=None)
+        build=_tensor_format_option("embeddings", EMBEDDING_FORMATS), default=None)
     calib_samples: int = recipe_field(Option("calib_samples", int, "Calibration samples.", default=128, low=1))
     calib_seqlen: int = recipe_field(
         Option("calib_seqlen", int, "Tokens per calibration sample; the default is capped by the model's context.",
