@@ -260,7 +260,7 @@ static void weigh_values(const float *p, const float *const *v, int64_t n, int64
 /* sc[j] = (q . k_j) * scale for the n keys: with AVX2, 8 keys at a time, one accumulator a key over
  * d (in the order of e, a lane per residue of e mod 8), the 8 accumulators' lanes summed by one tree of
  * horizontal adds (the same tree for every key); the last n mod 8 keys, and every key elsewhere, by
- * dot_d. Each key's score depends only on its place in the chunk, never on the batch. */
+ * dot_d. Each key's score depends only on its place in the row's own key range, never on the batch or tile. */
 static void scores(const float *q, const float *const *k, int64_t n, int64_t d, float scale, float *sc) {
     int64_t j = 0;
 #if defined(__AVX2__) && !defined(__AVX512F__)
