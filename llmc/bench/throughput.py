@@ -181,11 +181,12 @@ def make_prompts(count: int, length: int, vocab: int, special: set[int]) -> list
 
 def runtime_for(batch: int, input_len: int, output_len: int, kernels: str | None):
     """A Runner config where the batch prefills in one step and the KV cache holds the whole batch,
-    no more: B * ceil((input_len + output_len) / BLOCK_SIZE) blocks."""
+    no more: B * ceil((input_len + output_len) / BLOCK_SIZE) blocks. No prefix caching: the timed
+    runs repeat the warm-up's prompts, whose prefill must be measured each time."""
     from llmc.runtime.runner import RuntimeConfig
 
     return RuntimeConfig(kernels=kernels, block_size=BLOCK_SIZE, max_num_seqs=batch,
-                         max_batched_tokens=batch * input_len,
+                         max_batched_tokens=batch * input_len, prefix_caching=False,   # repeats reuse prompts
                          num_blocks=batch * -(-(input_len + output_len) // BLOCK_SIZE))
 
 

@@ -9,6 +9,7 @@ import torch
 
 from llmc.errors import ConfigError, OptionError
 from llmc.runtime.batch import RaggedBatch
+from llmc.runtime.kv_cache import BlockAllocator
 from llmc.runtime.sampler import SamplingParams, sample_rows
 from llmc.runtime.scheduler import Request, Scheduler, SchedulerConfig
 from llmc.targets import open_backend
@@ -24,6 +25,7 @@ class RuntimeConfig:
     num_blocks: int | None = None            # None: enough for max_num_seqs full-length sequences, within budget
     max_num_seqs: int = 16
     max_batched_tokens: int = 2048
+    prefix_caching: bool = True              # share the KV blocks of common prefixes between requests
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
@@ -38,6 +40,8 @@ class TokenEvent:
     request_id: str
     token_id: int
     finish_reason: str | None
+    logprob: float | None = None                       # with SamplingParams.logprobs
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 class Runner:
@@ -53,7 +57,10 @@ class Runner:
         self.kv = self.backend.allocate_kv(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=cfg.max_num_seqs,
                                                    max_batched_tokens=cfg.max_batched_tokens,
-                                                   block_size=cfg.block_size), self.kv.allocator)
+                                                   block_size=cfg.block_size,
+                                                   cache_salt=str(self.backend.kv_spec.dtype)),
+                                   BlockAllocator(num_blocks, caching=cfg.prefix_caching))
+        self.in_step: list[str] = []         # the requests of the step running (or that raised)
         self.eos_ids = frozenset(model.tokenizer.info.eos_token_ids)
 
     @property
@@ -87,6 +94,7 @@ class Runner:
         if not plan.num_tokens:
             return []
         reqs = [sched.requests[rid] for rid in plan.num_tokens]
+        self.in_step = list(plan.num_tokens)
         tokens: list[int] = []
         for req in reqs:
             tokens += req.token_slice(req.num_computed, req.num_computed + plan.num_tokens[req.id])
@@ -101,19 +109,25 @@ class Runner:
         logits = self.backend.forward(batch, self.kv).cpu()
         for req in reqs:
             req.num_computed += plan.num_tokens[req.id]
+            sched.commit(req)
         sampling = [(row, req) for row, req in enumerate(reqs) if not req.pending]   # pending: a prefill chunk
-        tokens = sample_rows(logits, [(row, req.params, req.generator) for row, req in sampling])
         events = []
-        for (_, req), token in zip(sampling, tokens):
-            req.output_ids.append(token)
-            reason = self._finish_reason(req, token)
+        for (_, req), s in zip(sampling, sample_rows(logits, sampling)):
+            req.output_ids.append(s.token_id)
+            reason = self._finish_reason(req, s.token_id)
             if reason is not None:
                 sched.finish(req, reason)
-            events.append(TokenEvent(req.id, token, reason))
+            events.append(TokenEvent(req.id, s.token_id, reason, s.logprob, s.top_logprobs))
+        self.in_step = []
         return events
 
+    def finish(self, request_id: str, reason: str) -> bool:
+        """End a request now (a stop string, a client gone): "stop", "abort", ... Its blocks are
+        released at once. False when it had already finished."""
+        return self.scheduler.abort(request_id, reason) is not None
+
     def _finish_reason(self, req: Request, token: int) -> str | None:
-        if token in self.eos_ids and not req.params.ignore_eos:
+        if (token in self.eos_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids:
             return "stop"
         if len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
             return "length"

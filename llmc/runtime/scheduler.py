@@ -3,6 +3,11 @@
 No prefill and decode modes: each request owes `pending` tokens (an uncomputed prompt, or its last
 sampled token) and every step pays off as much as the token budget allows, so prefills, prefill
 chunks and decodes share a step, and requests join and leave the batch at any step.
+
+Prefix caching: a request admitted (or readmitted after a preemption) first takes the cached blocks
+that hold the longest prefix of its tokens (BlockAllocator.lookup) and computes only the rest; the
+last token is always computed, so its logits exist. After each step, `commit` registers the blocks
+the step filled, keyed by the chain of block hashes, so later requests find them.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from enum import Enum
 
 import torch
 
-from llmc.runtime.kv_cache import BlockAllocator
+from llmc.runtime.kv_cache import BlockAllocator, block_hash
 from llmc.runtime.sampler import SamplingParams
 
 
@@ -32,9 +37,12 @@ class Request:
     num_computed: int = 0                    # tokens whose keys/values are in the cache
     block_table: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: str | None = None         # "stop" (an end-of-sequence token) or "length"
+    finish_reason: str | None = None         # "stop" (an end-of-sequence token or stop string), "length", "abort"
     generator: torch.Generator | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0               # prompt tokens found in the prefix cache at (first) admission
+    block_keys: list[bytes] = field(default_factory=list)   # prefix keys of its first full blocks
+    num_registered: int = 0                  # blocks of its table registered in the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +63,7 @@ class SchedulerConfig:
     max_num_seqs: int = 16                   # sequences in one step
     max_batched_tokens: int = 2048           # tokens in one step (longer prompts are chunked)
     block_size: int = 16
+    cache_salt: str = ""                     # part of every prefix key: the KV format
 
 
 @dataclass
@@ -70,6 +79,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.num_preemptions = 0                 # counters since start
+        self.num_prefix_hit_tokens = 0
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         req = Request(id=request_id or f"req-{next(self._ids)}", prompt_ids=list(prompt_ids), params=params,
@@ -96,13 +107,50 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
-        """Free its blocks and put it first in line; it recomputes its tokens when readmitted."""
+        """Free its blocks and put it first in line; it recomputes its tokens when readmitted (less
+        the prefix it finds cached then)."""
         self.running.remove(req)
-        self.allocator.free(req.block_table)
-        req.block_table, req.num_computed, req.status = [], 0, Status.WAITING
+        self._release(req)
+        req.status = Status.WAITING
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
         plan.preempted.append(req.id)
+
+    def _release(self, req: Request) -> None:
+        self.allocator.free(req.block_table[::-1])
+        req.block_table, req.num_computed, req.num_registered = [], 0, 0
+
+    def _key(self, req: Request, i: int) -> bytes:
+        """The prefix key of the request's block i (its tokens are all known), computed once."""
+        bs = self.cfg.block_size
+        while len(req.block_keys) <= i:
+            j = len(req.block_keys)
+            parent = req.block_keys[j - 1] if j else None
+            req.block_keys.append(block_hash(parent, req.token_slice(j * bs, (j + 1) * bs), self.cfg.cache_salt))
+        return req.block_keys[i]
+
+    def _take_cached_prefix(self, req: Request) -> None:
+        """Start a request with no blocks from the cached blocks of its longest cached prefix."""
+        if not self.allocator.caching:
+            return
+        full = (req.num_tokens - 1) // self.cfg.block_size      # the last token is always computed
+        blocks = self.allocator.lookup([self._key(req, i) for i in range(full)])
+        req.block_table, req.num_computed = blocks, len(blocks) * self.cfg.block_size
+        req.num_registered = len(blocks)
+
+    def _admit(self, req: Request, budget: int) -> int:
+        """Blocks for the head of the queue: its cached prefix, then the blocks for the tokens it can
+        compute within `budget`. Returns those tokens, or 0 (holding nothing) when blocks run out."""
+        self._take_cached_prefix(req)
+        n = min(req.pending, budget)
+        if not self._allocate(req, n):
+            self._release(req)
+            return 0
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed
+        self.num_prefix_hit_tokens += req.num_computed
+        return n
 
     def step(self) -> StepPlan:
         plan, budget = StepPlan(), self.cfg.max_batched_tokens
@@ -121,8 +169,8 @@ class Scheduler:
         while (self.waiting and budget and not plan.preempted    # 2) admit waiting requests, FCFS
                and len(self.running) < self.cfg.max_num_seqs):
             req = self.waiting[0]
-            n = min(req.pending, budget)
-            if not self._allocate(req, n):
+            n = self._admit(req, budget)
+            if not n:
                 break                                            # the head of the queue waits; nobody skips it
             self.running.append(self.waiting.popleft())
             req.status = Status.RUNNING
@@ -130,9 +178,31 @@ class Scheduler:
             budget -= n
         return plan
 
+    def commit(self, req: Request) -> None:
+        """After a step computed its tokens: register the blocks it filled in the prefix cache."""
+        if self.allocator.caching:
+            full = req.num_computed // self.cfg.block_size
+            for i in range(req.num_registered, full):
+                self.allocator.register(req.block_table[i], self._key(req, i))
+            req.num_registered = max(req.num_registered, full)
+
     def finish(self, req: Request, reason: str) -> None:
+        """Retire a running request: its blocks are released (its full ones stay cached)."""
         req.status, req.finish_reason = Status.FINISHED, reason
         self.running.remove(req)
-        self.allocator.free(req.block_table)
-        req.block_table = []
+        self._release(req)
         del self.requests[req.id]
+
+    def abort(self, request_id: str, reason: str = "abort") -> Request | None:
+        """End a request now, waiting or running, with this finish reason: its blocks are released at
+        once. None when it is not here (already finished)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+            req.status, req.finish_reason = Status.FINISHED, reason
+            del self.requests[req.id]
+        else:
+            self.finish(req, reason)
+        return req
