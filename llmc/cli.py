@@ -167,27 +167,66 @@ def compile_cmd(
     out.print(f"engine {r.engine}: {r.nodes} nodes, {_human_bytes(r.bytes)}, {r.seconds:.2f} s")
 
 
+KERNELS_HELP = ("Kernel set (default: the target's; on the cpu target native, one native call per step, for every "
+                "model it runs, else cpu; reference is the spec).")
+THREADS_HELP = ("Threads (default: the cores this process may use; the native kernels use fewer while other "
+                "processes keep cores busy).")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise OptionError("threads", f"must be at least 1, got {threads}")
+        import torch
+        torch.set_num_threads(threads)
+
+
+def _read_prompts(prompt: list[str], prompt_file: Path | None) -> list[str]:
+    """--prompt (repeatable; `-` reads one prompt from stdin) and --prompt-file (one prompt per line)."""
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompt]
+    if prompt_file is not None:
+        try:
+            text = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--prompt-file {prompt_file}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("give a prompt: --prompt TEXT (repeatable; '-' reads stdin) or --prompt-file FILE")
+    return prompts
+
+
 @app.command("generate")
 def generate_cmd(
     path: Path = typer.Argument(..., help="A Hugging Face checkpoint or an engine directory."),
-    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Repeat for several prompts; they run as one "
-                                     "in-flight batch."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Repeat for several prompts; they run as one "
+                                     "in-flight batch. '-' reads a prompt from stdin."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A UTF-8 file of prompts, one per "
+                                               "(non-empty) line."),
     max_tokens: int = typer.Option(64, "--max-tokens", help="Most tokens to generate per prompt."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the K most likely tokens."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Per-request seed: sampling becomes reproducible."),
-    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; on the cpu target native, one "
-                                          "native call per step, for every model it runs, else cpu; reference is "
-                                          "the spec)."),
+    stop: list[str] = typer.Option([], "--stop", help="Repeat (up to 4): a string that ends the text; it is not "
+                                   "printed."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Go on past end-of-sequence tokens."),
+    logprobs: Optional[int] = typer.Option(None, "--logprobs", help="With --json: each token's log-probability "
+                                           "and the N (0-20) most likely alternatives."),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="In [-2, 2]: subtracted from the "
+                                           "logit of every token generated so far."),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="In [-2, 2]: subtracted once per "
+                                            "time a token was generated."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 0: divides positive (multiplies "
+                                             "negative) logits of prompt and generated tokens."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help=KERNELS_HELP),
     device: str = typer.Option("cpu", "--device", help="Device to run on (the cpu target runs on cpu)."),
     max_num_seqs: int = typer.Option(16, "--max-num-seqs", help="Most sequences in one step."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: the cores this process may "
-                                          "use; the native kernels use fewer while other processes keep cores "
-                                          "busy)."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list: prompt, text, token_ids, finish_reason."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list: prompt, text, token_ids, finish_reason, "
+                                 "stop_reason, logprobs."),
 ) -> None:
-    """Generate from one or more prompts, batched together (in-flight batching)."""
+    """Generate from one or more prompts, batched together (in-flight batching). One prompt on a
+    terminal streams its text as it is produced."""
     from llmc.generation import generate
     from llmc.loader import load_model
     from llmc.runtime.runner import RuntimeConfig
@@ -195,26 +234,102 @@ def generate_cmd(
 
     with options_named():
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed)
+                                seed=seed, stop=tuple(stop), ignore_eos=ignore_eos, logprobs=logprobs,
+                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                repetition_penalty=repetition_penalty)
         runtime = RuntimeConfig(kernels=kernels, device=device, max_num_seqs=max_num_seqs)
-        if threads is not None:
-            if threads < 1:
-                raise OptionError("threads", f"must be at least 1, got {threads}")
-            import torch
-            torch.set_num_threads(threads)
+        _set_threads(threads)
+    prompts = _read_prompts(prompt, prompt_file)
     with err.status(f"loading {path}"):
         model = load_model(path)
-    with err.status(f"generating for {len(prompt)} prompt(s)"):
-        r = generate(path, prompt, params, runtime, model=model)
+    live = len(prompts) == 1 and not as_json and sys.stdout.isatty()
+    if live:                                 # the text as it comes: prompt, then each piece
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+        r = generate(path, prompts, params, runtime, model=model,
+                     on_text=lambda i, text: (sys.stdout.write(text), sys.stdout.flush()))
+    else:
+        with err.status(f"generating for {len(prompts)} prompt(s)"):
+            r = generate(path, prompts, params, runtime, model=model)
     if as_json:
         _print_json([asdict(c) for c in r.completions])
     else:
         for c in r.completions:              # plain text: no wrapping, no markup in model output
-            sys.stdout.write(f"{c.prompt}{c.text}\n[{len(c.token_ids)} tokens, {c.finish_reason}]\n\n")
+            head = "" if live else f"{c.prompt}{c.text}"
+            sys.stdout.write(f"{head}\n[{len(c.token_ids)} tokens, {c.finish_reason}]\n\n")
     s = r.stats
     sys.stderr.write(f"{s.generated_tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:,.1f} tok/s "
-                     f"({len(prompt)} prompt(s), {s.prompt_tokens} prompt tokens, {s.steps} steps, "
+                     f"({len(prompts)} prompt(s), {s.prompt_tokens} prompt tokens, {s.steps} steps, "
                      f"{r.backend['kernels']} kernels)\n")
+
+
+@app.command("serve")
+def serve_cmd(
+    path: Path = typer.Argument(..., help="A checkpoint, quantized checkpoint or engine directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 or :: to accept other machines)."),
+    port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMC_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer KEY' on /v1/*."),
+    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs", help="Most sequences in one step "
+                                               "(default 16)."),
+    max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="Most tokens in one step; "
+                                                     "longer prompts are prefilled in chunks (default 2048)."),
+    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="KV-cache blocks of 16 tokens (default: "
+                                            "--max-num-seqs full-context sequences, within 2 GiB)."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait; more get 429 "
+                                            "(default 256)."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="The model's name in the "
+                                                    "API (default: PATH's directory name)."),
+    prefix_cache: Optional[bool] = typer.Option(None, "--prefix-cache/--no-prefix-cache", help="Share the KV "
+                                                "blocks of common prompt prefixes between requests (default on)."),
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="Seconds a request may run; "
+                                                    "then it ends with finish_reason 'abort'."),
+    drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", help="On SIGTERM/SIGINT: seconds "
+                                                  "in-flight requests get to finish (default 30)."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="A Jinja chat template file "
+                                                 "(default: tokenizer_config.json's chat_template)."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help=KERNELS_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    profile: Optional[str] = profile_option("runtime", "the runtime options"),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models; /health, /ready, /metrics) with in-flight batching and prefix caching."""
+    from llmc.profiles import option_origins, resolve_options
+    from llmc.runtime.runner import RuntimeConfig
+
+    try:
+        from llmc.server.serve import ServeConfig, serve
+    except ImportError as e:
+        raise ConfigError(f"llmc serve needs the serve extra ({e.name} is missing)",
+                          hint="pip install 'llmc[serve]'") from None
+    given = dict(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, kv_blocks=kv_blocks,
+                 prefix_cache=prefix_cache, kernels=kernels, threads=threads, max_queue=max_queue,
+                 request_timeout=request_timeout, drain_timeout=drain_timeout)
+    defaults = dict(max_num_seqs=16, max_batched_tokens=2048, prefix_cache=True, max_queue=256, drain_timeout=30.0)
+    o = resolve_options("runtime", given, defaults, profile)
+    with options_named(option_origins("runtime", given, profile)):
+        _set_threads(o["threads"])
+        runtime = RuntimeConfig(kernels=o["kernels"], max_num_seqs=o["max_num_seqs"],
+                                max_batched_tokens=o["max_batched_tokens"], num_blocks=o["kv_blocks"],
+                                prefix_caching=o["prefix_cache"])
+        config = ServeConfig(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+                             max_queue=o["max_queue"], request_timeout=o["request_timeout"],
+                             drain_timeout=o["drain_timeout"], chat_template=chat_template, runtime=runtime)
+
+    def listening(url: str, s: dict) -> None:
+        sys.stdout.write(
+            f"llmc serve: {s['model']} ({s['architecture']}, {s['quantization']}; {s['kernels']} kernels)\n"
+            f"  KV cache {s['kv_cache_tokens']:,} tokens ({s['kv_cache_dtype']}), context {s['max_model_len']:,}, "
+            f"up to {s['max_num_seqs']} sequences per step, prefix caching {'on' if s['prefix_caching'] else 'off'}\n"
+            f"  chat template {'yes' if s['chat_template'] else 'none'}; API key "
+            f"{'required' if s['auth'] else 'not required'}\n"
+            f"listening on {url}\n")
+        sys.stdout.flush()
+
+    with err.status(f"loading {path}"):
+        from llmc.loader import load_model
+        model = load_model(path)
+    raise typer.Exit(serve(path, config, model=model, on_listening=listening))
 
 
 RECIPE_OPTIONS = "llmc.recipe_options"        # ctx.meta key: the recipe options `llmc quantize` was given
@@ -329,7 +444,8 @@ def quantize_cmd(
               f"peak memory {_human_bytes(r.peak_rss_bytes)}\n")
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality and throughput (serve is not built yet).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality, offline throughput, and online load "
+                        "against a server (serve).")
 app.add_typer(bench_app, name="bench")
 
 
@@ -340,9 +456,7 @@ def bench_quality_cmd(
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
     seqlen: int = typer.Option(512, "--seqlen", help="Window length in tokens (BOS included)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N tokens of the text."),
-    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; on the cpu target native, one "
-                                          "native call per step, for every model it runs, else cpu; reference is "
-                                          "the spec)."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help=KERNELS_HELP),
     device: str = typer.Option("cpu", "--device", help="Device to run on (the cpu target runs on cpu)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON to this file "
                                             "('-': to stdout, instead of the table). An existing file is replaced "
@@ -379,9 +493,7 @@ def bench_throughput_cmd(
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs per batch size before the timed ones."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for the run (default: the cores "
                                           "this process may use)."),
-    kernels: Optional[str] = typer.Option(None, "--kernels", help="Kernel set (default: the target's; on the cpu target native, one "
-                                          "native call per step, for every model it runs, else cpu; reference is "
-                                          "the spec)."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help=KERNELS_HELP),
     profile: bool = typer.Option(False, "--profile", help="Also print where a decode step's time goes, per op "
                                  "(native kernels; always in the JSON as decode_profile_ms)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results (schema "
@@ -446,6 +558,111 @@ def _throughput_table(r, path: Path) -> None:
     out.print(t)
 
 
+@bench_app.command("serve")
+def bench_serve_cmd(
+    url: Optional[str] = typer.Option(None, "--url", help="A running OpenAI-compatible server, http://HOST:PORT "
+                                      "(llmc serve, vLLM, llama.cpp's llama-server, ...)."),
+    launch: Optional[Path] = typer.Option(None, "--launch", help="Instead of --url: start `llmc serve PATH` on "
+                                          "127.0.0.1 (a free port) for the run, and stop it after."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Prompts: .txt (consecutive windows of "
+                                           "--input-len tokens, words without a tokenizer) or .jsonl (a 'prompt' "
+                                           "string per line); reused when fewer than --num-requests. Default: "
+                                           "--input-len random token ids."),
+    input_len: int = typer.Option(128, "--input-len", help="Prompt length in tokens (random prompts, .txt windows)."),
+    output_len: int = typer.Option(128, "--output-len", help="Tokens asked of every request (max_tokens, "
+                                   "temperature 0, EOS ignored)."),
+    num_requests: int = typer.Option(32, "--num-requests", help="Requests in the run."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests kept in flight (a closed "
+                                              "loop; default 1: an unloaded server's latency). With "
+                                              "--request-rate: the most in flight."),
+    request_rate: Optional[float] = typer.Option(None, "--request-rate", help="Poisson arrivals at R requests/s "
+                                                 "(inf: all at once); in flight unbounded unless --concurrency."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the random prompts and the arrival times (a server's "
+                             "prompt cache remembers the prompts of an earlier run with the same seed)."),
+    slo: Optional[str] = typer.Option(None, "--slo", help="ttft=MS,tpot=MS (either or both): goodput counts the "
+                                      "successful requests meeting it."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model name sent (default: the first of GET "
+                                        "/v1/models)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Sent as 'Authorization: Bearer KEY' (never "
+                                          "written to the result)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A checkpoint directory (tokenizer.json, "
+                                             "config.json): the vocabulary of random prompts, .txt windows, prompt "
+                                             "token counts. Default: the --launch PATH."),
+    serve_arg: Optional[list[str]] = typer.Option(None, "--serve-arg", metavar="ARG", help="Repeat: one argument for the "
+                                                  "launched server, e.g. --serve-arg=--max-num-seqs=8."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds one request may take; a slower one fails."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results (schema "
+                                            "llmc.bench.serve/1, every request's times) as JSON to this file "
+                                            "('-': to stdout, instead of the table). An existing file is replaced "
+                                            "only if llmc wrote it."),
+) -> None:
+    """Online load against an OpenAI-compatible completions endpoint: TTFT, TPOT, ITL, e2e latency
+    (mean, p50/p90/p99), throughput and goodput, at a concurrency or a Poisson request rate."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from llmc.bench.serve import bench_serve
+
+    inputs = [p for p in (launch, dataset, tokenizer) if p is not None]
+    _check_result_file(json_path, inputs)
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as progress:
+        task = progress.add_task("preparing the prompts", total=max(num_requests, 1))
+        with options_named():
+            r = bench_serve(url, launch=launch, dataset=dataset, input_len=input_len, output_len=output_len,
+                            num_requests=num_requests, concurrency=concurrency, request_rate=request_rate,
+                            seed=seed, slo=slo, model=model, api_key=api_key, tokenizer=tokenizer,
+                            serve_args=serve_arg or (), timeout=timeout,
+                            on_status=lambda text: progress.update(task, description=text),
+                            on_request=lambda done, total, s: progress.update(task, completed=done))
+    if not _write_result(json_path, r.to_json(), inputs):
+        _serve_tables(r)
+    _serve_notes(r)
+
+
+def _serve_tables(r) -> None:
+    """Latencies (mean and percentiles), then the run's rates and counts."""
+    from rich.markup import escape
+
+    m, c, env = r.metrics, r.config, r.env
+    width = 78
+    t = Table(Column("latency"), *(Column(h, justify="right") for h in ("mean", "p50", "p90", "p99")),
+              title=f"llmc bench serve · {escape(r.model['name'])} at {escape(r.server['url'])}", min_width=width)
+    for key, label in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("itl_ms", "ITL ms"), ("e2e_ms", "e2e ms")):
+        d = m[key]
+        t.add_row(label, *("-" if d is None else f"{d[q]:,.1f}" for q in ("mean", "p50", "p90", "p99")))
+    out.print(t)
+    slo = ", ".join(f"{k.split('_')[0].upper()} ≤ {v:g} ms" for k, v in c["slo"].items() if v is not None)
+    tokens_in = m["total_input_tokens"]["value"]
+    rows = [("requests", f"{m['completed']['value']} ok, {m['failed']['value']} failed"),
+            ("request throughput", f"{m['request_throughput']['value']:,.2f} req/s"),
+            ("output throughput", f"{m['output_throughput']['value']:,.1f} tok/s"),
+            *([("goodput", f"{m['goodput']['value']:,.2f} req/s ({slo})")] if m["goodput"] else []),
+            ("tokens in / out", f"{'-' if tokens_in is None else f'{tokens_in:,}'} / "
+                                f"{m['total_output_tokens']['value']:,}"),
+            ("duration", f"{m['duration_s']['value']:,.2f} s")]
+    s = Table(Column("run"), Column("value", justify="right"), min_width=width,
+              caption=escape(f"{c['num_requests']} requests, {c['arrivals']}; {c['output_len']} output tokens "
+                             f"each; prompts: {c['prompts']}\n1-min load on this machine "
+                             f"{env['loadavg_start'][0]:.1f} → {env['loadavg_end'][0]:.1f}"))
+    for row in rows:
+        s.add_row(*row)
+    out.print(s)
+
+
+def _serve_notes(r) -> None:
+    """On stderr: failed requests, and outputs of another length than asked (a server ignoring ignore_eos)."""
+    failed = [s for s in r.samples if not s.ok]
+    if failed:
+        err.print(f"note: {len(failed)} of {len(r.samples)} requests failed; the first: {failed[0].error}",
+                  markup=False, highlight=False, soft_wrap=True)
+    asked = r.config["output_len"]
+    other = [s for s in r.samples if s.ok and s.output_tokens != asked]
+    if other:
+        err.print(f"note: {len(other)} requests returned other than {asked} tokens (from "
+                  f"{min(s.output_tokens for s in other)} to {max(s.output_tokens for s in other)}); does the server "
+                  f"honour ignore_eos?", markup=False, highlight=False, soft_wrap=True)
+
+
 def _env() -> dict:
     import torch
 
@@ -455,8 +672,6 @@ def _env() -> dict:
 
 # Verbs of the design that are not built yet: they say so (exit 2) instead of "No such command".
 NOT_BUILT = [  # (typer app, name, help, what to do meanwhile)
-    (app, "serve", "An OpenAI-compatible server over an engine.", "generate with 'llmc generate' meanwhile"),
-    (bench_app, "serve", "Online load against a server.", "it needs 'llmc serve', which is not built yet either"),
     (app, "gate", "Compare bench results with a baseline; exit 1 on a regression.",
      "compare 'llmc bench quality --json' results yourself meanwhile"),
 ]

@@ -25,6 +25,9 @@ PROFILE_DIR = profile_dir()      # the bundled profiles: profiles/ of the reposi
 SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "quantize": {**quantize_option_types(), "calib": (str,), "format": (str,)},   # the recipe's, and the driver's
     "compile": {"target": (str,), "passes": (list,)},
+    "runtime": {"max_num_seqs": (int,), "max_batched_tokens": (int,), "kv_blocks": (int,), "block_size": (int,),
+                "prefix_cache": (bool,), "kernels": (str,), "threads": (int,), "max_queue": (int,),
+                "request_timeout": (int, float), "drain_timeout": (int, float)},   # llmc serve
 }
 
 

@@ -118,8 +118,12 @@ class Tokenizer:
             raise ModelFormatError(f"{self.directory}: has no tokenizer.json, so it takes token ids, not text")
         return self._tk
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; without special tokens for text that already holds them (a rendered
+        chat template writes its own BOS)."""
         self._need()
+        if not add_special_tokens:
+            return self._tk.encode(text, add_special_tokens=False).ids
         info = self.info
         if info.add_bos is None and info.add_eos is None:
             return self._tk.encode(text, add_special_tokens=True).ids
@@ -132,6 +136,14 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._need().decode(ids, skip_special_tokens=True)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's piece for an id ("▁the", "<0x0A>"), None for an id it does not have."""
+        return self._need().id_to_token(token_id)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text on its own (log-probability listings); special tokens by their name."""
+        return self._need().decode([token_id], skip_special_tokens=False)
 
     def decode_continuation(self, prompt_ids: list[int], ids: list[int]) -> str:
         """The text `ids` add after the prompt, with the spacing they have in context (a

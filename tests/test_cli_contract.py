@@ -67,8 +67,7 @@ def test_version():
     assert r.returncode == 0 and r.stdout.strip() == f"llmc {__version__}"
 
 
-@pytest.mark.parametrize("verb", [["serve", "x"], ["bench", "serve"],
-                                  ["gate", "r.json", "--baseline", "b.json"]])
+@pytest.mark.parametrize("verb", [["gate", "r.json", "--baseline", "b.json"]])
 def test_verbs_not_built_yet_say_so(verb):
     one_error(llmc(*verb), "is not built yet")
 

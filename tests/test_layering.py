@@ -26,7 +26,7 @@ LAYERS = [  # (layer, module-name prefixes), lowest first; a module belongs to t
     ("runtime", ["llmc.runtime"]),
     ("backends", ["llmc.backends"]),
     ("drivers", ["llmc.compiler", "llmc.quantizer", "llmc.calibration", "llmc.generation", "llmc.inspection",
-                 "llmc.bench", "llmc.profiles"]),
+                 "llmc.bench", "llmc.profiles", "llmc.server"]),
     ("cli", ["llmc.cli", "llmc.__main__"]),
 ]
 RANK = {layer: i for i, (layer, _) in enumerate(LAYERS)}

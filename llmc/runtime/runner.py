@@ -67,7 +67,9 @@ class Runner:
     def capacity_tokens(self) -> int:
         return self.kv.num_blocks * self.kv.block_size
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ConfigError unless the request can run here. Reads only the configuration, so any
+        thread may call it."""
         if not prompt_ids:
             raise ConfigError("the prompt is empty after tokenization")
         if len(prompt_ids) >= self.max_model_len:
@@ -80,6 +82,9 @@ class Runner:
         if longest > self.capacity_tokens:
             raise ConfigError(f"a request of up to {longest} tokens does not fit the KV cache "
                               f"({self.capacity_tokens} tokens)", hint="give the cache more blocks")
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        self.check(prompt_ids, params)
         return self.scheduler.add(prompt_ids, params, request_id)
 
     @property

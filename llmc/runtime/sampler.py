@@ -47,6 +47,9 @@ class SamplingParams:
             raise OptionError("top_k", f"must be at least 1, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2 ** 63:
             raise OptionError("seed", f"must be in [0, 2**63), got {self.seed}")
+        if isinstance(self.stop, str):
+            raise OptionError("stop", f"must be a list of strings, got the single string {self.stop!r}",
+                              hint=f"pass [{self.stop!r}]")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if len(self.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in self.stop):

@@ -83,7 +83,7 @@ def test_logprobs_are_the_log_softmax_and_its_top_n():
     assert sample_one(logits, State(SamplingParams())).logprob is None
 
 
-@pytest.mark.parametrize("bad", [dict(stop=("a", "b", "c", "d", "e")), dict(stop=("",)), dict(logprobs=21),
+@pytest.mark.parametrize("bad", [dict(stop=("a", "b", "c", "d", "e")), dict(stop=("",)), dict(stop="END"), dict(logprobs=21),
                                  dict(logprobs=-1), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
                                  dict(repetition_penalty=0.0), dict(stop_token_ids=(-1,))])
 def test_bad_sampling_options_are_refused(bad):
