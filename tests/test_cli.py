@@ -38,3 +38,23 @@ def test_compile_without_passes(capsys, tmp_path):
     assert r["passes"] == [] and r["nodes"] == 73
     text = run(capsys, "generate", str(tmp_path / "e"), "-p", "Once upon a time", "--max-tokens", "5").out
     assert text.startswith("Once upon a time, there was a little")
+
+
+def test_generate_stop_strings_penalties_logprobs_and_prompt_sources(capsys, tmp_path, monkeypatch):
+    import io
+    base = ["generate", str(STORIES), "--max-tokens", "20", "--json"]
+    full = json.loads(run(capsys, *base, "-p", "Once upon a time").out)[0]
+    stop = full["text"][8:12]
+    cut = json.loads(run(capsys, *base, "-p", "Once upon a time", "--stop", stop, "--logprobs", "2").out)[0]
+    assert cut["text"] == full["text"][:full["text"].index(stop)] and cut["finish_reason"] == "stop"
+    assert cut["stop_reason"] == stop and len(cut["logprobs"]) == len(cut["token_ids"])
+    assert all(len(t["top"]) == 2 and t["logprob"] <= 0 for t in cut["logprobs"])
+    penal = json.loads(run(capsys, *base, "-p", "Once upon a time", "--repetition-penalty", "3",
+                           "--frequency-penalty", "1", "--presence-penalty", "0.5").out)[0]
+    assert penal["token_ids"] != full["token_ids"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n\nTom\n", encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.StringIO("She"))
+    out = json.loads(run(capsys, *base, "--prompt-file", str(prompts), "-p", "-").out)
+    assert [o["prompt"] for o in out] == ["She", "Once upon a time", "Tom"]
+    assert out[1]["token_ids"] == full["token_ids"]

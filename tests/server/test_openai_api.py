@@ -155,3 +155,31 @@ def test_64_concurrent_streams_each_return_what_they_return_alone(stories_model)
 def _runtime(**kw):
     from llmc.runtime.runner import RuntimeConfig
     return RuntimeConfig(**kw)
+
+
+def test_a_shared_200_token_prefix_hits_the_cache_and_changes_no_token(stories_model):
+    r = random.Random(5)
+    prefix = [1] + [r.randrange(3, 512) for _ in range(199)]
+    prompts = [prefix + [r.randrange(3, 512) for _ in range(n)] for n in (10, 25)]
+
+    def hits(url):
+        text = httpx.get(f"{url}/metrics").text
+        return float(next(line.split()[1] for line in text.splitlines()
+                          if line.startswith("llmc_prefix_cache_hit_tokens_total ")))
+
+    def texts(**config):
+        with running(STORIES, model=stories_model, **config) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+            out, seen = [], []
+            for p in prompts:
+                body = c.post("/v1/completions", json={"prompt": p, "max_tokens": 30, "temperature": 0,
+                                                       "ignore_eos": True}).json()
+                out.append(body["choices"][0]["text"])
+                seen.append(hits(s.url))
+                cached = body["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            return out, seen, cached
+
+    on, on_hits, cached = texts()
+    off, off_hits, _ = texts(runtime=_runtime(prefix_caching=False))
+    assert on == off
+    assert on_hits == [0, 192] and cached == 192         # the prefix's 12 full blocks of 16
+    assert off_hits == [0, 0]
