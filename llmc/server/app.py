@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llmc.errors import ConfigError
 from llmc.runtime.engine_loop import Draining, EngineLoop, QueueFull, RequestOutput, RequestStream
 from llmc.server.chat import ChatTemplate, TemplateError
-from llmc.server.metrics import CONTENT_TYPE, ServerMetrics
+from llmc.server.metrics import CONTENT_TYPE, REJECT_REASONS, ServerMetrics
 from llmc.server.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, DEFAULT_COMPLETION_TOKENS, RequestError,
                                   messages_of, parse_request, prompts_of)
 
@@ -59,8 +59,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, e: RequestError) -> JSONResponse:
-        if e.status in (429, 503) or e.code in ("invalid_api_key",):
-            state.metrics.rejected.labels(reason=e.code or str(e.status)).inc()
+        if e.code in REJECT_REASONS:
+            state.metrics.rejected.labels(reason=e.code).inc()
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.middleware("http")

@@ -23,6 +23,7 @@ from llmc.runtime.engine_loop import LoopStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FINISH_REASONS = ("stop", "length", "abort", "error")
+REJECT_REASONS = ("invalid_api_key", "queue_full", "draining")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0, 160.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
@@ -72,6 +73,8 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=self.registry)
         self.rejected = Counter("llmc_requests_rejected", "Requests refused before running, by reason.",
                                 labelnames=["reason"], registry=self.registry)
+        for reason in REJECT_REASONS:                 # every reason's series exists from the start, at 0
+            self.rejected.labels(reason=reason)
 
     def watch(self, stats: Callable[[], LoopStats]) -> None:
         self.registry.register(_LoopCollector(stats))
