@@ -134,9 +134,9 @@ class EngineLoop:
     """One Runner on one thread. `submit` and `abort` may be called from any thread."""
 
     def __init__(self, model, runtime: RuntimeConfig = RuntimeConfig(), *, max_queue: int | None = None,
-                 observer: LoopObserver | None = None, runner: Runner | None = None) -> None:
+                 observer: LoopObserver | None = None) -> None:
         self.model, self.max_queue, self.observer = model, max_queue, observer
-        self.runner = runner or Runner(model, runtime)
+        self.runner = Runner(model, runtime)
         self.tokenizer = model.tokenizer if model.tokenizer.available else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}

@@ -102,3 +102,21 @@ def test_llmc_serve_exits_0_after_sigterm_while_a_stream_finishes():
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_request_past_its_timeout_ends_with_abort_and_frees_its_blocks(stories_model):
+    with running(STORIES, model=stories_model, request_timeout=0.3) as s:
+        held_loop(s, threading.Event())                     # every step after the third waits 50 ms
+        t0 = time.monotonic()
+        r = httpx.post(f"{s.url}/v1/completions", json={**LONG, "stream": False}, timeout=60)
+        assert r.status_code == 200 and time.monotonic() - t0 < 10
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "abort" and r.json()["usage"]["completion_tokens"] < 400
+        first, result = threading.Event(), {}
+        read_stream(s.url, LONG, first, result)
+        assert result["reasons"] == ["abort"] and result["done"] == 1
+        deadline = time.monotonic() + 10
+        while not s.state.loop.idle:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert s.state.loop.stats().kv_blocks_used == 0
