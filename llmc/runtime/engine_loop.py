@@ -95,10 +95,15 @@ class RequestStream:
             if out.finished:
                 return
 
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+    async def get(self) -> RequestOutput:
+        """The next output (in the event loop the stream was made for). Cancelling the wait (a
+        timeout) loses nothing: the output stays queued."""
         assert self._aio is not None, "a threaded stream: use `for`"
+        return await self._q.get()
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while True:
-            out = await self._q.get()
+            out = await self.get()
             yield out
             if out.finished:
                 return

@@ -216,21 +216,20 @@ def _submit(state: ServerState, encoded: list[list[int]], params, rid: str) -> l
 async def _outputs(state: ServerState, stream: RequestStream) -> AsyncIterator[RequestOutput]:
     """The stream's outputs; past the request timeout the request is aborted (its last output then
     says "abort")."""
-    it = stream.__aiter__()
     deadline = None if state.request_timeout is None else time.monotonic() + state.request_timeout
     while True:
-        try:
-            if deadline is None:
-                out = await it.__anext__()
-            else:
-                out = await asyncio.wait_for(it.__anext__(), max(deadline - time.monotonic(), 0.001))
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            state.loop.abort(stream.request_id)
-            deadline = None
-            continue
+        if deadline is None:
+            out = await stream.get()
+        else:
+            try:
+                out = await asyncio.wait_for(stream.get(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                state.loop.abort(stream.request_id)
+                deadline = None
+                continue
         yield out
+        if out.finished:
+            return
 
 
 async def _merged(state: ServerState, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
