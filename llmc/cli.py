@@ -273,7 +273,9 @@ def serve_cmd(
     max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs", help="Most sequences in one step "
                                                "(default 16)."),
     max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="Most tokens in one step; "
-                                                     "longer prompts are prefilled in chunks (default 2048)."),
+                                                     "longer prompts are prefilled in chunks (default 256: about "
+                                                     "one prompt per step, so a burst of prompts does not stall "
+                                                     "every stream)."),
     kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", help="KV-cache blocks of 16 tokens (default: "
                                             "--max-num-seqs full-context sequences, within 2 GiB)."),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait; more get 429 "
@@ -298,14 +300,15 @@ def serve_cmd(
     from llmc.runtime.runner import RuntimeConfig
 
     try:
-        from llmc.server.serve import ServeConfig, serve
+        from llmc.server.serve import SERVE_MAX_BATCHED_TOKENS, ServeConfig, serve
     except ImportError as e:
         raise ConfigError(f"llmc serve needs the serve extra ({e.name} is missing)",
                           hint="pip install 'llmc[serve]'") from None
     given = dict(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens, kv_blocks=kv_blocks,
                  prefix_cache=prefix_cache, kernels=kernels, threads=threads, max_queue=max_queue,
                  request_timeout=request_timeout, drain_timeout=drain_timeout)
-    defaults = dict(max_num_seqs=16, max_batched_tokens=2048, prefix_cache=True, max_queue=256, drain_timeout=30.0)
+    defaults = dict(max_num_seqs=16, max_batched_tokens=SERVE_MAX_BATCHED_TOKENS, prefix_cache=True, max_queue=256,
+                    drain_timeout=30.0)
     o = resolve_options("runtime", given, defaults, profile)
     with options_named(option_origins("runtime", given, profile)):
         _set_threads(o["threads"])
