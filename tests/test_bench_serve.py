@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from llmc.bench import launch
 from llmc.bench import serve as bs
 from llmc.bench.serve import SLO, RequestSample, Stream, arrival_times, bench_serve, parse_slo, percentile, summarize
 from llmc.errors import ConfigError, OptionError
@@ -423,7 +424,7 @@ def test_a_server_that_dies_is_one_line_with_its_last_words(fake_launch, tok, ca
 
 def test_a_server_that_never_listens_is_killed(fake_launch, tok, monkeypatch):
     record = fake_launch("stuck")
-    monkeypatch.setattr(bs, "STOP_TIMEOUT_S", 0.5)                          # it ignores SIGTERM: SIGKILL
+    monkeypatch.setattr(launch, "STOP_TIMEOUT_S", 0.5)                      # it ignores SIGTERM: SIGKILL
     with pytest.raises(ConfigError, match=r"did not start within 2 s .*printed `listening on URL`.*still loading"):
         bench_serve(launch=tok, num_requests=1, ready_timeout=2)
     assert gone(json.loads(record.read_text())["pid"])
