@@ -77,3 +77,36 @@ def test_cli_profile_errors(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_runtime_table_sets_llmc_serve_s_options(tmp_path):
+    """`llmc serve --profile` takes its runtime options from [runtime]; the command line still wins."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    p = tmp_path / "serve.toml"
+    p.write_text("[runtime]\nmax_num_seqs = 3\nprefix_cache = false\nkv_blocks = 40\nmax_batched_tokens = 64\n")
+    proc = subprocess.Popen([sys.executable, "-m", "llmc", "serve", str(STORIES), "--port", "0", "--profile", str(p),
+                             "--kv-blocks", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        head = []
+        for line in proc.stdout:
+            head.append(line)
+            if line.startswith("listening on"):
+                break
+        text = "".join(head)
+        assert "up to 3 sequences per step, prefix caching off" in text, text
+        assert re.search(r"KV cache 480 tokens", text), text             # 30 blocks of 16, from the command line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[runtime]\nmax_num_seqs = 'many'\n")
+    r = subprocess.run([sys.executable, "-m", "llmc", "serve", str(STORIES), "--profile", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "[runtime] max_num_seqs must be int" in r.stderr

@@ -140,11 +140,12 @@ def make_server(path: Path | str, config: ServeConfig = ServeConfig(), *, model=
 def serve(path: Path | str, config: ServeConfig = ServeConfig(), *, model=None,
           on_listening: Callable[[str, dict], None] | None = None) -> int:
     """Serve the model at `path` (checkpoint, quantized checkpoint or engine) until a signal; returns
-    the exit code (0 after a drain). `on_listening(url, summary)` is called once the socket is bound."""
+    the exit code (0 after a drain). `on_listening(url, summary)` is called once the server accepts
+    connections and a signal drains it."""
     server = make_server(path, config, model=model)
     _log_requests()
     if on_listening is not None:
-        on_listening(server.url, server.summary)
+        server.http.on_started = lambda: on_listening(server.url, server.summary)
     return server.run()
 
 
@@ -154,6 +155,12 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state, drain_timeout: float) -> None:
         super().__init__(config)
         self.state, self.drain_timeout = state, drain_timeout
+        self.on_started: Callable[[], None] | None = None    # once it accepts connections and signals drain
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.on_started is not None and not self.should_exit:
+            self.on_started()
 
     def handle_exit(self, sig, frame) -> None:
         if self.state.draining:                           # a second signal: stop now
