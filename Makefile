@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,serve]'
+	$(PY) -m pip install --quiet -e '.[dev,serve,onnx]'
 	touch $@
 
 test: setup

@@ -1,0 +1,239 @@
+"""The optimised Graph as an ONNX model of standard ops (opset 21), with the KV cache as explicit
+state, in the layout ONNX Runtime GenAI expects:
+
+    inputs   input_ids [batch, seq] int64, attention_mask [batch, total] int64,
+             position_ids [batch, seq] int64,
+             past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim] float32
+    outputs  logits [batch, seq, vocab] float32,
+             present.{i}.key / .value [batch, kv_heads, total, head_dim] float32   (total = past + seq)
+
+Each IR op becomes a few standard ops: embed a Gather; rms_norm x * 1/sqrt(mean(x^2) + eps) * w
+(per head for q/k norms); linear a MatMul with the weight stored transposed (+ bias); rope a Gather of
+precomputed cos/sin tables at position_ids and the rotate-half identity; attention the past keys and
+values concatenated with the new ones (the present), kv heads repeated for grouped-query attention,
+scaled scores masked by causality, the attention mask and the sliding window, a Softmax and a MatMul;
+silu_mul g * sigmoid(g) * u; logits a MatMul with the (tied or separate) head.
+
+This increment lowers float weights (fp32, and bf16 / fp16 stored, exported as fp32); quantized
+weights (DequantizeLinear) come next.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmc.errors import UnsupportedModelError
+
+OPSET = 21
+NEG = np.float32(np.finfo(np.float32).min)
+
+
+@dataclass
+class _Builder:
+    """Accumulates nodes and initializers; names are unique per prefix."""
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    count: int = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs) -> Any:
+        from onnx import helper
+        outs = [self.name(hint or op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name("n_" + op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value: np.ndarray | list, hint: str = "c", dtype=None) -> str:
+        from onnx import numpy_helper
+        arr = np.asarray(value, dtype=dtype)
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def weight(self, tensor: torch.Tensor, name: str, transpose: bool = False) -> str:
+        from onnx import numpy_helper
+        t = tensor.detach().float()
+        arr = (t.t() if transpose else t).contiguous().numpy()
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+
+def _float_weight(model, name: str) -> torch.Tensor:
+    w = model.weights.get(name)
+    if not isinstance(w, torch.Tensor):
+        raise UnsupportedModelError(f"the onnx target does not lower quantized weights yet ({name} is "
+                                    f"{type(w).__name__})")
+    return w
+
+
+def lower_to_onnx(model) -> Any:
+    """The model's optimised graph as an onnx.ModelProto (see the module docstring)."""
+    from onnx import TensorProto, helper
+
+    a = model.arch
+    b = _Builder()
+    values: dict[str, str] = {}
+    weights: dict[str, str] = {}
+
+    def w(name: str, transpose: bool = False) -> str:
+        key = f"{name}{'.T' if transpose else ''}"
+        if key not in weights:
+            weights[key] = b.weight(_float_weight(model, name), key, transpose)
+        return weights[key]
+
+    axes_last = b.const([-1], "axes_last", np.int64)
+    zero_axis = b.const([0], "axis0", np.int64)
+
+    def rms(x: str, weight: str, eps: float, group: int, width: int) -> str:
+        xg = x if group == width else b.op("Reshape", [x, b.const([0, 0, width // group, group], "shape", np.int64)])
+        ms = b.op("ReduceMean", [b.op("Mul", [xg, xg]), axes_last], keepdims=1)
+        inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [ms, b.const(np.float32(eps), "eps")])])])
+        y = b.op("Mul", [b.op("Mul", [xg, inv]), w(weight)])
+        return y if group == width else b.op("Reshape", [y, b.const([0, 0, width], "shape", np.int64)])
+
+    def linear(x: str, weight: str, bias: str | None) -> str:
+        y = b.op("MatMul", [x, w(weight, transpose=True)])
+        return b.op("Add", [y, w(bias)]) if bias else y
+
+    # rope tables [max_positions, head_dim] and the position ids' rows of them, shared by every layer
+    from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
+    r = a.rope
+    inv = rope_inv_freq(a.head_dim, theta=r.theta, rope_type=r.rope_type, factor=r.factor,
+                        low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
+                        original_max_positions=r.original_max_positions)
+    cos_t, sin_t = rope_cos_sin(torch.arange(a.max_position_embeddings), inv)
+    cos = b.op("Unsqueeze", [b.op("Gather", [b.const(cos_t.numpy(), "cos_table"), "position_ids"]),
+                             b.const([2], "axis2", np.int64)])                 # [B, S, 1, d]
+    sin = b.op("Unsqueeze", [b.op("Gather", [b.const(sin_t.numpy(), "sin_table"), "position_ids"]),
+                             b.const([2], "axis2", np.int64)])
+    half = a.head_dim // 2
+
+    def rotate(x: str, heads: int) -> str:
+        xh = b.op("Reshape", [x, b.const([0, 0, heads, a.head_dim], "shape", np.int64)])
+        x1, x2 = b.op("Split", [xh, b.const([half, half], "split", np.int64)], n_out=2, axis=-1)
+        rot = b.op("Concat", [b.op("Neg", [x2]), x1], axis=-1)
+        y = b.op("Add", [b.op("Mul", [xh, cos]), b.op("Mul", [rot, sin])])
+        return b.op("Reshape", [y, b.const([0, 0, heads * a.head_dim], "shape", np.int64)])
+
+    # the attention mask, shared by the layers without a sliding window: key j is visible to the
+    # query at position p when j <= p and attention_mask[b, j] == 1
+    total = b.op("Shape", ["attention_mask"], start=1, end=2)                 # [1]
+    key_pos = b.op("Range", [b.const(np.int64(0), "zero"), b.op("Squeeze", [total, zero_axis]),
+                             b.const(np.int64(1), "one")])                   # [T]
+    q_pos = b.op("Unsqueeze", ["position_ids", b.const([2], "axis2", np.int64)])   # [B, S, 1]
+    causal = b.op("LessOrEqual", [key_pos, q_pos])                            # [B, S, T]
+    valid = b.op("Unsqueeze", [b.op("Cast", ["attention_mask"], to=TensorProto.BOOL),
+                               b.const([1], "axis1", np.int64)])              # [B, 1, T]
+    base_mask = b.op("And", [causal, valid])
+    masks: dict[int | None, str] = {}
+
+    def mask_for(window: int | None) -> str:
+        if window not in masks:
+            m = base_mask
+            if window is not None:
+                near = b.op("Less", [b.op("Sub", [q_pos, key_pos]), b.const(np.int64(window), "window")])
+                m = b.op("And", [m, near])
+            bias = b.op("Where", [m, b.const(np.float32(0), "zero_f"), b.const(NEG, "neg")])
+            masks[window] = b.op("Unsqueeze", [bias, b.const([1], "axis1", np.int64)])   # [B, 1, S, T]
+        return masks[window]
+
+    def attention(q: str, k: str, v: str, layer: int, heads: int, kv_heads: int, scale: float,
+                  window: int | None) -> str:
+        d = a.head_dim
+        to_heads = b.const([0, 0, -1, d], "shape", np.int64)
+        qh = b.op("Transpose", [b.op("Reshape", [q, to_heads])], perm=[0, 2, 1, 3])        # [B, H, S, d]
+        kh = b.op("Transpose", [b.op("Reshape", [k, to_heads])], perm=[0, 2, 1, 3])        # [B, KV, S, d]
+        vh = b.op("Transpose", [b.op("Reshape", [v, to_heads])], perm=[0, 2, 1, 3])
+        keys = f"present.{layer}.key"
+        vals = f"present.{layer}.value"
+        b.nodes.append(_node("Concat", [f"past_key_values.{layer}.key", kh], [keys], axis=2))
+        b.nodes.append(_node("Concat", [f"past_key_values.{layer}.value", vh], [vals], axis=2))
+        kk, vv = keys, vals
+        if heads != kv_heads:                                   # repeat each kv head for its group
+            g = heads // kv_heads
+            shape5 = b.op("Concat", [b.op("Shape", [keys], end=2), b.const([1], "one1", np.int64),
+                                     b.op("Shape", [keys], start=2)], axis=0)   # [B, KV, 1, T, d]
+            expand = b.op("Mul", [shape5, b.const([1, 1, g, 1, 1], "group", np.int64)])
+            flat = b.const([0, heads, -1, d], "shape", np.int64)
+
+            def repeat(x):
+                return b.op("Reshape", [b.op("Expand", [b.op("Reshape", [x, shape5]), expand]), flat])
+            kk, vv = repeat(keys), repeat(vals)
+        scores = b.op("Mul", [b.op("MatMul", [qh, b.op("Transpose", [kk], perm=[0, 1, 3, 2])]),
+                              b.const(np.float32(scale), "scale")])
+        probs = b.op("Softmax", [b.op("Add", [scores, mask_for(window)])], axis=-1)
+        out = b.op("Transpose", [b.op("MatMul", [probs, vv])], perm=[0, 2, 1, 3])          # [B, S, H, d]
+        return b.op("Reshape", [out, b.const([0, 0, heads * d], "shape", np.int64)])
+
+    for node in model.graph.nodes:
+        op, ins, outs, at = node.op, node.inputs, node.outputs, dict(node.attrs)
+        if op == "embed":
+            values[outs[0]] = b.op("Gather", [w(ins[1]), "input_ids"])
+        elif op == "rms_norm":
+            width = a.hidden_size if at["group"] == a.hidden_size else _width(model, node)
+            values[outs[0]] = rms(values[ins[0]], ins[1], at["eps"], at["group"], width)
+        elif op == "add_rms_norm":
+            h = b.op("Add", [values[ins[0]], values[ins[1]]])
+            values[outs[0]] = rms(h, ins[2], at["eps"], at["group"], a.hidden_size)
+            values[outs[1]] = h
+        elif op == "add":
+            values[outs[0]] = b.op("Add", [values[ins[0]], values[ins[1]]])
+        elif op == "linear":
+            values[outs[0]] = linear(values[ins[0]], ins[1], ins[2] if len(ins) > 2 else None)
+        elif op == "qkv_linear":
+            x, ws, bs = values[ins[0]], ins[1:4], ins[4:7] if len(ins) > 4 else (None, None, None)
+            for out, wt, bias in zip(outs, ws, bs):
+                values[out] = linear(x, wt, bias)
+        elif op == "gate_up_silu":
+            x = values[ins[0]]
+            g, u = linear(x, ins[1], None), linear(x, ins[2], None)
+            values[outs[0]] = b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g])]), u])
+        elif op == "silu_mul":
+            g, u = values[ins[0]], values[ins[1]]
+            values[outs[0]] = b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g])]), u])
+        elif op == "rope":
+            values[outs[0]] = rotate(values[ins[0]], a.num_heads)
+            values[outs[1]] = rotate(values[ins[1]], a.num_kv_heads)
+        elif op == "attention":
+            if len(ins) > 3:
+                raise UnsupportedModelError("the onnx target does not lower a quantized KV cache yet")
+            values[outs[0]] = attention(values[ins[0]], values[ins[1]], values[ins[2]], at["layer"],
+                                        at["num_heads"], at["num_kv_heads"], at["scale"], at["sliding_window"])
+        elif op == "logits":
+            values[outs[0]] = b.op("MatMul", [values[ins[0]], w(ins[1], transpose=True)])
+        else:
+            raise UnsupportedModelError(f"the onnx target cannot lower op {op!r}")
+    b.nodes.append(_node("Identity", [values[model.graph.outputs[0]]], ["logits"]))
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    kv = [a.num_kv_heads, a.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", a.vocab_size])]
+    for i in range(a.num_layers):
+        for part in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", f32,
+                                                        ["batch", kv[0], "past", kv[1]]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", f32,
+                                                         ["batch", kv[0], "total", kv[1]]))
+    graph = helper.make_graph(b.nodes, "llmc", inputs, outputs, initializer=b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="llmc")
+
+
+def _node(op_type: str, inputs: list[str], outputs: list[str], **attrs):
+    from onnx import helper
+    return helper.make_node(op_type, inputs, outputs, name=f"n_{outputs[0]}", **attrs)
+
+
+def _width(model, node) -> int:
+    """The feature width of a per-head rms_norm's input: its heads times the group."""
+    a = model.arch
+    name = node.inputs[1]
+    heads = a.num_heads if "q_norm" in name else a.num_kv_heads
+    return heads * node.attr("group")

@@ -1,0 +1,61 @@
+"""The onnx lowering against llmc's reference kernels: random configs of every loader family, a
+prefill and decode steps with the KV cache as explicit state; onnx.checker with full checking."""
+from __future__ import annotations
+
+import numpy as np
+import onnx                       # the `onnx` extra, which the README's commands install
+import onnxruntime as ort
+import pytest
+import torch
+
+from llmc.backends.onnx_graph import lower_to_onnx
+from llmc.loader import load_model
+from tests.helpers import forward_all, make_checkpoint
+
+ATOL = 2e-4          # fp32 logits of |x| <~ 5: ORT and torch order their sums differently
+
+CONFIGS = {
+    "llama-gqa": ("llama", dict(num_attention_heads=8, num_key_value_heads=2)),
+    "llama-rope-llama3": ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 64})),
+    "llama-tied-bias": ("llama", dict(tie_word_embeddings=True, attention_bias=True)),
+    "mistral-window": ("mistral", dict(sliding_window=6)),
+    "qwen2": ("qwen2", dict()),
+    "qwen3-qknorm": ("qwen3", dict(head_dim=32)),
+}
+
+
+def run_session(model_proto, model, ids: list[int], prefill: int):
+    """Logits of every position: `prefill` tokens at once, then one token per step with the cache."""
+    a = model.arch
+    sess = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    past = {f"past_key_values.{i}.{p}": np.zeros((1, a.num_kv_heads, 0, a.head_dim), np.float32)
+            for i in range(a.num_layers) for p in ("key", "value")}
+    out, done = [], 0
+    for n in [prefill] + [1] * (len(ids) - prefill):
+        feed = {"input_ids": np.array([ids[done:done + n]], np.int64),
+                "attention_mask": np.ones((1, done + n), np.int64),
+                "position_ids": np.arange(done, done + n, dtype=np.int64)[None], **past}
+        res = sess.run(None, feed)
+        names = [o.name for o in sess.get_outputs()]
+        got = dict(zip(names, res))
+        out.append(got["logits"][0])
+        past = {k.replace("present", "past_key_values"): v for k, v in got.items() if k.startswith("present")}
+        done += n
+    return torch.from_numpy(np.concatenate(out))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_onnx_logits_match_the_reference_over_a_prefill_and_decode_steps(tmp_path, name):
+    family, extra = CONFIGS[name]
+    path, _ = make_checkpoint(tmp_path / name, family, seed=5, **extra)
+    model = load_model(path)
+    proto = lower_to_onnx(model)
+    onnx.checker.check_model(proto, full_check=True)
+    ids = [1] + [int(t) for t in torch.randint(3, model.arch.vocab_size, (23,), generator=torch.Generator().manual_seed(2))]
+    got = run_session(proto, model, ids, prefill=8)
+    want = forward_all(model, ids, kernels="reference")
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= ATOL, float((got - want).abs().max())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
