@@ -14,8 +14,10 @@ values concatenated with the new ones (the present), kv heads repeated for group
 scaled scores masked by causality, the attention mask and the sliding window, a Softmax and a MatMul;
 silu_mul g * sigmoid(g) * u; logits a MatMul with the (tied or separate) head.
 
-This increment lowers float weights (fp32, and bf16 / fp16 stored, exported as fp32); quantized
-weights (DequantizeLinear) come next.
+Float weights (fp32; bf16 / fp16 stored) are exported as fp32. Weight-only quantized matrices (int8
+per channel, int4 in groups with zero points, fp8 e4m3) stay quantized: their codes, scales and zero
+points are initializers that a DequantizeLinear turns into the fp32 weight (blocked along K for
+groups). Quantized inputs (w8a8, w4a8) and a quantized KV cache are not lowered yet.
 """
 from __future__ import annotations
 
@@ -63,12 +65,50 @@ class _Builder:
         return name
 
 
-def _float_weight(model, name: str) -> torch.Tensor:
-    w = model.weights.get(name)
-    if not isinstance(w, torch.Tensor):
-        raise UnsupportedModelError(f"the onnx target does not lower quantized weights yet ({name} is "
-                                    f"{type(w).__name__})")
-    return w
+def _codes_tensor(name: str, codes: torch.Tensor, dtype: str):
+    """A TensorProto of codes: int8, uint4 (packed by onnx), or fp8 e4m3 (raw bytes)."""
+    from onnx import TensorProto, helper, numpy_helper
+    if dtype == "int8":
+        return numpy_helper.from_array(codes.to(torch.int8).numpy(), name)
+    if dtype == "int4":
+        return helper.make_tensor(name, TensorProto.UINT4, list(codes.shape), codes.flatten().tolist())
+    if dtype == "fp8_e4m3":
+        raw = codes.to(torch.float8_e4m3fn).view(torch.uint8).numpy().tobytes()
+        return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, list(codes.shape), raw, raw=True)
+    raise UnsupportedModelError(f"the onnx target cannot store {dtype} codes")
+
+
+def _dequantize(b: _Builder, qw, name: str, transpose: bool) -> str:
+    """A QuantizedWeight as a DequantizeLinear of its codes: [N, K], or [K, N] with `transpose` (the
+    MatMul layout, quantized along K in blocks for group-wise formats, which ONNX Runtime fuses into
+    its quantized MatMul). The same arithmetic as the reference: (code - zero) * scale in fp32."""
+    from onnx import numpy_helper
+    fmt, (n, k) = qw.fmt, qw.shape
+    codes = fmt.number.unpack(qw.data, k)                                  # [N, K]
+    scale, zero = qw.scale.float(), qw.zero                                # [N, G] / [N, 1] / [1, 1]
+    attrs: dict[str, int] = {}
+    if fmt.granularity == "tensor":
+        scale, zero = scale.reshape(()), None if zero is None else zero.reshape(())
+    elif fmt.granularity == "channel":
+        scale, zero = scale[:, 0], None if zero is None else zero[:, 0]
+        attrs["axis"] = 1 if transpose else 0
+    elif fmt.granularity == "group":
+        attrs.update(axis=0 if transpose else 1, block_size=fmt.group_size)
+        if transpose:
+            scale, zero = scale.t(), None if zero is None else zero.t()
+    else:
+        raise UnsupportedModelError(f"the onnx target cannot lower {fmt.granularity}-wise weights ({name})")
+    if transpose:
+        codes = codes.t()
+    ins = [name + ".qdata", name + ".scale"]
+    b.inits.append(_codes_tensor(ins[0], codes.contiguous(), fmt.dtype))
+    b.inits.append(numpy_helper.from_array(scale.contiguous().numpy(), ins[1]))
+    if zero is not None:
+        ins.append(name + ".zero")
+        b.inits.append(_codes_tensor(ins[2], zero.contiguous(), fmt.dtype))
+    out = name
+    b.nodes.append(_node("DequantizeLinear", ins, [out], **attrs))
+    return out
 
 
 def lower_to_onnx(model) -> Any:
@@ -83,7 +123,14 @@ def lower_to_onnx(model) -> Any:
     def w(name: str, transpose: bool = False) -> str:
         key = f"{name}{'.T' if transpose else ''}"
         if key not in weights:
-            weights[key] = b.weight(_float_weight(model, name), key, transpose)
+            t = model.weights.get(name)
+            if isinstance(t, torch.Tensor):
+                weights[key] = b.weight(t, key, transpose)
+            elif t.act is not None:
+                raise UnsupportedModelError(f"the onnx target does not lower quantized inputs yet ({name}: "
+                                            f"{t.kernel_key})")
+            else:
+                weights[key] = _dequantize(b, t, key, transpose)
         return weights[key]
 
     axes_last = b.const([-1], "axes_last", np.int64)

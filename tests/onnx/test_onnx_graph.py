@@ -26,10 +26,21 @@ CONFIGS = {
 }
 
 
+def session_options(optimized_path=None) -> ort.SessionOptions:
+    """ORT fuses DequantizeLinear + MatMul into MatMulNBits, which by default (accuracy level 4)
+    quantizes the activations to int8 as well; level 1 keeps them fp32: the scheme's numerics."""
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return so
+
+
 def run_session(model_proto, model, ids: list[int], prefill: int):
     """Logits of every position: `prefill` tokens at once, then one token per step with the cache."""
     a = model.arch
-    sess = ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model_proto.SerializeToString(), session_options(),
+                                providers=["CPUExecutionProvider"])
     past = {f"past_key_values.{i}.{p}": np.zeros((1, a.num_kv_heads, 0, a.head_dim), np.float32)
             for i in range(a.num_layers) for p in ("key", "value")}
     out, done = [], 0
@@ -57,5 +68,36 @@ def test_onnx_logits_match_the_reference_over_a_prefill_and_decode_steps(tmp_pat
     got = run_session(proto, model, ids, prefill=8)
     want = forward_all(model, ids, kernels="reference")
     assert got.shape == want.shape
+    assert (got - want).abs().max() <= ATOL, float((got - want).abs().max())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+QUANT = {  # name: (scheme, resolve_scheme overrides)
+    "w8a16": ("w8a16", {}),
+    "w4a16-sym": ("w4a16", dict(group_size=32)),
+    "w4a16-asym-partial": ("w4a16", dict(group_size=64, symmetric=False)),   # hidden 96: a partial last group
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUANT))
+def test_quantized_weights_stay_quantized_and_match_the_reference(tmp_path, name):
+    from llmc.quantized.scheme import QuantRecipe, resolve_scheme
+    from llmc.quantizer import quantize_checkpoint
+    scheme, overrides = QUANT[name]
+    path, _ = make_checkpoint(tmp_path / "hf", "llama", seed=7, num_attention_heads=8, num_key_value_heads=2)
+    out = tmp_path / name
+    quantize_checkpoint(path, out, QuantRecipe(scheme=resolve_scheme(scheme, **overrides)))
+    model = load_model(out)
+    proto = lower_to_onnx(model)
+    onnx.checker.check_model(proto, full_check=True)
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 7 * model.arch.num_layers               # q, k, v, o, gate, up, down of every layer
+    ids = [1] + [int(t) for t in torch.randint(3, model.arch.vocab_size, (20,), generator=torch.Generator().manual_seed(3))]
+    got = run_session(proto, model, ids, prefill=6)
+    want = forward_all(model, ids, kernels="reference")
+    dumped = tmp_path / "optimized.onnx"                     # what ORT runs: its quantized MatMul
+    ort.InferenceSession(proto.SerializeToString(), session_options(dumped), providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(dumped)).graph.node]
+    assert ops.count("MatMulNBits") == 7 * model.arch.num_layers and "DequantizeLinear" not in ops, set(ops)
     assert (got - want).abs().max() <= ATOL, float((got - want).abs().max())
     assert torch.equal(got.argmax(-1), want.argmax(-1))
