@@ -17,7 +17,9 @@ silu_mul g * sigmoid(g) * u; logits a MatMul with the (tied or separate) head.
 Float weights (fp32; bf16 / fp16 stored) are exported as fp32. Weight-only quantized matrices (int8
 per channel, int4 in groups with zero points, fp8 e4m3) stay quantized: their codes, scales and zero
 points are initializers that a DequantizeLinear turns into the fp32 weight (blocked along K for
-groups). Quantized inputs (w8a8, w4a8) and a quantized KV cache are not lowered yet.
+groups). Quantized inputs are quantized as the reference does it, in standard ops, before the MatMul:
+int8 per token (w8a8) or per group (w4a8), fp8 e4m3 per tensor with its static scale (fp8). A
+quantized KV cache is not lowered yet.
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def _dequantize(b: _Builder, qw, name: str, transpose: bool) -> str:
     MatMul layout, quantized along K in blocks for group-wise formats, which ONNX Runtime fuses into
     its quantized MatMul). The same arithmetic as the reference: (code - zero) * scale in fp32."""
     from onnx import numpy_helper
-    fmt, (n, k) = qw.fmt, qw.shape
+    fmt, k = qw.fmt, qw.shape[1]
     codes = fmt.number.unpack(qw.data, k)                                  # [N, K]
     scale, zero = qw.scale.float(), qw.zero                                # [N, G] / [N, 1] / [1, 1]
     attrs: dict[str, int] = {}
@@ -126,12 +128,28 @@ def lower_to_onnx(model) -> Any:
             t = model.weights.get(name)
             if isinstance(t, torch.Tensor):
                 weights[key] = b.weight(t, key, transpose)
-            elif t.act is not None:
-                raise UnsupportedModelError(f"the onnx target does not lower quantized inputs yet ({name}: "
-                                            f"{t.kernel_key})")
             else:
                 weights[key] = _dequantize(b, t, key, transpose)
         return weights[key]
+
+    fake_quantized: dict[tuple[str, str], str] = {}
+
+    def quantized_input(x: str, weight: str) -> str:
+        """x as the weight's quantized linear really multiplies it (kernels/reference/quant.py)."""
+        t = model.weights.get(weight)
+        if isinstance(t, torch.Tensor) or t.act is None:
+            return x
+        act = t.act
+        key = (x, act.key if act.granularity != "tensor" else f"{act.key}:{weight}")
+        if key not in fake_quantized:
+            if act.dtype == "int8" and act.granularity in ("token", "group"):
+                fake_quantized[key] = _fake_quant_int8(b, x, act.group_size if act.granularity == "group" else None,
+                                                       model.weights.shape(weight)[1])
+            elif act.dtype == "fp8_e4m3" and act.granularity == "tensor":
+                fake_quantized[key] = _fake_quant_fp8(b, x, float(t.act_scale.reshape(())))
+            else:
+                raise UnsupportedModelError(f"the onnx target cannot lower inputs in {act.key} ({weight})")
+        return fake_quantized[key]
 
     axes_last = b.const([-1], "axes_last", np.int64)
     zero_axis = b.const([0], "axis0", np.int64)
@@ -144,7 +162,7 @@ def lower_to_onnx(model) -> Any:
         return y if group == width else b.op("Reshape", [y, b.const([0, 0, width], "shape", np.int64)])
 
     def linear(x: str, weight: str, bias: str | None) -> str:
-        y = b.op("MatMul", [x, w(weight, transpose=True)])
+        y = b.op("MatMul", [quantized_input(x, weight), w(weight, transpose=True)])
         return b.op("Add", [y, w(bias)]) if bias else y
 
     # rope tables [max_positions, head_dim] and the position ids' rows of them, shared by every layer
@@ -271,6 +289,39 @@ def lower_to_onnx(model) -> Any:
                                                          ["batch", kv[0], "total", kv[1]]))
     graph = helper.make_graph(b.nodes, "llmc", inputs, outputs, initializer=b.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="llmc")
+
+
+def _fake_quant_int8(b: _Builder, x: str, group: int | None, k: int) -> str:
+    """Symmetric int8 over each row (group None) or each group of `group` features of a row: scale =
+    absmax / 127 (1 for all zeros), q = round half to even, clipped to +-127, then q * scale."""
+    v = x
+    if group is not None:
+        g = -(-k // group)
+        pad = b.const([0, 0, 0, 0, 0, g * group - k], "pads", np.int64)
+        v = b.op("Reshape", [b.op("Pad", [x, pad]), b.const([0, 0, g, group], "shape", np.int64)])
+    amax = b.op("ReduceMax", [b.op("Abs", [v]), b.const([-1], "axes_last", np.int64)], keepdims=1)
+    scale = b.op("Where", [b.op("Greater", [amax, b.const(np.float32(0), "zero_f")]),
+                           b.op("Div", [amax, b.const(np.float32(127), "c127")]), b.const(np.float32(1), "one_f")])
+    q = b.op("Clip", [b.op("Round", [b.op("Div", [v, scale])]), b.const(np.float32(-127), "lo"),
+                      b.const(np.float32(127), "hi")])
+    y = b.op("Mul", [q, scale])
+    if group is None:
+        return y
+    flat = b.op("Reshape", [y, b.const([0, 0, g * group], "shape", np.int64)])
+    return b.op("Slice", [flat, b.const([0], "start", np.int64), b.const([k], "end", np.int64),
+                          b.const([-1], "axes_last", np.int64)])
+
+
+def _fake_quant_fp8(b: _Builder, x: str, scale: float) -> str:
+    """x through fp8 e4m3 with a static per-tensor scale, saturating at +-448, rounding to nearest even
+    (as torch's cast): a QuantizeLinear / DequantizeLinear pair (ONNX Runtime folds a float -> fp8 ->
+    float Cast chain away as if it were lossless, which a Q/DQ pair it keeps)."""
+    from onnx import TensorProto, helper
+    s = b.const(np.float32(scale), "act_scale")
+    zero = b.name("fp8_zero")
+    b.inits.append(helper.make_tensor(zero, TensorProto.FLOAT8E4M3FN, [], [0.0]))
+    q = b.op("QuantizeLinear", [x, s, zero], saturate=1)
+    return b.op("DequantizeLinear", [q, s, zero])
 
 
 def _node(op_type: str, inputs: list[str], outputs: list[str], **attrs):
