@@ -19,7 +19,9 @@ per channel, int4 in groups with zero points, fp8 e4m3) stay quantized: their co
 points are initializers that a DequantizeLinear turns into the fp32 weight (blocked along K for
 groups). Quantized inputs are quantized as the reference does it, in standard ops, before the MatMul:
 int8 per token (w8a8) or per group (w4a8), fp8 e4m3 per tensor with its static scale (fp8). A
-quantized KV cache is not lowered yet.
+quantized KV cache (int8, fp8 e4m3, per KV-head
+scales) is state of that type: the new keys and values go through a QuantizeLinear into the present,
+and the attention reads the present through a DequantizeLinear. A 16-bit KV cache is kept as fp32.
 """
 from __future__ import annotations
 
@@ -116,6 +118,9 @@ def _dequantize(b: _Builder, qw, name: str, transpose: bool) -> str:
 def lower_to_onnx(model) -> Any:
     """The model's optimised graph as an onnx.ModelProto (see the module docstring)."""
     from onnx import TensorProto, helper
+    KV_TYPES = {torch.float32: TensorProto.FLOAT, torch.bfloat16: TensorProto.FLOAT,
+                torch.float16: TensorProto.FLOAT, torch.int8: TensorProto.INT8,
+                torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}
 
     a = model.arch
     b = _Builder()
@@ -207,17 +212,37 @@ def lower_to_onnx(model) -> Any:
             masks[window] = b.op("Unsqueeze", [bias, b.const([1], "axis1", np.int64)])   # [B, 1, S, T]
         return masks[window]
 
+    kv_type = KV_TYPES.get(model.kv_dtype)
+    if kv_type is None:
+        raise UnsupportedModelError(f"the onnx target cannot store a KV cache of {model.kv_dtype}")
+
+    def cached(x: str, layer: int, part: str, scale_name: str | None) -> str:
+        """The present keys or values: the past ones and x [B, KV, S, d] after them, stored as the
+        cache stores them (quantized per KV head with its scale, as kernels/reference/kv_quant.py
+        does: int8 round half to even within +-127, fp8 e4m3 saturating); returns them as fp32."""
+        present = f"present.{layer}.{part}"
+        if scale_name is None:
+            b.nodes.append(_node("Concat", [f"past_key_values.{layer}.{part}", x], [present], axis=2))
+            return present
+        scale = w(scale_name)                                                   # [KV]
+        zero = b.name("kv_zero")
+        b.inits.append(helper.make_tensor(zero, kv_type, [], [0]))
+        if kv_type == TensorProto.INT8:                        # within +-127 (QuantizeLinear reaches -128)
+            bound = b.op("Mul", [b.op("Reshape", [scale, b.const([1, -1, 1, 1], "shape", np.int64)]),
+                                 b.const(np.float32(127), "c127")])
+            x = b.op("Min", [b.op("Max", [x, b.op("Neg", [bound])]), bound])
+        q = b.op("QuantizeLinear", [x, scale, zero], axis=1)
+        b.nodes.append(_node("Concat", [f"past_key_values.{layer}.{part}", q], [present], axis=2))
+        return b.op("DequantizeLinear", [present, scale, zero], axis=1)
+
     def attention(q: str, k: str, v: str, layer: int, heads: int, kv_heads: int, scale: float,
-                  window: int | None) -> str:
+                  window: int | None, k_scale: str | None, v_scale: str | None) -> str:
         d = a.head_dim
         to_heads = b.const([0, 0, -1, d], "shape", np.int64)
         qh = b.op("Transpose", [b.op("Reshape", [q, to_heads])], perm=[0, 2, 1, 3])        # [B, H, S, d]
         kh = b.op("Transpose", [b.op("Reshape", [k, to_heads])], perm=[0, 2, 1, 3])        # [B, KV, S, d]
         vh = b.op("Transpose", [b.op("Reshape", [v, to_heads])], perm=[0, 2, 1, 3])
-        keys = f"present.{layer}.key"
-        vals = f"present.{layer}.value"
-        b.nodes.append(_node("Concat", [f"past_key_values.{layer}.key", kh], [keys], axis=2))
-        b.nodes.append(_node("Concat", [f"past_key_values.{layer}.value", vh], [vals], axis=2))
+        keys, vals = cached(kh, layer, "key", k_scale), cached(vh, layer, "value", v_scale)
         kk, vv = keys, vals
         if heads != kv_heads:                                   # repeat each kv head for its group
             g = heads // kv_heads
@@ -265,10 +290,10 @@ def lower_to_onnx(model) -> Any:
             values[outs[0]] = rotate(values[ins[0]], a.num_heads)
             values[outs[1]] = rotate(values[ins[1]], a.num_kv_heads)
         elif op == "attention":
-            if len(ins) > 3:
-                raise UnsupportedModelError("the onnx target does not lower a quantized KV cache yet")
+            scales = (ins[3], ins[4]) if len(ins) > 3 else (None, None)
             values[outs[0]] = attention(values[ins[0]], values[ins[1]], values[ins[2]], at["layer"],
-                                        at["num_heads"], at["num_kv_heads"], at["scale"], at["sliding_window"])
+                                        at["num_heads"], at["num_kv_heads"], at["scale"], at["sliding_window"],
+                                        *scales)
         elif op == "logits":
             values[outs[0]] = b.op("MatMul", [values[ins[0]], w(ins[1], transpose=True)])
         else:
@@ -283,9 +308,9 @@ def lower_to_onnx(model) -> Any:
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", a.vocab_size])]
     for i in range(a.num_layers):
         for part in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", f32,
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", kv_type,
                                                         ["batch", kv[0], "past", kv[1]]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", f32,
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", kv_type,
                                                          ["batch", kv[0], "total", kv[1]]))
     graph = helper.make_graph(b.nodes, "llmc", inputs, outputs, initializer=b.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="llmc")
