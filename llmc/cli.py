@@ -131,8 +131,8 @@ def inspect_cmd(
 def compile_cmd(
     model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory."),
     output: Path = typer.Option(..., "-o", "--output", help="Engine directory to write (atomically)."),
-    target: Optional[str] = typer.Option(None, "--target", help="cpu (default); onnx, tensorrt and triton are "
-                                         "planned."),
+    target: Optional[str] = typer.Option(None, "--target", help="cpu (default), or onnx (ONNX standard ops, run "
+                                         "by ONNX Runtime; needs the onnx extra); tensorrt and triton are planned."),
     passes: Optional[str] = typer.Option(None, "--passes", help="Comma-separated pass list replacing the default "
                                          "pipeline, e.g. fuse-qkv,dce ('' for none)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16: what the engine stores its "

@@ -22,8 +22,8 @@ from llmc.errors import ConfigError
 from llmc.registry import Registry
 
 DEFAULT_TARGET = "cpu"
-BUILTIN = ("llmc.backends.cpu",)                          # modules that register the built-in targets
-PLANNED = ("onnx", "tensorrt", "triton")                  # in the design, not yet in this version
+BUILTIN = ("llmc.backends.cpu", "llmc.backends.onnx")    # modules that register the built-in targets
+PLANNED = ("tensorrt", "triton")                          # in the design, not yet in this version
 
 
 class Backend(Protocol):

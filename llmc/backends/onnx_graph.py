@@ -225,8 +225,8 @@ def lower_to_onnx(model) -> Any:
             b.nodes.append(_node("Concat", [f"past_key_values.{layer}.{part}", x], [present], axis=2))
             return present
         scale = w(scale_name)                                                   # [KV]
-        zero = b.name("kv_zero")
-        b.inits.append(helper.make_tensor(zero, kv_type, [], [0]))
+        zero = b.name("kv_zero")                                                # per axis: one per KV head
+        b.inits.append(helper.make_tensor(zero, kv_type, [a.num_kv_heads], [0] * a.num_kv_heads))
         if kv_type == TensorProto.INT8:                        # within +-127 (QuantizeLinear reaches -128)
             bound = b.op("Mul", [b.op("Reshape", [scale, b.const([1, -1, 1, 1], "shape", np.int64)]),
                                  b.const(np.float32(127), "c127")])

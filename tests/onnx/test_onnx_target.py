@@ -1,0 +1,41 @@
+"""`compile --target onnx` and running the engine with ONNX Runtime through the runtime (paged KV
+cache gathered into past_key_values, present written back): greedy tokens equal the cpu target's."""
+from __future__ import annotations
+
+from llmc.compiler import compile
+from llmc.generation import generate
+from llmc.loader import load_model
+from llmc.quantized.scheme import recipe_from_options
+from llmc.quantizer import quantize_checkpoint
+from llmc.runtime.runner import RuntimeConfig
+from llmc.runtime.sampler import SamplingParams
+from tests.helpers import STORIES, make_checkpoint
+
+PROMPTS = ["Once upon a time", "Tom and his dog", "The little girl saw a big red ball and"]
+
+
+def test_the_golden_model_as_an_onnx_engine_generates_the_cpu_target_s_tokens(tmp_path):
+    onnx_engine = tmp_path / "stories.onnx.engine"
+    r = compile(STORIES, onnx_engine, target="onnx")
+    assert (onnx_engine / "model.onnx").is_file() and (onnx_engine / "model.onnx.data").is_file()
+    assert r.target == "onnx"
+    params = SamplingParams(max_tokens=30)
+    want = generate(STORIES, PROMPTS, params).completions
+    got = generate(onnx_engine, PROMPTS, params, RuntimeConfig(max_batched_tokens=16))   # chunked prefills
+    assert [c.token_ids for c in got.completions] == [c.token_ids for c in want]
+    assert got.backend["kernels"] == "onnxruntime" and got.backend["session_calls"] > 0
+
+
+def test_a_quantized_model_with_an_int8_kv_cache_as_an_onnx_engine(tmp_path):
+    path, _ = make_checkpoint(tmp_path / "hf", "llama", seed=11, num_attention_heads=8, num_key_value_heads=2)
+    q = tmp_path / "q"
+    quantize_checkpoint(path, q, recipe_from_options("w4a16", group_size=32, kv_cache="int8", calib_samples=8,
+                                                     calib_seqlen=64))
+    engine = tmp_path / "q.onnx.engine"
+    compile(q, engine, target="onnx")
+    prompts = [[1, 5, 9, 200, 31, 7], [1, 44, 45, 46]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    want = generate(q, prompts, params, RuntimeConfig(kernels="reference")).completions
+    got = generate(engine, prompts, params).completions
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert load_model(engine).manifest["target"] == "onnx"
