@@ -260,44 +260,48 @@ def lower_to_onnx(model) -> Any:
         out = b.op("Transpose", [b.op("MatMul", [probs, vv])], perm=[0, 2, 1, 3])          # [B, S, H, d]
         return b.op("Reshape", [out, b.const([0, 0, heads * d], "shape", np.int64)])
 
+    def silu_mul(g: str, u: str) -> str:
+        return b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g])]), u])
+
+    def norm_width(weight: str, group: int) -> int:
+        """The width of a rms_norm's input: the hidden size, or a per-head norm's heads x group."""
+        if group == a.hidden_size:
+            return group
+        return (a.num_heads if "q_norm" in weight else a.num_kv_heads) * group
+
+    def add_rms_norm(ins, at) -> tuple[str, str]:
+        h = b.op("Add", [values[ins[0]], values[ins[1]]])
+        return rms(h, ins[2], at["eps"], at["group"], a.hidden_size), h
+
+    def qkv_linear(ins, at) -> tuple[str, ...]:
+        biases = ins[4:7] if len(ins) > 4 else (None, None, None)
+        return tuple(linear(values[ins[0]], wt, bias) for wt, bias in zip(ins[1:4], biases))
+
+    def attention_op(ins, at) -> tuple[str]:
+        scales = (ins[3], ins[4]) if len(ins) > 3 else (None, None)
+        return (attention(values[ins[0]], values[ins[1]], values[ins[2]], at["layer"], at["num_heads"],
+                          at["num_kv_heads"], at["scale"], at["sliding_window"], *scales),)
+
+    lowerings = {  # IR op -> (its value and weight inputs, its attributes) -> the ONNX names of its outputs
+        "embed": lambda ins, at: (b.op("Gather", [w(ins[1]), "input_ids"]),),
+        "rms_norm": lambda ins, at: (rms(values[ins[0]], ins[1], at["eps"], at["group"],
+                                         norm_width(ins[1], at["group"])),),
+        "add_rms_norm": add_rms_norm,
+        "add": lambda ins, at: (b.op("Add", [values[ins[0]], values[ins[1]]]),),
+        "linear": lambda ins, at: (linear(values[ins[0]], ins[1], ins[2] if len(ins) > 2 else None),),
+        "qkv_linear": qkv_linear,
+        "gate_up_silu": lambda ins, at: (silu_mul(linear(values[ins[0]], ins[1], None),
+                                                  linear(values[ins[0]], ins[2], None)),),
+        "silu_mul": lambda ins, at: (silu_mul(values[ins[0]], values[ins[1]]),),
+        "rope": lambda ins, at: (rotate(values[ins[0]], a.num_heads), rotate(values[ins[1]], a.num_kv_heads)),
+        "attention": attention_op,
+        "logits": lambda ins, at: (b.op("MatMul", [values[ins[0]], w(ins[1], transpose=True)]),),
+    }
     for node in model.graph.nodes:
-        op, ins, outs, at = node.op, node.inputs, node.outputs, dict(node.attrs)
-        if op == "embed":
-            values[outs[0]] = b.op("Gather", [w(ins[1]), "input_ids"])
-        elif op == "rms_norm":
-            width = a.hidden_size if at["group"] == a.hidden_size else _width(model, node)
-            values[outs[0]] = rms(values[ins[0]], ins[1], at["eps"], at["group"], width)
-        elif op == "add_rms_norm":
-            h = b.op("Add", [values[ins[0]], values[ins[1]]])
-            values[outs[0]] = rms(h, ins[2], at["eps"], at["group"], a.hidden_size)
-            values[outs[1]] = h
-        elif op == "add":
-            values[outs[0]] = b.op("Add", [values[ins[0]], values[ins[1]]])
-        elif op == "linear":
-            values[outs[0]] = linear(values[ins[0]], ins[1], ins[2] if len(ins) > 2 else None)
-        elif op == "qkv_linear":
-            x, ws, bs = values[ins[0]], ins[1:4], ins[4:7] if len(ins) > 4 else (None, None, None)
-            for out, wt, bias in zip(outs, ws, bs):
-                values[out] = linear(x, wt, bias)
-        elif op == "gate_up_silu":
-            x = values[ins[0]]
-            g, u = linear(x, ins[1], None), linear(x, ins[2], None)
-            values[outs[0]] = b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g])]), u])
-        elif op == "silu_mul":
-            g, u = values[ins[0]], values[ins[1]]
-            values[outs[0]] = b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g])]), u])
-        elif op == "rope":
-            values[outs[0]] = rotate(values[ins[0]], a.num_heads)
-            values[outs[1]] = rotate(values[ins[1]], a.num_kv_heads)
-        elif op == "attention":
-            scales = (ins[3], ins[4]) if len(ins) > 3 else (None, None)
-            values[outs[0]] = attention(values[ins[0]], values[ins[1]], values[ins[2]], at["layer"],
-                                        at["num_heads"], at["num_kv_heads"], at["scale"], at["sliding_window"],
-                                        *scales)
-        elif op == "logits":
-            values[outs[0]] = b.op("MatMul", [values[ins[0]], w(ins[1], transpose=True)])
-        else:
-            raise UnsupportedModelError(f"the onnx target cannot lower op {op!r}")
+        lowering = lowerings.get(node.op)
+        if lowering is None:
+            raise UnsupportedModelError(f"the onnx target cannot lower op {node.op!r}")
+        values.update(zip(node.outputs, lowering(node.inputs, dict(node.attrs))))
     b.nodes.append(_node("Identity", [values[model.graph.outputs[0]]], ["logits"]))
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
@@ -352,11 +356,3 @@ def _fake_quant_fp8(b: _Builder, x: str, scale: float) -> str:
 def _node(op_type: str, inputs: list[str], outputs: list[str], **attrs):
     from onnx import helper
     return helper.make_node(op_type, inputs, outputs, name=f"n_{outputs[0]}", **attrs)
-
-
-def _width(model, node) -> int:
-    """The feature width of a per-head rms_norm's input: its heads times the group."""
-    a = model.arch
-    name = node.inputs[1]
-    heads = a.num_heads if "q_norm" in name else a.num_kv_heads
-    return heads * node.attr("group")
