@@ -44,10 +44,10 @@ from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from llmc.bench.launch import READY_TIMEOUT_S, launched, serve_command
+from llmc.bench.prompt_ids import FIRST_PROMPT_ID, prompt_ids
 from llmc.errors import ConfigError, OptionError
 
 SCHEMA = "llmc.bench.serve/1"
-FIRST_PROMPT_ID = 3               # below it: the usual <unk>/<s>/</s> slots of a vocabulary (as bench throughput)
 DEFAULT_CONCURRENCY = 1           # neither --concurrency nor --request-rate: one request at a time
 PERCENTILES = (50, 90, 99)
 
@@ -158,12 +158,10 @@ def random_prompts(tokenizer, count: int, length: int, seed: int) -> tuple[list[
     if tokenizer is None:
         raise OptionError("tokenizer", "random token-id prompts need the model's vocabulary: give --tokenizer "
                           "DIR (a checkpoint with config.json), or --dataset FILE")
-    vocab, info = vocab_size(tokenizer.directory), tokenizer.info
-    special = {*info.eos_token_ids, *([info.bos_token_id] if info.bos_token_id is not None else [])}
-    allowed = [i for i in range(FIRST_PROMPT_ID, vocab) if i not in special]
+    allowed, drawn_from = prompt_ids(vocab_size(tokenizer.directory), tokenizer.info)
     rng = random.Random(f"{seed}/prompts")
     prompts = [Prompt(rng.choices(allowed, k=length), length) for _ in range(count)]
-    return prompts, f"random token ids, uniform over [{FIRST_PROMPT_ID}, {vocab}) minus BOS/EOS {sorted(special)}"
+    return prompts, f"random token ids, {drawn_from}"
 
 
 def read_text(path: Path) -> str:

@@ -27,11 +27,11 @@ from typing import Any, Callable
 import torch
 
 from llmc.allocator import peak_rss_bytes
+from llmc.bench.prompt_ids import prompt_ids
 from llmc.errors import OptionError
 
 SCHEMA = "llmc.bench.throughput/1"
 PROMPT_SEED = 4321
-FIRST_PROMPT_ID = 3               # below it: the usual <unk>/<s>/</s> slots of a vocabulary
 BLOCK_SIZE = 16
 
 
@@ -172,11 +172,11 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def make_prompts(count: int, length: int, vocab: int, special: set[int]) -> list[list[int]]:
-    """`count` prompts of `length` ids, uniform over [FIRST_PROMPT_ID, vocab) minus `special`."""
-    allowed = torch.tensor([i for i in range(FIRST_PROMPT_ID, vocab) if i not in special])
-    picks = torch.randint(0, len(allowed), (count, length), generator=torch.Generator().manual_seed(PROMPT_SEED))
-    return allowed[picks].tolist()
+def make_prompts(count: int, length: int, allowed: list[int]) -> list[list[int]]:
+    """`count` prompts of `length` ids, uniform over `allowed` (llmc.bench.prompt_ids), seeded."""
+    pool = torch.tensor(allowed)
+    picks = torch.randint(0, len(pool), (count, length), generator=torch.Generator().manual_seed(PROMPT_SEED))
+    return pool[picks].tolist()
 
 
 def runtime_for(batch: int, input_len: int, output_len: int, kernels: str | None):
@@ -271,14 +271,12 @@ def throughput(path: Path | str, batches=(1,), input_len: int = 128, output_len:
     model = load_model(path)
     check_context(input_len, output_len, model.arch.max_position_embeddings)
     model_info = describe_model(path, model)
-    info = model.tokenizer.info
-    special = {*info.eos_token_ids, *([info.bos_token_id] if info.bos_token_id is not None else [])}
-    prompts = make_prompts(max(batches), input_len, model.arch.vocab_size, special)
+    allowed, drawn_from = prompt_ids(model.arch.vocab_size, model.tokenizer.info)
+    prompts = make_prompts(max(batches), input_len, allowed)
     config = {"batches": list(batches), "input_len": input_len, "output_len": output_len, "repeat": repeat,
               "warmup": warmup, "threads": threads, "kernels": kernels, "block_size": BLOCK_SIZE,
               "sampling": "greedy, EOS ignored", "prompt_seed": PROMPT_SEED,
-              "prompt_ids": f"uniform over [{FIRST_PROMPT_ID}, {model.arch.vocab_size}) minus BOS/EOS "
-                            f"{sorted(special)}; batch B uses the first B prompts"}
+              "prompt_ids": f"{drawn_from}; batch B uses the first B prompts"}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
