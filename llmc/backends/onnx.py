@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmc.backends import lower_graph
 from llmc.errors import ConfigError, UnsupportedModelError
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 from llmc.targets import Target, register_target
@@ -43,14 +42,15 @@ def _require():
 def lower(model, directory: Path) -> dict[str, Any]:
     """The engine's weights, and the graph as model.onnx with its initializers in model.onnx.data."""
     from llmc.backends.onnx_graph import OPSET, lower_to_onnx
+    from llmc.engine import write_weights
     onnx, ort = _require()
     if model.kv_dtype == torch.float8_e4m3fn:
         raise UnsupportedModelError("the onnx target does not run an fp8 KV cache yet")
     proto = lower_to_onnx(model)
-    section = lower_graph(model, directory, NAME, kernels="reference", device="cpu")
+    write_weights(model, directory)                 # the engine's model (graph, arch, weights) loads as any
     onnx.save_model(proto, str(directory / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=ONNX_DATA, size_threshold=1024)   # small constants (shapes, axes) stay inline
-    return {"device": "cpu", "kernels": "onnxruntime", "ops": {op: "onnxruntime" for op in section["ops"]},
+    return {"device": "cpu", "kernels": "onnxruntime", "ops": {n.op: "onnxruntime" for n in model.graph.nodes},
             "artifact": ONNX_FILE, "opset": OPSET, "onnxruntime": ort.__version__}
 
 

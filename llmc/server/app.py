@@ -297,7 +297,7 @@ async def _respond(state: ServerState, request: Request, shape, encoded, params,
         async def events() -> AsyncIterator[str]:
             status = "ok"
             try:
-                for chunk in shape.opening(len(encoded)):
+                for chunk in shape.opening():
                     yield _sse(chunk)
                 async for i, out in _merged(state, streams):
                     account(i, out)
@@ -374,20 +374,20 @@ class Completions:
     def _head(self) -> dict[str, Any]:
         return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.state.model_name}
 
-    def _logprobs(self, lps, offset: int = 0) -> dict[str, Any] | None:
+    def _logprobs(self, lps) -> dict[str, Any] | None:
         if not self.want_logprobs:
             return None
         tok = self.state.tokenizer
-        text = (lambda i: tok.token_text(i)) if tok.available else str
+        text = tok.token_text if tok.available else str
         tokens = [text(lp.token_id) for lp in lps]
-        offsets, at = [], offset
+        offsets, at = [], 0
         for t in tokens:
             offsets.append(at)
             at += len(t)
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
                 "top_logprobs": [{text(i): v for i, v in lp.top} for lp in lps], "text_offset": offsets}
 
-    def opening(self, n: int) -> list[dict]:
+    def opening(self) -> list[dict]:
         return []
 
     def chunks(self, i: int, out: RequestOutput) -> list[dict]:
@@ -424,7 +424,7 @@ class Chat:
         return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
                             for lp in lps]}
 
-    def opening(self, n: int) -> list[dict]:
+    def opening(self) -> list[dict]:
         return [{**self._head("chat.completion.chunk"), "choices": [
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}]
 
