@@ -190,13 +190,19 @@ def lower_to_onnx(model) -> Any:
         y = b.op("Add", [b.op("Mul", [xh, cos]), b.op("Mul", [rot, sin])])
         return b.op("Reshape", [y, b.const([0, 0, heads * a.head_dim], "shape", np.int64)])
 
-    # the attention mask, shared by the layers without a sliding window: key j is visible to the
-    # query at position p when j <= p and attention_mask[b, j] == 1
+    # the attention mask, shared by the layers without a sliding window. Keys and queries are
+    # ordered by index in [past ‖ new] (length T); the new ones are the last S. Key j is visible to
+    # the query at index i when j <= i and attention_mask[b, j] == 1: sequences of different lengths
+    # batch together left-padded (mask 0 on the padding), as ONNX Runtime GenAI batches them, while
+    # rope reads the real positions from position_ids.
     total = b.op("Shape", ["attention_mask"], start=1, end=2)                 # [1]
-    key_pos = b.op("Range", [b.const(np.int64(0), "zero"), b.op("Squeeze", [total, zero_axis]),
-                             b.const(np.int64(1), "one")])                   # [T]
-    q_pos = b.op("Unsqueeze", ["position_ids", b.const([2], "axis2", np.int64)])   # [B, S, 1]
-    causal = b.op("LessOrEqual", [key_pos, q_pos])                            # [B, S, T]
+    t_scalar = b.op("Squeeze", [total, zero_axis])
+    key_pos = b.op("Range", [b.const(np.int64(0), "zero"), t_scalar, b.const(np.int64(1), "one")])   # [T]
+    s_scalar = b.op("Squeeze", [b.op("Shape", ["input_ids"], start=1, end=2), zero_axis])
+    q_pos = b.op("Unsqueeze", [b.op("Range", [b.op("Sub", [t_scalar, s_scalar]), t_scalar,
+                                              b.const(np.int64(1), "one")]),
+                               b.const([1], "axis1", np.int64)])             # [S, 1]
+    causal = b.op("LessOrEqual", [key_pos, q_pos])                            # [S, T]
     valid = b.op("Unsqueeze", [b.op("Cast", ["attention_mask"], to=TensorProto.BOOL),
                                b.const([1], "axis1", np.int64)])              # [B, 1, T]
     base_mask = b.op("And", [causal, valid])
@@ -209,7 +215,7 @@ def lower_to_onnx(model) -> Any:
                 near = b.op("Less", [b.op("Sub", [q_pos, key_pos]), b.const(np.int64(window), "window")])
                 m = b.op("And", [m, near])
             bias = b.op("Where", [m, b.const(np.float32(0), "zero_f"), b.const(NEG, "neg")])
-            masks[window] = b.op("Unsqueeze", [bias, b.const([1], "axis1", np.int64)])   # [B, 1, S, T]
+            masks[window] = b.op("Unsqueeze", [bias, b.const([1, 2], "axes12", np.int64)])   # [B, 1, 1, S, T]
         return masks[window]
 
     kv_type = KV_TYPES.get(model.kv_dtype)
@@ -219,11 +225,13 @@ def lower_to_onnx(model) -> Any:
     def cached(x: str, layer: int, part: str, scale_name: str | None) -> str:
         """The present keys or values: the past ones and x [B, KV, S, d] after them, stored as the
         cache stores them (quantized per KV head with its scale, as kernels/reference/kv_quant.py
-        does: int8 round half to even within +-127, fp8 e4m3 saturating); returns them as fp32."""
+        does: int8 round half to even within +-127, fp8 e4m3 saturating). Returns them as fp32 for
+        the attention: values [B, KV, T, d], keys transposed, [B, KV, d, T]."""
         present = f"present.{layer}.{part}"
+        transpose = {"perm": [0, 1, 3, 2]} if part == "key" else None
         if scale_name is None:
             b.nodes.append(_node("Concat", [f"past_key_values.{layer}.{part}", x], [present], axis=2))
-            return present
+            return b.op("Transpose", [present], **transpose) if transpose else present
         scale = w(scale_name)                                                   # [KV]
         zero = b.name("kv_zero")                                                # per axis: one per KV head
         b.inits.append(helper.make_tensor(zero, kv_type, [a.num_kv_heads], [0] * a.num_kv_heads))
@@ -232,8 +240,19 @@ def lower_to_onnx(model) -> Any:
                                  b.const(np.float32(127), "c127")])
             x = b.op("Min", [b.op("Max", [x, b.op("Neg", [bound])]), bound])
         q = b.op("QuantizeLinear", [x, scale, zero], axis=1)
-        b.nodes.append(_node("Concat", [f"past_key_values.{layer}.{part}", q], [present], axis=2))
-        return b.op("DequantizeLinear", [present, scale, zero], axis=1)
+        if kv_type == TensorProto.INT8:
+            # the keys are transposed as int8, before their DequantizeLinear: ORT 1.32's
+            # QDQPropagationTransformer, moving a per-axis int8 DequantizeLinear across a Transpose or
+            # Reshape, makes a QuantizeLinear whose zero point type contradicts its output's
+            b.nodes.append(_node("Concat", [f"past_key_values.{layer}.{part}", q], [present], axis=2))
+            codes = b.op("Transpose", [present], **transpose) if transpose else present
+            return b.op("DequantizeLinear", [codes, scale, zero], axis=1)
+        # ONNX Runtime's CPU Concat has no fp8 kernel: the past is dequantized, joined in fp32 and
+        # quantized again into the present, which gives back the same codes (each value is code x scale)
+        past = b.op("DequantizeLinear", [f"past_key_values.{layer}.{part}", scale, zero], axis=1)
+        joined = b.op("Concat", [past, b.op("DequantizeLinear", [q, scale, zero], axis=1)], axis=2)
+        b.nodes.append(_node("QuantizeLinear", [joined, scale, zero], [present], axis=1))
+        return b.op("Transpose", [joined], **transpose) if transpose else joined
 
     def attention(q: str, k: str, v: str, layer: int, heads: int, kv_heads: int, scale: float,
                   window: int | None, k_scale: str | None, v_scale: str | None) -> str:
@@ -242,22 +261,19 @@ def lower_to_onnx(model) -> Any:
         qh = b.op("Transpose", [b.op("Reshape", [q, to_heads])], perm=[0, 2, 1, 3])        # [B, H, S, d]
         kh = b.op("Transpose", [b.op("Reshape", [k, to_heads])], perm=[0, 2, 1, 3])        # [B, KV, S, d]
         vh = b.op("Transpose", [b.op("Reshape", [v, to_heads])], perm=[0, 2, 1, 3])
-        keys, vals = cached(kh, layer, "key", k_scale), cached(vh, layer, "value", v_scale)
-        kk, vv = keys, vals
-        if heads != kv_heads:                                   # repeat each kv head for its group
-            g = heads // kv_heads
-            shape5 = b.op("Concat", [b.op("Shape", [keys], end=2), b.const([1], "one1", np.int64),
-                                     b.op("Shape", [keys], start=2)], axis=0)   # [B, KV, 1, T, d]
-            expand = b.op("Mul", [shape5, b.const([1, 1, g, 1, 1], "group", np.int64)])
-            flat = b.const([0, heads, -1, d], "shape", np.int64)
-
-            def repeat(x):
-                return b.op("Reshape", [b.op("Expand", [b.op("Reshape", [x, shape5]), expand]), flat])
-            kk, vv = repeat(keys), repeat(vals)
-        scores = b.op("Mul", [b.op("MatMul", [qh, b.op("Transpose", [kk], perm=[0, 1, 3, 2])]),
-                              b.const(np.float32(scale), "scale")])
-        probs = b.op("Softmax", [b.op("Add", [scores, mask_for(window)])], axis=-1)
-        out = b.op("Transpose", [b.op("MatMul", [probs, vv])], perm=[0, 2, 1, 3])          # [B, S, H, d]
+        keys_t, vals = cached(kh, layer, "key", k_scale), cached(vh, layer, "value", v_scale)    # [B, KV, d|T, T|d]
+        # grouped-query attention without repeating keys and values: the g query heads that share a
+        # kv head are stacked along the sequence axis, [B, KV, g*S, d], and their scores masked as
+        # [B, KV, g, S, T]
+        g = heads // kv_heads
+        qg = b.op("Reshape", [qh, b.const([0, kv_heads, -1, d], "shape", np.int64)])
+        scores = b.op("Mul", [b.op("MatMul", [qg, keys_t]),
+                              b.const(np.float32(scale), "scale")])                    # [B, KV, g*S, T]
+        by_head = b.op("Concat", [b.const([0, kv_heads, g, -1], "shape", np.int64), total], axis=0)
+        masked = b.op("Add", [b.op("Reshape", [scores, by_head]), mask_for(window)])
+        probs = b.op("Reshape", [b.op("Softmax", [masked], axis=-1), b.op("Shape", [scores])])
+        out = b.op("Reshape", [b.op("MatMul", [probs, vals]), b.const([0, heads, -1, d], "shape", np.int64)])
+        out = b.op("Transpose", [out], perm=[0, 2, 1, 3])                               # [B, S, H, d]
         return b.op("Reshape", [out, b.const([0, 0, heads * d], "shape", np.int64)])
 
     def silu_mul(g: str, u: str) -> str:

@@ -39,11 +39,7 @@ def session_options(optimized_path=None) -> ort.SessionOptions:
 def run_session(model_proto, model, ids: list[int], prefill: int):
     """Logits of every position: `prefill` tokens at once, then one token per step with the cache."""
     a = model.arch
-    # ORT 1.32's QDQPropagationTransformer, moving the quantized KV cache's DequantizeLinear across
-    # the grouped-query Reshape, makes a QuantizeLinear whose zero point type (uint8) contradicts its
-    # int8 output, and the session fails to load: it is disabled here (issue 11, open)
-    sess = ort.InferenceSession(model_proto.SerializeToString(), session_options(),
-                                providers=["CPUExecutionProvider"], disabled_optimizers=["QDQPropagationTransformer"])
+    sess = ort.InferenceSession(model_proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     kv_dtype = np.int8 if model.kv_dtype == torch.int8 else np.float32
     past = {f"past_key_values.{i}.{p}": np.zeros((1, a.num_kv_heads, 0, a.head_dim), kv_dtype)
             for i in range(a.num_layers) for p in ("key", "value")}
