@@ -132,7 +132,9 @@ def compile_cmd(
     model: Path = typer.Argument(..., help="A Hugging Face checkpoint directory."),
     output: Path = typer.Option(..., "-o", "--output", help="Engine directory to write (atomically)."),
     target: Optional[str] = typer.Option(None, "--target", help="cpu (default), or onnx (ONNX standard ops, run "
-                                         "by ONNX Runtime; needs the onnx extra); tensorrt and triton are planned."),
+                                         "by ONNX Runtime; needs the onnx extra), tensorrt (a TensorRT plan "
+                                         "for this machine's NVIDIA GPU; needs the gpu extra) or triton (Triton "
+                                         "kernels, for NVIDIA GPUs)."),
     passes: Optional[str] = typer.Option(None, "--passes", help="Comma-separated pass list replacing the default "
                                          "pipeline, e.g. fuse-qkv,dce ('' for none)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16: what the engine stores its "

@@ -44,6 +44,8 @@ def compile(model: Path | str, out: Path | str, target: str = DEFAULT_TARGET, pa
     t0 = time.perf_counter()
     src, out = check_path(model), Path(out)
     tgt = get_target(target)
+    if tgt.check is not None:
+        tgt.check()                         # a missing package or GPU: one line, before loading anything
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
     if (src / ENGINE_FILE).exists():

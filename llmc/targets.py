@@ -5,7 +5,9 @@ A target has two halves:
   the engine directory being built and returns the manifest's `backend` section (device, kernel
   set, the kernel each op will run);
 - `load(model, runtime) -> Backend`: at run time, turns a loaded engine (or a checkpoint, which runs
-  on the default target) into the object the runtime drives.
+  on the default target) into the object the runtime drives;
+- optionally `check()`: raises, before any work, when this machine lacks what compiling needs (a
+  package, a GPU).
 
 A `Backend` has a device, a KV-cache layout (`allocate_kv`), its batch preparation and
 `forward(batch, kv) -> logits`; `report()` says what ran. Adding a target is one module that calls
@@ -22,8 +24,8 @@ from llmc.errors import ConfigError
 from llmc.registry import Registry
 
 DEFAULT_TARGET = "cpu"
-BUILTIN = ("llmc.backends.cpu", "llmc.backends.onnx")    # modules that register the built-in targets
-PLANNED = ("tensorrt", "triton")                          # in the design, not yet in this version
+BUILTIN = ("llmc.backends.cpu", "llmc.backends.onnx", "llmc.backends.tensorrt")   # register the built-in targets
+PLANNED = ("triton",)                                     # in the design, not yet in this version
 
 
 class Backend(Protocol):
@@ -45,6 +47,7 @@ class Target:
     kernel_sets: tuple[str, ...]                          # the first is the default
     lower: Callable[[Any, Path], dict[str, Any]]          # (model, engine tmp dir) -> manifest "backend"
     load: Callable[[Any, Any], Backend]                   # (model, RuntimeConfig) -> Backend
+    check: Callable[[], None] | None = None               # raises what this machine lacks to compile for it
 
 
 TARGETS: Registry[Target] = Registry("target")
