@@ -122,6 +122,8 @@ def inspect_cmd(
         ("quantization", r.quantization or "none"),
         ("graph nodes", f"{r.graph_nodes} ({', '.join(f'{k} {v}' for k, v in sorted(r.ops.items()))})"),
     ]
+    if r.kind == "engine":
+        rows += [("kernels", r.kernels or "—"), ("artifact", r.artifact or "—"), ("requires", r.requires or "—")]
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)
@@ -142,7 +144,8 @@ def compile_cmd(
                                         "Default: fp32."),
     profile: Optional[str] = profile_option("compile", "--target and --passes"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the graph after each pass into this "
-                                           "directory (a new one, or one llmc wrote, with --force)."),
+                                           "directory (a new one, or one llmc wrote, with --force), and what the "
+                                           "target lowered it to (onnx: target-onnx.txt, the ONNX graph as text)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT (and the --dump-ir directory) if llmc wrote "
                                "it; never a directory holding other files."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

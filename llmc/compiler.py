@@ -54,14 +54,16 @@ def compile(model: Path | str, out: Path | str, target: str = DEFAULT_TARGET, pa
     if dump_ir is not None:
         dump_ir = check_output(dump_ir, [src, out], force=force, what="IR dump directory")
     m = load_checkpoint(src, tuple(passes) if passes is not None else None)
-    if dump_ir is not None:      # re-run the same pipeline, writing each stage
+    if dtype is not None:
+        m.dtype = WEIGHT_DTYPES[dtype]
+    manifest = write_engine(m, out, tgt.name, overwrite=force, inputs=[src])
+    if dump_ir is not None:      # re-run the same pipeline, writing each stage, then what the target made of it
         from llmc.decoder import build_decoder_graph
         with atomic_directory(dump_ir, overwrite=force, inputs=[src, out]) as tmp:
             PassManager([r.name for r in m.passes]).run(build_decoder_graph(m.arch), m.weight_shapes(), tmp)
             (tmp / "final.txt").write_text(format_graph(m.graph))
-    if dtype is not None:
-        m.dtype = WEIGHT_DTYPES[dtype]
-    manifest = write_engine(m, out, tgt.name, overwrite=force, inputs=[src])
+            if tgt.describe is not None:
+                (tmp / f"target-{tgt.name}.txt").write_text(tgt.describe(out))
     return CompileResult(engine=str(out), target=tgt.name, source=str(src), seconds=time.perf_counter() - t0,
                          nodes=len(m.graph.nodes), passes=manifest["passes"], files=manifest["files"],
                          backend=manifest["backend"])

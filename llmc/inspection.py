@@ -33,6 +33,9 @@ class InspectReport:
     tie_word_embeddings: bool
     sliding_window: int | None
     target: str | None
+    kernels: str | None            # the kernel set (or runtime) the engine runs with
+    artifact: str | None           # the file the target runs from (weights.safetensors, model.onnx, model.plan)
+    requires: str | None           # what running it needs (provider, GPU, versions), as its target recorded it
     graph_nodes: int
     ops: dict[str, int]
     quantization: str | None       # e.g. "w4a16 rtn (int4/group, g128)"
@@ -57,6 +60,7 @@ def inspect(path: Path | str, model=None) -> InspectReport:
     dtypes = Counter(m.weights.dtype(w) for w in names)        # the most common storage format
     root = Path(path)
     windows = {w for w in a.sliding_windows if w is not None}
+    backend = (m.manifest or {}).get("backend", {})
     return InspectReport(
         path=str(root), kind=m.kind, architecture=a.model_type, layers=a.num_layers, hidden_size=a.hidden_size,
         intermediate_size=a.intermediate_size, heads=a.num_heads, kv_heads=a.num_kv_heads, head_dim=a.head_dim,
@@ -67,7 +71,8 @@ def inspect(path: Path | str, model=None) -> InspectReport:
         kv_cache_dtype=str(m.kv_dtype).removeprefix("torch."),
         rope=a.to_dict()["rope"], tie_word_embeddings=a.tie_word_embeddings,
         sliding_window=max(windows) if windows else None,
-        target=(m.manifest or {}).get("target"), graph_nodes=len(m.graph.nodes),
+        target=(m.manifest or {}).get("target"), kernels=backend.get("kernels"), artifact=backend.get("artifact"),
+        requires=backend.get("requires"), graph_nodes=len(m.graph.nodes),
         ops=dict(Counter(n.op for n in m.graph.nodes)),
         quantization=_describe(m.quantization, root / (ENGINE_FILE if m.kind == "engine" else "config.json")),
         recipe=(m.quantization or {}).get("recipe"),

@@ -7,7 +7,7 @@ A target has two halves:
 - `load(model, runtime) -> Backend`: at run time, turns a loaded engine (or a checkpoint, which runs
   on the default target) into the object the runtime drives;
 - optionally `check()`: raises, before any work, when this machine lacks what compiling needs (a
-  package, a GPU).
+  package, a GPU), and `describe(engine_dir) -> str`: its artifact as text, which `--dump-ir` writes.
 
 A `Backend` has a device, a KV-cache layout (`allocate_kv`), its batch preparation and
 `forward(batch, kv) -> logits`; `report()` says what ran. Adding a target is one module that calls
@@ -48,6 +48,7 @@ class Target:
     lower: Callable[[Any, Path], dict[str, Any]]          # (model, engine tmp dir) -> manifest "backend"
     load: Callable[[Any, Any], Backend]                   # (model, RuntimeConfig) -> Backend
     check: Callable[[], None] | None = None               # raises what this machine lacks to compile for it
+    describe: Callable[[Path], str] | None = None         # the lowered artifact as text (for --dump-ir)
 
 
 TARGETS: Registry[Target] = Registry("target")

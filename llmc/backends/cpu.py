@@ -20,7 +20,10 @@ def lower(model, directory: Path) -> dict[str, Any]:
     section = lower_graph(model, directory, NAME, kernels="cpu", device="cpu")
     if default_kernels(model) == "native":
         section.update(kernels="native", ops={op: "native" for op in section["ops"]})
-    return {**section, "native_gemv": "available" if status["native_gemm"] else f"unavailable ({status['error']})"}
+    return {**section, "native_gemv": "available" if status["native_gemm"] else f"unavailable ({status['error']})",
+            "artifact": "weights.safetensors",
+            "requires": "a CPU; llmc's native kernels are built with the system's C compiler on first use "
+                        "(without one, torch kernels run)"}
 
 
 def default_kernels(model, device: str = "cpu") -> str:

@@ -32,6 +32,7 @@ from llmc.targets import Target, register_target
 NAME = "onnx"
 ONNX_FILE = "model.onnx"
 ONNX_DATA = "model.onnx.data"
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")   # preferred first
 KV_STATE = (torch.int8, torch.float8_e4m3fn)   # cache dtypes kept as they are; 16-bit caches are fp32 state
 
 
@@ -56,7 +57,16 @@ def lower(model, directory: Path) -> dict[str, Any]:
                     location=ONNX_DATA, size_threshold=1024)   # small constants (shapes, axes) stay inline
     (directory / GENAI_CONFIG).write_text(json.dumps(genai_config(model), indent=2) + "\n")
     return {"device": "cpu", "kernels": "onnxruntime", "ops": {n.op: "onnxruntime" for n in model.graph.nodes},
-            "artifact": ONNX_FILE, "opset": OPSET, "onnxruntime": ort.__version__, "genai_config": GENAI_CONFIG}
+            "artifact": ONNX_FILE, "opset": OPSET, "onnxruntime": ort.__version__, "genai_config": GENAI_CONFIG,
+            "requires": f"onnxruntime (the onnx extra; compiled with {ort.__version__}): its CPU provider, or its "
+                        "TensorRT / CUDA providers where installed; or ONNX Runtime GenAI"}
+
+
+def describe(engine: Path) -> str:
+    """model.onnx in ONNX's textual syntax; initializers in the external data file appear by reference."""
+    onnx, _ = _require()
+    import onnx.printer
+    return onnx.printer.to_text(onnx.load(str(engine / ONNX_FILE), load_external_data=False).graph) + "\n"
 
 
 def load(model, runtime):
@@ -78,7 +88,9 @@ class OnnxBackend:
         so = ort.SessionOptions()
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         so.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(Path(model.path) / ONNX_FILE), so, providers=["CPUExecutionProvider"])
+        available = ort.get_available_providers()
+        self.session = ort.InferenceSession(str(Path(model.path) / ONNX_FILE), so,
+                                            providers=[p for p in PROVIDERS if p in available])
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.calls = 0
 
@@ -110,9 +122,8 @@ class OnnxBackend:
         gather = torch.zeros(count, width, dtype=torch.long)          # slot of each past position (padding: 0)
         for r, (i, past) in enumerate(zip(members, pasts)):
             mask[r, width - past:] = 1
-            table = batch.block_tables[i]
-            gather[r, width - past:] = torch.tensor([table[p // bs] * bs + p % bs for p in range(past)],
-                                                    dtype=torch.long)
+            pos = torch.arange(past)
+            gather[r, width - past:] = torch.tensor(batch.block_tables[i], dtype=torch.long)[pos // bs] * bs + pos % bs
         padding = torch.from_numpy(mask[:, :width] == 0)
         feed = {"input_ids": np.array([batch.token_ids[starts[i]:starts[i] + n] for i in members], np.int64),
                 "attention_mask": mask,
@@ -160,4 +171,5 @@ class OnnxBackend:
 
 
 register_target(Target(NAME, "ONNX standard ops (quantized weights through DequantizeLinear), run by ONNX Runtime",
-                       devices=("cpu",), kernel_sets=("onnxruntime",), lower=lower, load=load))
+                       devices=("cpu",), kernel_sets=("onnxruntime",), lower=lower, load=load,
+                       describe=describe))

@@ -39,3 +39,24 @@ def test_a_quantized_model_with_an_int8_kv_cache_as_an_onnx_engine(tmp_path):
     got = generate(engine, prompts, params).completions
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert load_model(engine).manifest["target"] == "onnx"
+
+
+def test_inspect_shows_the_target_its_artifact_and_what_it_needs(tmp_path):
+    from llmc.inspection import inspect
+    engine = tmp_path / "stories.onnx.engine"
+    compile(STORIES, engine, target="onnx")
+    r = inspect(engine)
+    assert (r.target, r.kernels, r.artifact) == ("onnx", "onnxruntime", "model.onnx")
+    assert "onnxruntime" in r.requires and "CPU provider" in r.requires
+    assert (engine / "genai_config.json").is_file()
+    cpu = inspect(compile(STORIES, tmp_path / "cpu.engine").engine)
+    assert (cpu.target, cpu.artifact) == ("cpu", "weights.safetensors") and "CPU" in cpu.requires
+    assert inspect(STORIES).artifact is None                     # a checkpoint: no target yet
+
+
+def test_dump_ir_writes_the_onnx_graph_as_text(tmp_path):
+    dump = tmp_path / "ir"
+    compile(STORIES, tmp_path / "e", target="onnx", dump_ir=dump)
+    text = (dump / "target-onnx.txt").read_text()
+    assert "past_key_values.0.key" in text and "present.4.value" in text and "Softmax" in text
+    assert (dump / "final.txt").is_file()
