@@ -12,11 +12,12 @@ QENGINE := build/stories260K-w4a16.engine
 
 setup: $(STAMP)
 
-# torch is pinned to the CPU build first, so nothing later pulls a CUDA build.
+# torch is pinned to the CPU build first, so nothing later pulls a CUDA build. triton (the gpu extra's
+# kernel compiler) is installed for the tests, which run its kernels on the CPU under TRITON_INTERPRET=1.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,serve,onnx]'
+	$(PY) -m pip install --quiet -e '.[dev,serve,onnx]' 'triton>=3.2'
 	touch $@
 
 test: setup

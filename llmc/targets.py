@@ -24,8 +24,9 @@ from llmc.errors import ConfigError
 from llmc.registry import Registry
 
 DEFAULT_TARGET = "cpu"
-BUILTIN = ("llmc.backends.cpu", "llmc.backends.onnx", "llmc.backends.tensorrt")   # register the built-in targets
-PLANNED = ("triton",)                                     # in the design, not yet in this version
+BUILTIN = ("llmc.backends.cpu", "llmc.backends.onnx", "llmc.backends.tensorrt",   # register the built-in
+           "llmc.backends.triton")                                                # targets
+PLANNED: tuple[str, ...] = ()                             # in the design, not yet in this version
 
 
 class Backend(Protocol):
