@@ -46,15 +46,24 @@ def _require():
     return onnx, onnxruntime
 
 
+def write_onnx(model, directory: Path) -> Path:
+    """The graph lowered to ONNX: model.onnx, with its initializers in model.onnx.data (small constants,
+    shapes and axes, stay inline). The tensorrt target builds its plan from the same files."""
+    from llmc.backends.onnx_graph import lower_to_onnx
+    onnx, _ = _require()
+    path = directory / ONNX_FILE
+    onnx.save_model(lower_to_onnx(model), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=ONNX_DATA, size_threshold=1024)
+    return path
+
+
 def lower(model, directory: Path) -> dict[str, Any]:
     """The engine's weights, and the graph as model.onnx with its initializers in model.onnx.data."""
-    from llmc.backends.onnx_graph import OPSET, lower_to_onnx
+    from llmc.backends.onnx_graph import OPSET
     from llmc.engine import write_weights
-    onnx, ort = _require()
-    proto = lower_to_onnx(model)
+    _, ort = _require()
+    write_onnx(model, directory)
     write_weights(model, directory)                 # the engine's model (graph, arch, weights) loads as any
-    onnx.save_model(proto, str(directory / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=ONNX_DATA, size_threshold=1024)   # small constants (shapes, axes) stay inline
     (directory / GENAI_CONFIG).write_text(json.dumps(genai_config(model), indent=2) + "\n")
     return {"device": "cpu", "kernels": "onnxruntime", "ops": {n.op: "onnxruntime" for n in model.graph.nodes},
             "artifact": ONNX_FILE, "opset": OPSET, "onnxruntime": ort.__version__, "genai_config": GENAI_CONFIG,

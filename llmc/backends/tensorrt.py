@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from llmc.backends.onnx import KV_STATE, ONNX_DATA, ONNX_FILE
+from llmc.backends.onnx import KV_STATE, ONNX_DATA, ONNX_FILE, write_onnx
 from llmc.errors import ConfigError, EngineError, UnsupportedModelError
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 from llmc.targets import Target, register_target
@@ -239,17 +239,6 @@ def make_builder(trt, log):
         raise ConfigError(f"target {NAME} needs an NVIDIA GPU: TensorRT cannot initialise CUDA ({log.why(error)})",
                           hint="build the plan on the machine with the NVIDIA GPU it is for")
     return builder
-
-
-def write_onnx(model, directory: Path) -> Path:
-    """The ONNX lowering saved as the onnx target saves it: model.onnx and its initializers in model.onnx.data."""
-    import onnx
-
-    from llmc.backends.onnx_graph import lower_to_onnx
-    path = directory / ONNX_FILE
-    onnx.save_model(lower_to_onnx(model), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=ONNX_DATA, size_threshold=1024)
-    return path
 
 
 def parse_network(trt, builder, onnx_path: Path, log):
