@@ -10,8 +10,10 @@ state, in the layout ONNX Runtime GenAI expects:
 Each IR op becomes a few standard ops: embed a Gather; rms_norm x * 1/sqrt(mean(x^2) + eps) * w
 (per head for q/k norms); linear a MatMul with the weight stored transposed (+ bias); rope a Gather of
 precomputed cos/sin tables at position_ids and the rotate-half identity; attention the past keys and
-values concatenated with the new ones (the present), kv heads repeated for grouped-query attention,
-scaled scores masked by causality, the attention mask and the sliding window, a Softmax and a MatMul;
+values concatenated with the new ones (the present), the query heads of each kv head stacked for
+grouped-query attention (keys and values are not repeated), scaled scores masked by causality (by
+index in past + new, so left-padded sequences batch), the attention mask and the sliding window, a
+Softmax and a MatMul;
 silu_mul g * sigmoid(g) * u; logits a MatMul with the (tied or separate) head.
 
 Float weights (fp32; bf16 / fp16 stored) are exported as fp32. Weight-only quantized matrices (int8
@@ -19,9 +21,10 @@ per channel, int4 in groups with zero points, fp8 e4m3) stay quantized: their co
 points are initializers that a DequantizeLinear turns into the fp32 weight (blocked along K for
 groups). Quantized inputs are quantized as the reference does it, in standard ops, before the MatMul:
 int8 per token (w8a8) or per group (w4a8), fp8 e4m3 per tensor with its static scale (fp8). A
-quantized KV cache (int8, fp8 e4m3, per KV-head
-scales) is state of that type: the new keys and values go through a QuantizeLinear into the present,
-and the attention reads the present through a DequantizeLinear. A 16-bit KV cache is kept as fp32.
+quantized KV cache (int8, fp8 e4m3, per KV-head scales) is state of that type: the new keys and
+values go through a QuantizeLinear into the present, and the attention reads the present through a
+DequantizeLinear (fp8: the past is dequantized and joined in fp32, then quantized into the present,
+since ONNX Runtime's CPU Concat has no fp8 kernel). A 16-bit KV cache is kept as fp32.
 """
 from __future__ import annotations
 
