@@ -460,29 +460,44 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("quality")
 def bench_quality_cmd(
     path: Path = typer.Argument(..., help="The model to measure: checkpoint, quantized checkpoint or engine."),
-    reference: Path = typer.Option(..., "--reference", help="The reference model (e.g. the fp32 checkpoint)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="The reference model (e.g. the fp32 "
+                                             "checkpoint). Required unless --reference-logits."),
     text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
     seqlen: int = typer.Option(512, "--seqlen", help="Window length in tokens (BOS included)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N tokens of the text."),
     kernels: Optional[str] = typer.Option(None, "--kernels", help=KERNELS_HELP),
     device: str = typer.Option("cpu", "--device", help="Device to run on (the cpu target runs on cpu)."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON to this file "
+    save_reference: Optional[Path] = typer.Option(None, "--save-reference", help="Also save the reference's top-k "
+                                                  "log-probabilities per scored token to this file (safetensors), "
+                                                  "for later runs with --reference-logits."),
+    reference_logits: Optional[Path] = typer.Option(None, "--reference-logits", help="Score against logits saved "
+                                                    "by --save-reference instead of running --reference (same text, "
+                                                    "--seqlen and --max-tokens; KL over the top-k and the rest of "
+                                                    "the mass)."),
+    top_k: int = typer.Option(32, "--top-k", help="With --save-reference: log-probabilities kept per token."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the result (schema "
+                                            "llmc.bench.result/1, every window's sums) as JSON to this file "
                                             "('-': to stdout, instead of the table). An existing file is replaced "
                                             "only if llmc wrote it."),
 ) -> None:
     """Perplexity, KL divergence from the reference and top-1 agreement, over non-overlapping windows."""
     from llmc.bench.quality import quality
 
-    inputs = [path, reference, text]
+    inputs = [p for p in (path, reference, text, reference_logits) if p is not None]
     _check_result_file(json_path, inputs)
-    with err.status("scoring") as status:
+    with options_named(), err.status("scoring") as status:
         r = quality(path, reference, text, seqlen=seqlen, max_tokens=max_tokens, kernels=kernels, device=device,
+                    save_reference=save_reference, reference_logits=reference_logits, top_k=top_k,
                     on_window=lambda w, n: status.update(f"scoring: {w} windows, {n:,} tokens"))
-    if _write_result(json_path, {**asdict(r), "env": _env()}, inputs):   # the metrics at the top level
+    if save_reference is not None:
+        err.print(f"saved the reference's top-{top_k} log-probabilities of {r.tokens:,} tokens to {save_reference}",
+                  markup=False, highlight=False)
+    if _write_result(json_path, r.to_result(_env()).to_json(), inputs):
         return
     t = Table(*(Column(c, justify="right") for c in ("tokens", "perplexity", "reference ppl", "Δ ppl",
                                                       "KL (nats/token)", "top-1 agree")),
-              title=f"llmc bench quality · {path} vs {reference}")
+              title=f"llmc bench quality · {path} vs {r.reference}",
+              caption=None if r.config["kl"] == "exact" else f"KL over the reference's {r.config['kl']}")
     t.add_row(f"{r.tokens:,}", f"{r.perplexity:.4f}", f"{r.reference_perplexity:.4f}",
               f"{100 * (r.perplexity / r.reference_perplexity - 1):+.2f}%", f"{r.kl_divergence:.5f}",
               f"{100 * r.top1_agreement:.2f}%")
@@ -504,8 +519,12 @@ def bench_throughput_cmd(
     kernels: Optional[str] = typer.Option(None, "--kernels", help=KERNELS_HELP),
     profile: bool = typer.Option(False, "--profile", help="Also print where a decode step's time goes, per op "
                                  "(native kernels; always in the JSON as decode_profile_ms)."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results (schema "
-                                            "llmc.bench.throughput/1, every raw sample) as JSON to this file ('-': "
+    against: Optional[str] = typer.Option(None, "--against", metavar="PATH|reference-kernels", help="Also run "
+                                          "another model (PATH), or this one on the reference kernels, beside "
+                                          "this one run by run, and report speed as a ratio of theirs: a gate on "
+                                          "the ratio holds on a machine that is slower today."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the result (schema "
+                                            "llmc.bench.result/1, every raw sample) as JSON to this file ('-': "
                                             "to stdout, instead of the table). An existing file is replaced only "
                                             "if llmc wrote it."),
 ) -> None:
@@ -514,7 +533,7 @@ def bench_throughput_cmd(
 
     with options_named():
         batches = parse_batches(batch)
-    _check_result_file(json_path, [path])
+    _check_result_file(json_path, [path] + ([Path(against)] if against and against != "reference-kernels" else []))
 
     def progress(b: int, label: str, s) -> None:
         decode = f"{s.decode_tok_s:,.1f}" if s.decode_tok_s is not None else "-"
@@ -523,7 +542,7 @@ def bench_throughput_cmd(
 
     with options_named(), err.status(f"measuring {path}"):
         r = throughput(path, batches, input_len=input_len, output_len=output_len, repeat=repeat, warmup=warmup,
-                       threads=threads, kernels=kernels, on_run=progress)
+                       threads=threads, kernels=kernels, on_run=progress, against=against)
     if not _write_result(json_path, r.to_json(), [path]):
         _throughput_table(r, path)
         if profile:
@@ -546,23 +565,34 @@ def _profile_table(r) -> None:
 
 
 def _throughput_table(r, path: Path) -> None:
-    """The result as a table on stdout: medians, and the decode spread over the timed runs."""
+    """The result as a table on stdout: medians, and the decode spread over the timed runs; with
+    --against, the medians of the per-run speed ratios."""
+    import statistics
+
     def fmt(m, spread: bool = False) -> str:
         if m is None:
             return "-"
         return f"{m['median']:,.1f}" + (f" [{m['min']:,.1f}–{m['max']:,.1f}]" if spread else "")
 
+    def ratio(b, name: str) -> str:
+        values = [x[f"{name}_ratio"] for x in b.ratios()]
+        return "-" if not values or None in values else f"{statistics.median(values):.2f}×"
+
     c, env = r.config, r.env
-    t = Table(*(Column(h, justify="right") for h in ("batch", "prefill tok/s", "decode tok/s median \\[min–max]",
-                                                       "e2e tok/s", "TTFT ms")),
+    against = c.get("against")
+    heads = ["batch", "prefill tok/s", "decode tok/s median \\[min–max]", "e2e tok/s", "TTFT ms"]
+    t = Table(*(Column(h, justify="right") for h in heads + (["prefill ×", "decode ×"] if against else [])),
               title=f"llmc bench throughput · {path}",
               caption=f"input {c['input_len']}, output {c['output_len']} tokens, greedy, medians of {c['repeat']} "
                       f"runs after {c['warmup']} warm-up\n{env['threads']} threads, {r.backend['kernels']} "
                       f"kernels; 1-min load {env['loadavg_start'][0]:.1f} → {env['loadavg_end'][0]:.1f}; "
-                      f"peak RSS {_human_bytes(r.peak_rss_bytes)}")
+                      f"peak RSS {_human_bytes(r.peak_rss_bytes)}" +
+                      (f"\n×: this model's speed over {against}'s in the run beside it (median of {c['repeat']})"
+                       if against else ""))
     for b in r.results:
         t.add_row(str(b.batch), fmt(b.stat("prefill_tok_s")), fmt(b.stat("decode_tok_s"), spread=True),
-                  fmt(b.stat("e2e_tok_s")), fmt(b.stat("ttft_ms")))
+                  fmt(b.stat("e2e_tok_s")), fmt(b.stat("ttft_ms")),
+                  *([ratio(b, "prefill_tok_s"), ratio(b, "decode_tok_s")] if against else []))
     out.print(t)
 
 
@@ -599,8 +629,8 @@ def bench_serve_cmd(
     serve_arg: Optional[list[str]] = typer.Option(None, "--serve-arg", metavar="ARG", help="Repeat: one argument for the "
                                                   "launched server, e.g. --serve-arg=--max-num-seqs=8."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds one request may take; a slower one fails."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the results (schema "
-                                            "llmc.bench.serve/1, every request's times) as JSON to this file "
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the result (schema "
+                                            "llmc.bench.result/1, every request's times) as JSON to this file "
                                             "('-': to stdout, instead of the table). An existing file is replaced "
                                             "only if llmc wrote it."),
 ) -> None:
@@ -631,23 +661,23 @@ def _serve_tables(r) -> None:
     """Latencies (mean and percentiles), then the run's rates and counts."""
     from rich.markup import escape
 
-    m, c, env = r.metrics, r.config, r.env
+    from llmc.bench.serve import LATENCY_STATS
+
+    c, env, v = r.config, r.env, r.value
     width = 78
-    t = Table(Column("latency"), *(Column(h, justify="right") for h in ("mean", "p50", "p90", "p99")),
+    t = Table(Column("latency"), *(Column(h, justify="right") for h in LATENCY_STATS),
               title=f"llmc bench serve · {escape(r.model['name'])} at {escape(r.server['url'])}", min_width=width)
     for key, label in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("itl_ms", "ITL ms"), ("e2e_ms", "e2e ms")):
-        d = m[key]
-        t.add_row(label, *("-" if d is None else f"{d[q]:,.1f}" for q in ("mean", "p50", "p90", "p99")))
+        t.add_row(label, *("-" if v(f"{key}_{q}") is None else f"{v(f'{key}_{q}'):,.1f}" for q in LATENCY_STATS))
     out.print(t)
-    slo = ", ".join(f"{k.split('_')[0].upper()} ≤ {v:g} ms" for k, v in c["slo"].items() if v is not None)
-    tokens_in = m["total_input_tokens"]["value"]
-    rows = [("requests", f"{m['completed']['value']} ok, {m['failed']['value']} failed"),
-            ("request throughput", f"{m['request_throughput']['value']:,.2f} req/s"),
-            ("output throughput", f"{m['output_throughput']['value']:,.1f} tok/s"),
-            *([("goodput", f"{m['goodput']['value']:,.2f} req/s ({slo})")] if m["goodput"] else []),
-            ("tokens in / out", f"{'-' if tokens_in is None else f'{tokens_in:,}'} / "
-                                f"{m['total_output_tokens']['value']:,}"),
-            ("duration", f"{m['duration_s']['value']:,.2f} s")]
+    slo = ", ".join(f"{k.split('_')[0].upper()} ≤ {x:g} ms" for k, x in c["slo"].items() if x is not None)
+    tokens_in = v("total_input_tokens")
+    rows = [("requests", f"{v('completed')} ok, {v('failed')} failed"),
+            ("request throughput", f"{v('request_throughput'):,.2f} req/s"),
+            ("output throughput", f"{v('output_throughput'):,.1f} tok/s"),
+            *([("goodput", f"{v('goodput'):,.2f} req/s ({slo})")] if "goodput" in r.metrics else []),
+            ("tokens in / out", f"{'-' if tokens_in is None else f'{tokens_in:,}'} / {v('total_output_tokens'):,}"),
+            ("duration", f"{v('duration_s'):,.2f} s")]
     s = Table(Column("run"), Column("value", justify="right"), min_width=width,
               caption=escape(f"{c['num_requests']} requests, {c['arrivals']}; {c['output_len']} output tokens "
                              f"each; prompts: {c['prompts']}\n1-min load on this machine "
@@ -678,26 +708,6 @@ def _env() -> dict:
     return environment(threads=torch.get_num_threads())
 
 
-# Verbs of the design that are not built yet: they say so (exit 2) instead of "No such command".
-NOT_BUILT = [  # (typer app, name, help, what to do meanwhile)
-    (app, "gate", "Compare bench results with a baseline; exit 1 on a regression.",
-     "compare 'llmc bench quality --json' results yourself meanwhile"),
-]
-
-
-def _register_not_built(parent: typer.Typer, name: str, text: str, meanwhile: str) -> None:
-    verb = name if parent is app else f"bench {name}"
-
-    def command(ctx: typer.Context) -> None:
-        raise ConfigError(f"'llmc {verb}' is not built yet in llmc {__version__}", hint=meanwhile)
-    command.__doc__ = f"(not built yet) {text}"
-    parent.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(command)
-
-
-for _parent, _name, _text, _meanwhile in NOT_BUILT:
-    _register_not_built(_parent, _name, _text, _meanwhile)
-
-
 @app.command("version")
 def version_cmd() -> None:
     """Print the llmc version."""
@@ -706,6 +716,9 @@ def version_cmd() -> None:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+import llmc.cli_results  # noqa: E402,F401  (registers gate and bench report on app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,7 @@ from llmc.errors import ConfigError
 
 MARKER = ".llmc-output.json"
 PRODUCER = "llmc"                       # the stamp files and markers carry: "llmc <version>"
+MAX_SAFETENSORS_HEADER = 100 << 20
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.llmc-(?P<kind>tmp|old|work)\.(?P<pid>\d+)$")
 
 
@@ -56,7 +57,7 @@ def _umask() -> int:
     return mask
 
 
-def _producer() -> str:
+def producer_stamp() -> str:
     from llmc import __version__
     return f"{PRODUCER} {__version__}"
 
@@ -113,14 +114,34 @@ def _listed_files(d: Path) -> set[str] | None:
     return None
 
 
+XML_STAMP = "<!-- written by "         # the first line after the XML declaration of an XML file llmc wrote
+
+
 def written_by_llmc_file(p: Path) -> bool:
-    """A regular file llmc wrote: it starts with llmc's producer stamp (see `stamp_json`)."""
+    """A regular file llmc wrote: a JSON file that starts with llmc's producer stamp (see
+    `stamp_json`), an XML file with llmc's stamp comment (`xml_stamp`), or a safetensors file whose
+    metadata names llmc as its producer."""
     try:
         with open(p, "rb") as f:
             head = f.read(256)
-    except OSError:
+            if re.match(rb'\{\s*"producer":\s*"llmc ', head) or \
+                    re.match(rb'<\?xml[^>]*\?>\s*' + re.escape(f"{XML_STAMP}{PRODUCER} ".encode()), head):
+                return True
+            if len(head) < 8:
+                return False
+            size = int.from_bytes(head[:8], "little")          # safetensors: a JSON header of this many bytes
+            if not 2 <= size <= MAX_SAFETENSORS_HEADER:
+                return False
+            f.seek(8)
+            meta = json.loads(f.read(size)).get("__metadata__") or {}
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
         return False
-    return re.match(rb'\{\s*"producer":\s*"llmc ', head) is not None
+    return isinstance(meta, dict) and str(meta.get("producer", "")).startswith(PRODUCER + " ")
+
+
+def xml_stamp() -> str:
+    """The comment that marks an XML file as llmc's (written_by_llmc_file)."""
+    return f"{XML_STAMP}{producer_stamp()} -->"
 
 
 def check_output(out: Path | str, inputs: Iterable[Path | str | None] = (), *, force: bool = False,
@@ -222,10 +243,10 @@ def temp_path(final: Path, kind: str = "tmp") -> Path:
 
 def stamp_json(obj: dict[str, Any]) -> dict[str, Any]:
     """`obj` with llmc's producer stamp first, so a later run knows llmc wrote the file."""
-    return {"producer": _producer(), **{k: v for k, v in obj.items() if k != "producer"}}
+    return {"producer": producer_stamp(), **{k: v for k, v in obj.items() if k != "producer"}}
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write a file by temp file + rename (the caller has checked the path with `check_output`)."""
     path = Path(path)
     tmp = temp_path(path)
@@ -234,13 +255,17 @@ def write_text_atomic(path: Path, text: str) -> None:
         clean_leftovers(path)
         with removed_on_failure(tmp):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the umask applies, as for open()
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
     except OSError as e:
         raise OutputError(f"{path}: cannot write it ({e.strerror or e})") from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 @contextmanager
@@ -318,7 +343,7 @@ def _replace_directory(tmp: Path, final: Path) -> None:
 
 def _write_marker(tmp: Path) -> None:
     files = [f for f in _walk(tmp) if f != MARKER]
-    (tmp / MARKER).write_text(json.dumps({"producer": _producer(), "files": files}, indent=1) + "\n")
+    (tmp / MARKER).write_text(json.dumps({"producer": producer_stamp(), "files": files}, indent=1) + "\n")
 
 
 def _normal_modes(root: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.errors import ConfigError
+from llmc.gate_rules import GATE_KEYS, gate_config
 from llmc.quantized.scheme import quantize_option_types
 from llmc.resources import profile_dir
 
@@ -28,6 +29,7 @@ SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "runtime": {"max_num_seqs": (int,), "max_batched_tokens": (int,), "kv_blocks": (int,), "block_size": (int,),
                 "prefix_cache": (bool,), "kernels": (str,), "threads": (int,), "max_queue": (int,),
                 "request_timeout": (int, float), "drain_timeout": (int, float)},   # llmc serve
+    "gate": GATE_KEYS,                                      # llmc gate; its metrics table: gate_config checks it
 }
 
 
@@ -87,6 +89,8 @@ def load_profile(name: str) -> Profile:
                 kind = "a list of strings" if list in types else " or ".join(t.__name__ for t in types)
                 raise ConfigError(f"{p}: [{verb}] {key} must be {kind}, got {value!r}")
         sections[verb] = dict(table)
+    if "gate" in sections:
+        gate_config(sections["gate"], where=f"{p}: [gate]")        # the rules' tables, checked now
     calib = sections.get("quantize", {}).get("calib")
     if calib is not None and not Path(calib).is_absolute():       # relative to the profile file
         sections["quantize"]["calib"] = str(p.parent / calib)

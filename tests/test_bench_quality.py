@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -40,12 +41,59 @@ def test_cli_json(quantized, tmp_path, capsys):
     out = tmp_path / "q.json"
     main(["bench", "quality", str(quantized["w8a16"]), "--reference", str(STORIES), "--text", str(TEXT),
           "--seqlen", "128", "--max-tokens", "1000", "--json", str(out)])
-    r = json.loads(out.read_text())                       # the contract: metrics at the top level
-    assert {"perplexity", "reference_perplexity", "kl_divergence", "top1_agreement", "tokens"} <= set(r)
-    assert r["tokens"] == 1000 and "top-1 agree" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["schema"] == "llmc.bench.result/1" and r["kind"] == "quality"
+    m = {k: v["value"] for k, v in r["metrics"].items()}
+    assert {"perplexity", "reference_perplexity", "kl_divergence", "top1_agreement", "tokens", "bytes_on_disk"} <= set(m)
+    assert m["tokens"] == 1000 and "top-1 agree" in capsys.readouterr().out
+    assert r["model"]["recipe"]["scheme"]["name"] == "w8a16" and r["model"]["bytes_on_disk"] == m["bytes_on_disk"]
+    assert r["config"]["kl"] == "exact" and len(r["config"]["text_sha256"]) == 64
+    windows = r["samples"]["windows"]                      # every metric recomputed from the windows' sums
+    assert sum(w["tokens"] for w in windows) == 1000 and len({w["id"] for w in windows}) == len(windows) == 8
+    assert m["perplexity"] == pytest.approx(math.exp(sum(w["nll"] for w in windows) / 1000), rel=1e-12)
+    assert m["kl_divergence"] == pytest.approx(sum(w["kl"] for w in windows) / 1000, rel=1e-12)
+    assert m["top1_agreement"] == sum(w["agree"] for w in windows) / 1000
     for key in ("backend", "reference_backend"):           # what ran: target, device, kernels, per op
-        assert r[key]["target"] == "cpu" and r[key]["device"] == "cpu" and r[key]["kernels"] == "native"   # the default for models it runs
-        assert sum(r[key]["ops"]["linear"]["variants"].values()) > 0
+        b = r["details"][key]
+        assert b["target"] == "cpu" and b["device"] == "cpu" and b["kernels"] == "native"   # the default for models it runs
+        assert sum(b["ops"]["linear"]["variants"].values()) > 0
+
+
+def test_saved_reference_logits_give_the_reference_numbers(quantized, tmp_path):
+    """With k = the vocabulary (512) the saved top-k is the whole distribution: every number is the
+    live reference's; with k = 8, KL over top-8 + tail is a lower bound close to the full KL."""
+    model, kw = quantized["w4a16"], dict(seqlen=128, max_tokens=2000)
+    full, small = tmp_path / "ref512.safetensors", tmp_path / "ref8.safetensors"
+    live = quality(model, STORIES, TEXT, save_reference=full, top_k=512, **kw)
+    quality(model, STORIES, TEXT, save_reference=small, top_k=8, **kw)
+    saved = quality(model, None, TEXT, reference_logits=full, **kw)
+    assert (saved.perplexity, saved.reference_perplexity, saved.top1_agreement) == \
+        (live.perplexity, pytest.approx(live.reference_perplexity, rel=1e-6), live.top1_agreement)
+    assert saved.kl_divergence == pytest.approx(live.kl_divergence, rel=1e-4)
+    assert [w["id"] for w in saved.records] == [w["id"] for w in live.records]
+    assert (live.config["kl"], saved.config["kl"]) == ("exact", "top512+tail")
+    approx = quality(model, None, TEXT, reference_logits=small, **kw)
+    assert 0.8 * live.kl_divergence < approx.kl_divergence <= live.kl_divergence * (1 + 1e-6)
+    assert small.stat().st_size < full.stat().st_size / 20               # compact: the top-8, not the vocabulary
+
+
+def test_saved_reference_logits_refuse_another_protocol(quantized, tmp_path, capsys):
+    model, saved = quantized["w8a16"], tmp_path / "ref.safetensors"
+    quality(model, STORIES, TEXT, seqlen=128, max_tokens=500, save_reference=saved, top_k=4)
+    with pytest.raises(ConfigError, match="saved for another seqlen"):
+        quality(model, None, TEXT, seqlen=64, max_tokens=500, reference_logits=saved)
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.read_text()[1000:])
+    with pytest.raises(ConfigError, match="saved for another text"):
+        quality(model, None, other, seqlen=128, max_tokens=500, reference_logits=saved)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    for args, needle in ((["--reference-logits", str(tmp_path / "junk.safetensors")], "not a reference logits file"),
+                         ([], "--reference: give the reference model"),
+                         (["--reference", str(STORIES), "--reference-logits", str(saved)], "one of the two")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "quality", str(model), "--text", str(TEXT), *args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
 
 
 def test_errors(tmp_path):

@@ -14,11 +14,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llmc.bench import launch
 from llmc.bench import serve as bs
-from llmc.bench.serve import SLO, RequestSample, Stream, arrival_times, bench_serve, parse_slo, percentile, summarize
+from llmc.bench.serve import SLO, RequestSample, Stream, arrival_times, bench_serve, parse_slo, summarize
 from llmc.errors import ConfigError, OptionError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,10 +157,8 @@ def sample(index=0, start=0.0, tokens=(), end=1.0, output=None, error=None, sche
 
 # ---- metrics by hand --------------------------------------------------------------------------
 
-def test_percentiles_interpolate_between_ranks():
-    xs = [7, 1, 10, 4, 2, 9, 3, 5, 8, 6]                      # 1..10 shuffled
-    assert (percentile(xs, 50), percentile(xs, 90), percentile(xs, 99)) == pytest.approx((5.5, 9.1, 9.91))
-    assert percentile([3.0], 99) == 3.0 and percentile([1, 2], 0) == 1 and percentile([1, 2], 100) == 2
+def percentile(xs, q):
+    return float(np.percentile(xs, q))        # linear between ranks, as the result's "p90" statistic
 
 
 def test_metrics_of_fixed_samples():
@@ -169,23 +168,26 @@ def test_metrics_of_fixed_samples():
         sample(2, start=1.0, tokens=(1.05,), end=1.05),                # TTFT 50, one token: no TPOT, no ITL
         sample(3, start=1.0, tokens=(), end=2.0, error="HTTP 500: x"),  # failed: in no latency
     ]
-    m = summarize(samples, SLO(ttft_ms=200))
-    assert m["ttft_ms"]["mean"] == pytest.approx(150) and m["ttft_ms"]["p50"] == pytest.approx(100)
-    assert m["ttft_ms"]["p90"] == pytest.approx(260) and m["ttft_ms"]["count"] == 3
-    assert m["tpot_ms"]["mean"] == pytest.approx(150) and m["tpot_ms"]["count"] == 2
-    assert m["itl_ms"]["p50"] == pytest.approx(100) and m["itl_ms"]["p99"] == pytest.approx(197)
-    assert m["itl_ms"]["mean"] == pytest.approx(125) and m["itl_ms"]["count"] == 4
-    assert m["e2e_ms"]["p50"] == pytest.approx(400) and m["e2e_ms"]["mean"] == pytest.approx(350)
-    assert all(m[k]["unit"] == "ms" and m[k]["direction"] == "lower" for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"))
-    assert m["duration_s"]["value"] == pytest.approx(2.0)                        # first start to last end
-    assert m["request_throughput"] == {"value": pytest.approx(1.5), "unit": "req/s", "direction": "higher"}
-    assert m["output_throughput"]["value"] == pytest.approx(7 / 2.0)
-    assert (m["completed"]["value"], m["failed"]["value"]) == (3, 1)
-    assert (m["total_input_tokens"]["value"], m["total_output_tokens"]["value"]) == (24, 7)
-    assert m["goodput"] == {"value": pytest.approx(2 / 2.0), "unit": "req/s", "direction": "higher"}  # TTFT 100, 50
-    assert summarize(samples, SLO(tpot_ms=149))["goodput"]["value"] == pytest.approx(1 / 2.0)  # the single token
-    assert summarize(samples, SLO(ttft_ms=200, tpot_ms=149))["goodput"]["value"] == pytest.approx(1 / 2.0)
-    assert summarize(samples, SLO())["goodput"] is None
+    m = {k: v.value for k, v in summarize(samples, SLO(ttft_ms=200)).items()}
+    assert m["ttft_ms_mean"] == pytest.approx(150) and m["ttft_ms_p50"] == pytest.approx(100)
+    assert m["ttft_ms_p90"] == pytest.approx(260)
+    assert m["tpot_ms_mean"] == pytest.approx(150)
+    assert m["itl_ms_p50"] == pytest.approx(100) and m["itl_ms_p99"] == pytest.approx(197)
+    assert m["itl_ms_mean"] == pytest.approx(125)
+    assert m["e2e_ms_p50"] == pytest.approx(400) and m["e2e_ms_mean"] == pytest.approx(350)
+    full = summarize(samples, SLO(ttft_ms=200))
+    assert all(full[f"{k}_{q}"].unit == "ms" and full[f"{k}_{q}"].direction == "lower"
+               for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms") for q in ("mean", "p50", "p90", "p99"))
+    assert m["duration_s"] == pytest.approx(2.0)                        # first start to last end
+    assert (full["request_throughput"].value, full["request_throughput"].unit) == (pytest.approx(1.5), "req/s")
+    assert full["request_throughput"].direction == "higher" and full["request_throughput"].statistic is None
+    assert m["output_throughput"] == pytest.approx(7 / 2.0)
+    assert (m["completed"], m["failed"]) == (3, 1)
+    assert (m["total_input_tokens"], m["total_output_tokens"]) == (24, 7)
+    assert m["goodput"] == pytest.approx(2 / 2.0)                                     # TTFT 100, 50
+    assert summarize(samples, SLO(tpot_ms=149))["goodput"].value == pytest.approx(1 / 2.0)  # the single token
+    assert summarize(samples, SLO(ttft_ms=200, tpot_ms=149))["goodput"].value == pytest.approx(1 / 2.0)
+    assert "goodput" not in summarize(samples, SLO())
 
 
 def test_poisson_arrivals_come_from_the_seed():
@@ -238,7 +240,7 @@ def test_closed_loop_keeps_n_in_flight_and_asks_for_exact_outputs(fake, tok):
         assert len(b["prompt"]) == 6 and all(3 <= i < VOCAB for i in b["prompt"])
     again = bench_serve(fake.url, tokenizer=tok, input_len=6, output_len=4, num_requests=12, concurrency=3, seed=1)
     assert sorted(b["prompt"] for b in fake.bodies[12:]) == sorted(b["prompt"] for b in fake.bodies[:12])
-    assert r.config["concurrency"] == 3 and again.metrics["completed"]["value"] == 12
+    assert r.config["concurrency"] == 3 and again.value("completed") == 12
 
 
 def test_request_rate_follows_the_arrivals_under_the_cap(fake, tok):
@@ -253,7 +255,7 @@ def test_request_rate_follows_the_arrivals_under_the_cap(fake, tok):
 
 def test_request_rate_alone_is_unbounded(fake, tok):
     r = bench_serve(fake.url, tokenizer=tok, input_len=4, output_len=8, num_requests=6, request_rate=math.inf)
-    assert r.config["concurrency"] is None and fake.max_in_flight > 1 and r.metrics["completed"]["value"] == 6
+    assert r.config["concurrency"] is None and fake.max_in_flight > 1 and r.value("completed") == 6
     assert json.loads(json.dumps(r.to_json(), allow_nan=False))["config"]["request_rate"] == "inf"   # strict JSON
 
 
@@ -263,8 +265,8 @@ def test_errors_are_counted_not_measured(tok):
     failed = [s for s in r.samples if not s.ok]
     assert [s.index for s in failed] == [2, 5, 8]
     assert {(s.status, s.error) for s in failed} == {(500, "HTTP 500: fake failure")}
-    assert (r.metrics["completed"]["value"], r.metrics["failed"]["value"]) == (6, 3)
-    assert r.metrics["ttft_ms"]["count"] == 6 and r.metrics["total_output_tokens"]["value"] == 24
+    assert (r.value("completed"), r.value("failed")) == (6, 3)
+    assert r.value("ttft_ms_mean") is not None and r.value("total_output_tokens") == 24
 
 
 def test_timeouts_and_refused_connections_are_failures(tok):
@@ -273,7 +275,7 @@ def test_timeouts_and_refused_connections_are_failures(tok):
     assert [(s.status, s.error) for s in r.samples] == [(200, "timed out after 0.1 s")] * 2
     r = bench_serve(f"http://127.0.0.1:{closed_port()}", model="m", tokenizer=tok, input_len=4, num_requests=2)
     assert all(s.status is None and s.error.startswith("ConnectError") for s in r.samples)
-    assert r.metrics["failed"]["value"] == 2 and r.metrics["ttft_ms"] is None and r.metrics["request_throughput"]["value"] == 0
+    assert r.value("failed") == 2 and "ttft_ms_mean" not in r.metrics and r.value("request_throughput") == 0
 
 
 def test_tokens_are_counted_from_chunks_without_usage(tok):
@@ -300,7 +302,7 @@ def test_jsonl_dataset(fake, tok, tmp_path):
     lines.write_text('{"prompt": "w5 w6 w7"}\n\n{"prompt": "w9", "other": 1}\n')
     r = bench_serve(fake.url, tokenizer=tok, dataset=lines, output_len=2, num_requests=3)
     assert [b["prompt"] for b in fake.bodies] == ["w5 w6 w7", "w9", "w5 w6 w7"]
-    assert r.metrics["total_input_tokens"]["value"] == 3 + 1 + 3
+    assert r.value("total_input_tokens") == 3 + 1 + 3
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w5"}\n{"text": "w6"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: each line must be a JSON object with a string 'prompt'"):
@@ -322,26 +324,29 @@ def test_result_file_schema_and_recomputable_metrics(fake, tok, tmp_path, capsys
     cli(capsys, "--url", fake.url + "/v1/", "--tokenizer", tok, *ARGS, "--slo", "ttft=60000,tpot=60000",
         "--json", path)
     r = json.loads(path.read_text())
-    assert list(r) == ["producer", "schema", "model", "config", "env", "server", "metrics", "samples"]
-    assert r["producer"].startswith("llmc ") and r["schema"] == "llmc.bench.serve/1"
-    assert r["model"] == {"name": "fake-model", "tokenizer": str(tok), "launch": None}
-    assert r["server"] == {"url": fake.url, "command": None}
+    assert list(r) == ["producer", "schema", "kind", "model", "env", "config", "metrics", "samples", "details"]
+    assert r["producer"].startswith("llmc ") and r["schema"] == "llmc.bench.result/1" and r["kind"] == "serve"
+    assert r["model"] == {"name": "fake-model", "tokenizer": str(tok), "launch": None, "path": None, "sha256": None,
+                          "recipe": None}
+    assert r["details"]["server"] == {"url": fake.url, "command": None}
     assert {"input_len": 5, "output_len": 3, "num_requests": 6, "concurrency": 2, "request_rate": None, "seed": 4,
             "slo": {"ttft_ms": 60000.0, "tpot_ms": 60000.0}, "api_key": None}.items() <= r["config"].items()
     assert {"llmc", "cpu", "httpx", "loadavg_start", "loadavg_end"} <= set(r["env"])
-    m, samples = r["metrics"], r["samples"]
+    m, samples = {k: v["value"] for k, v in r["metrics"].items()}, r["samples"]["requests"]
     assert len(samples) == 6 and all(s["ok"] and s["output_tokens"] == 3 for s in samples)
     ttft = [1e3 * (s["token_s"][0] - s["start_s"]) for s in samples]
     assert [s["ttft_ms"] for s in samples] == pytest.approx(ttft)
-    assert m["ttft_ms"]["p90"] == pytest.approx(percentile(ttft, 90))
+    assert m["ttft_ms_p90"] == pytest.approx(percentile(ttft, 90))
     itl = [1e3 * (b - a) for s in samples for a, b in zip(s["token_s"], s["token_s"][1:])]
-    assert m["itl_ms"]["mean"] == pytest.approx(sum(itl) / len(itl)) and m["itl_ms"]["count"] == 12
+    assert m["itl_ms_mean"] == pytest.approx(sum(itl) / len(itl)) and sum(len(s["itl_ms"]) for s in samples) == 12
     tpot = [(s["e2e_ms"] - s["ttft_ms"]) / 2 for s in samples]
-    assert m["tpot_ms"]["p50"] == pytest.approx(percentile(tpot, 50))
+    assert m["tpot_ms_p50"] == pytest.approx(percentile(tpot, 50))
     wall = max(s["end_s"] for s in samples) - min(s["start_s"] for s in samples)
-    assert m["duration_s"]["value"] == pytest.approx(wall) and m["goodput"]["value"] == pytest.approx(6 / wall)
-    assert m["output_throughput"] == {"value": pytest.approx(18 / wall), "unit": "tok/s", "direction": "higher"}
-    assert m["failed"] == {"value": 0, "unit": "requests", "direction": "lower"}
+    assert m["duration_s"] == pytest.approx(wall) and m["goodput"] == pytest.approx(6 / wall)
+    assert r["metrics"]["output_throughput"]["value"] == pytest.approx(18 / wall)
+    assert r["metrics"]["failed"] == {"value": 0, "unit": "requests", "direction": "lower", "statistic": None,
+                                      "samples": None, "of": []}
+    assert r["metrics"]["ttft_ms_p90"]["statistic"] == "p90" and r["metrics"]["ttft_ms_p90"]["samples"] == "requests"
 
 
 def test_table_and_json_to_stdout(fake, tok, capsys):
@@ -350,7 +355,7 @@ def test_table_and_json_to_stdout(fake, tok, capsys):
     rows = {line.split("│")[1].strip() for line in out.out.splitlines() if line.startswith("│")}
     assert {"TTFT ms", "TPOT ms", "ITL ms", "e2e ms", "request throughput", "output throughput"} <= rows
     r = json.loads(cli(capsys, "--url", fake.url, "--tokenizer", tok, *ARGS, "--json", "-").out)
-    assert r["schema"] == "llmc.bench.serve/1" and len(r["samples"]) == 6
+    assert r["schema"] == "llmc.bench.result/1" and len(r["samples"]["requests"]) == 6
 
 
 def test_failures_are_noted(tok, capsys):
@@ -410,8 +415,10 @@ def test_launch_starts_waits_for_ready_and_stops_the_server(fake_launch, tok, tm
     launched = json.loads(record.read_text())
     assert launched["argv"] == [str(tok), "--max-num-seqs=4", "--kv-blocks=64"] and gone(launched["pid"])
     r = json.loads(path.read_text())
-    assert r["server"]["url"].startswith("http://127.0.0.1:") and r["server"]["command"][-2:] == launched["argv"][-2:]
-    assert r["model"] == {"name": "fake-model", "tokenizer": str(tok), "launch": str(tok)}   # the tokenizer: PATH
+    server = r["details"]["server"]
+    assert server["url"].startswith("http://127.0.0.1:") and server["command"][-2:] == launched["argv"][-2:]
+    assert {"name": "fake-model", "tokenizer": str(tok), "launch": str(tok),             # the tokenizer: PATH
+            "path": str(tok), "sha256_of": "config.json"}.items() <= r["model"].items()
     assert r["metrics"]["completed"]["value"] == 6
 
 

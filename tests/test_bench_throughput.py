@@ -44,22 +44,25 @@ def run(tmp_path_factory):
 
 def test_result_schema(run):
     r = run["json"]
-    assert list(r) == ["producer", "schema", "model", "config", "env", "results", "peak_rss_bytes", "backend"]
-    assert r["producer"].startswith("llmc ") and r["schema"] == "llmc.bench.throughput/1"
+    assert list(r) == ["producer", "schema", "kind", "model", "env", "config", "metrics", "samples", "details"]
+    assert r["producer"].startswith("llmc ") and r["schema"] == "llmc.bench.result/1" and r["kind"] == "throughput"
     assert r["model"]["path"] == str(STORIES) and r["model"]["architecture"] == "llama"
-    assert r["model"]["parameters"] == 260_032 and r["model"]["quantization"] is None
+    assert r["model"]["parameters"] == 260_032 and r["model"]["quantization"] is None and r["model"]["recipe"] is None
+    assert r["model"]["sha256_of"] == "config.json" and len(r["model"]["sha256"]) == 64
     assert {"batches": [1, 2], "input_len": 8, "output_len": 6, "repeat": 2, "warmup": 0, "threads": 1,
-            "kernels": None}.items() <= r["config"].items()
+            "kernels": None, "against": None}.items() <= r["config"].items()
     assert {"llmc", "torch", "cpu", "threads", "loadavg_start", "loadavg_end"} <= set(r["env"])
-    assert r["backend"]["target"] == "cpu" and r["backend"]["kernels"] == "native"   # the default
-    assert r["peak_rss_bytes"] > 1 << 20
-    assert [b["batch"] for b in r["results"]] == [1, 2]
-    for b in r["results"]:
-        assert len(b["samples"]) == 2 and b["runtime"]["max_num_seqs"] == b["batch"]
+    d = r["details"]
+    assert d["backend"]["target"] == "cpu" and d["backend"]["kernels"] == "native"   # the default
+    assert d["peak_rss_bytes"] > 1 << 20
+    assert [b["batch"] for b in d["batches"]] == [1, 2] and list(r["samples"]) == ["batch1", "batch2"]
+    for b in d["batches"]:
+        assert len(r["samples"][f"batch{b['batch']}"]) == 2 and b["runtime"]["max_num_seqs"] == b["batch"]
         assert sum(b["backend"]["ops"]["linear"]["variants"].values()) > 0
         for name, (unit, direction) in METRICS.items():
-            assert set(b[name]) == {"median", "min", "max", "unit", "direction"}
-            assert (b[name]["unit"], b[name]["direction"]) == (unit, direction)
+            m = r["metrics"][f"{name}@batch{b['batch']}"]
+            assert (m["unit"], m["direction"], m["statistic"], m["samples"], m["of"]) == \
+                (unit, direction, "median", f"batch{b['batch']}", [name])
 
 
 def test_every_repeat_generates_batch_times_output_len_tokens(run):
@@ -69,14 +72,15 @@ def test_every_repeat_generates_batch_times_output_len_tokens(run):
         assert n == 6
         per_batch[batch] += n
     assert per_batch == {1: 2 * 1 * 6, 2: 2 * 2 * 6}                        # repeat x B x output_len
-    for b in run["json"]["results"]:
-        assert [s["generated_tokens"] for s in b["samples"]] == [b["batch"] * 6] * 2
-        assert all(s["prefill_steps"] == 1 and s["decode_steps"] == 5 for s in b["samples"])
+    for n in (1, 2):
+        samples = run["json"]["samples"][f"batch{n}"]
+        assert [s["generated_tokens"] for s in samples] == [n * 6] * 2
+        assert all(s["prefill_steps"] == 1 and s["decode_steps"] == 5 for s in samples)
 
 
 def test_numbers_are_positive_and_recomputable_from_the_samples(run):
-    for b in run["json"]["results"]:
-        n, samples = b["batch"], b["samples"]
+    for n in (1, 2):
+        samples = run["json"]["samples"][f"batch{n}"]
         for s in samples:
             assert min(s["prefill_s"], s["decode_s"], s["total_s"], s["ttft_s"]) > 0
             assert s["prefill_tok_s"] == pytest.approx(n * 8 / s["prefill_s"])
@@ -85,9 +89,8 @@ def test_numbers_are_positive_and_recomputable_from_the_samples(run):
             assert s["ttft_ms"] == pytest.approx(s["ttft_s"] * 1e3)
         for name in METRICS:
             values = [s[name] for s in samples]
-            m = b[name]
-            assert m["min"] > 0 and m["min"] <= m["median"] <= m["max"]
-            assert (m["median"], m["min"], m["max"]) == (statistics.median(values), min(values), max(values))
+            assert min(values) > 0
+            assert run["json"]["metrics"][f"{name}@batch{n}"]["value"] == statistics.median(values)
 
 
 def test_threads_are_applied_recorded_and_restored(run):
@@ -108,7 +111,7 @@ def test_table(capsys):
 def test_json_to_stdout_instead_of_the_table(capsys):
     main(["bench", "throughput", str(STORIES), *ARGS, "--batch", "1", "--json", "-"])
     r = json.loads(capsys.readouterr().out)
-    assert r["schema"] == "llmc.bench.throughput/1" and [b["batch"] for b in r["results"]] == [1]
+    assert r["schema"] == "llmc.bench.result/1" and list(r["samples"]) == ["batch1"]
 
 
 def test_json_file_is_replaced_only_if_llmc_wrote_it(run, tmp_path, capsys, monkeypatch):
@@ -121,7 +124,7 @@ def test_json_file_is_replaced_only_if_llmc_wrote_it(run, tmp_path, capsys, monk
     ours = tmp_path / "ours.json"
     ours.write_text(run["path"].read_text())
     main(["bench", "throughput", str(STORIES), *ARGS, "--batch", "1", "--json", str(ours)])
-    assert [b["batch"] for b in json.loads(ours.read_text())["results"]] == [1]
+    assert json.loads(ours.read_text())["config"]["batches"] == [1]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -150,7 +153,7 @@ def test_library_options_and_a_single_output_token():
         throughput(STORIES, batches=[])
     assert e.value.option == "batch"
     r = throughput(STORIES, batches=(1,), input_len=4, output_len=1, repeat=1, warmup=0)
-    assert r.results[0].stat("decode_tok_s") is None and r.to_json()["results"][0]["decode_tok_s"] is None
+    assert r.results[0].stat("decode_tok_s") is None and "decode_tok_s@batch1" not in r.to_json()["metrics"]
     assert r.results[0].samples[0].generated_tokens == 1
 
 
@@ -163,8 +166,41 @@ def test_native_decode_profile_accounts_for_the_step(capsys):
         assert {"linear", "attention", "logits", "outside"} <= set(prof) and all(v >= 0 for k, v in prof.items()
                                                                             if k != "outside")
         assert sum(prof.values()) == pytest.approx(1e3 * s.decode_s / s.decode_steps, rel=1e-9)
-        assert b.to_json()["decode_profile_ms"] == prof
+        assert r.to_json()["details"]["batches"][r.results.index(b)]["decode_profile_ms"] == prof
     assert main(["bench", "throughput", str(STORIES), "--batch", "1", "--input-len", "8", "--output-len", "4",
                  "--repeat", "1", "--warmup", "0", "--kernels", "native", "--profile"]) in (None, 0)
     out = capsys.readouterr().out
     assert "where a decode" in out and "│ attention " in out and "│ outside " in out
+
+
+def test_against_reference_kernels_interleaves_and_reports_ratios(capsys):
+    """--against: both Runners run every timed repeat, alternating which goes first, and the ratio
+    metrics are the medians of the per-run ratios."""
+    labels = []
+    r = throughput(STORIES, (1,), input_len=8, output_len=6, repeat=3, warmup=1, against="reference-kernels",
+                   on_run=lambda b, label, s: labels.append(label))
+    assert labels == ["warm-up 1/1", "warm-up 1/1 (against)", "run 1/3", "run 1/3 (against)",
+                      "run 2/3 (against)", "run 2/3", "run 3/3", "run 3/3 (against)"]
+    j = r.to_json()
+    assert j["config"]["against"] == "reference-kernels" and j["config"]["against_kind"] == "reference-kernels"
+    ours, theirs, ratios = (j["samples"][g] for g in ("batch1", "against-batch1", "ratio-batch1"))
+    assert len(ours) == len(theirs) == len(ratios) == 3
+    for a, b, q in zip(ours, theirs, ratios):
+        assert q["decode_tok_s_ratio"] == pytest.approx(a["decode_tok_s"] / b["decode_tok_s"])
+    m = j["metrics"]["decode_tok_s_ratio@batch1"]
+    assert m["value"] == statistics.median(q["decode_tok_s_ratio"] for q in ratios)
+    assert (m["unit"], m["direction"]) == ("x", "higher")
+    assert r.results[0].against[0].generated_tokens == 6
+    main(["bench", "throughput", str(STORIES), "--batch", "1", "--input-len", "8", "--output-len", "4",
+          "--repeat", "1", "--warmup", "0", "--against", str(STORIES)])
+    assert "decode ×" in capsys.readouterr().out
+
+
+def test_against_errors(capsys):
+    with pytest.raises(OptionError, match="already runs the reference kernels"):
+        throughput(STORIES, (1,), input_len=4, output_len=2, repeat=1, warmup=0, kernels="reference",
+                   against="reference-kernels")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "throughput", str(STORIES), *ARGS, "--against", "/nonexistent/model"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and "/nonexistent/model" in lines[0]

@@ -26,8 +26,8 @@ LAYERS = [  # (layer, module-name prefixes), lowest first; a module belongs to t
     ("runtime", ["llmc.runtime"]),
     ("backends", ["llmc.backends"]),
     ("drivers", ["llmc.compiler", "llmc.quantizer", "llmc.calibration", "llmc.generation", "llmc.inspection",
-                 "llmc.bench", "llmc.profiles", "llmc.server"]),
-    ("cli", ["llmc.cli", "llmc.__main__"]),
+                 "llmc.bench", "llmc.profiles", "llmc.server", "llmc.gate", "llmc.gate_rules", "llmc.junit"]),
+    ("cli", ["llmc.cli", "llmc.cli_results", "llmc.__main__"]),
 ]
 RANK = {layer: i for i, (layer, _) in enumerate(LAYERS)}
 
@@ -35,6 +35,7 @@ REGISTRATION = {           # registry module -> the modules it imports so that t
     "llmc.ir": {"llmc.ops"},
     "llmc.kernels": {"llmc.kernels.reference", "llmc.kernels.cpu"},
     "llmc.passes": {"llmc.passes.fusion", "llmc.passes.kv_cache"},
+    "llmc.cli": {"llmc.cli_results"},
 }
 
 

@@ -45,9 +45,9 @@ from urllib.parse import urlsplit
 
 from llmc.bench.launch import READY_TIMEOUT_S, launched, serve_command
 from llmc.bench.prompt_ids import FIRST_PROMPT_ID, prompt_ids
+from llmc.bench.result import BenchResult, Metric, exact, file_sha256, model_identity, sampled
 from llmc.errors import ConfigError, OptionError
 
-SCHEMA = "llmc.bench.serve/1"
 DEFAULT_CONCURRENCY = 1           # neither --concurrency nor --request-rate: one request at a time
 PERCENTILES = (50, 90, 99)
 
@@ -271,7 +271,8 @@ class RequestSample:
         return [1e3 * (b - a) for a, b in zip(self.token_s, self.token_s[1:])] if self.ok else []
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok, "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms}
+        return {**asdict(self), "ok": self.ok, "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms,
+                "itl_ms": self.itl_ms}
 
 
 @dataclass
@@ -407,63 +408,59 @@ async def run_load(url: str, model: str, prompts: list[Prompt], output_len: int,
     return sorted(samples, key=lambda s: s.index)
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile, interpolating linearly between the closest ranks (numpy's default)."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+LATENCY_STATS = ("mean", "p50", "p90", "p99")
 
 
-def distribution(values: list[float]) -> dict[str, Any] | None:
-    """Mean and percentiles of one latency in ms; None when no request has one."""
-    if not values:
-        return None
-    return {"mean": sum(values) / len(values), **{f"p{q}": percentile(values, q) for q in PERCENTILES},
-            "count": len(values), "unit": "ms", "direction": "lower"}
-
-
-def scalar(value: float | int | None, unit: str, direction: str | None) -> dict[str, Any]:
-    return {"value": value, "unit": unit, "direction": direction}     # direction None: informational
-
-
-def summarize(samples: list[RequestSample], slo: SLO) -> dict[str, Any]:
-    """Every metric of the run (module docstring), from its samples alone."""
+def summarize(samples: list[RequestSample], slo: SLO) -> dict[str, Metric]:
+    """Every metric of the run (module docstring), from its samples alone: `LATENCY_STAT` (ttft_ms_p90,
+    ...) from the successful requests' records (ITL: every gap of every request), absent when no
+    request has that latency; rates and counts as exact values."""
+    records = {"requests": [s.to_json() for s in samples]}
     ok = [s for s in samples if s.ok]
     wall = max(s.end_s for s in samples) - min(s.scheduled_s if s.scheduled_s is not None else s.start_s
                                                for s in samples)
     inputs = [s.prompt_tokens for s in ok]
     output = sum(s.output_tokens for s in ok)
+    metrics: dict[str, Metric] = {}
+    for key in LATENCIES:
+        if any(r[key] for r in records["requests"] if r["ok"]):
+            for stat in LATENCY_STATS:
+                metrics[f"{key}_{stat}"] = sampled(stat, "requests", key, records, "ms", "lower")
     return {
-        "ttft_ms": distribution([s.ttft_ms for s in ok]),
-        "tpot_ms": distribution([s.tpot_ms for s in ok if s.tpot_ms is not None]),
-        "itl_ms": distribution([gap for s in ok for gap in s.itl_ms]),
-        "e2e_ms": distribution([s.e2e_ms for s in ok]),
-        "request_throughput": scalar(len(ok) / wall, "req/s", "higher"),
-        "output_throughput": scalar(output / wall, "tok/s", "higher"),
-        "goodput": scalar(sum(map(slo.met_by, ok)) / wall, "req/s", "higher") if slo.given else None,
-        "completed": scalar(len(ok), "requests", "higher"),
-        "failed": scalar(len(samples) - len(ok), "requests", "lower"),
-        "total_input_tokens": scalar(None if None in inputs else sum(inputs), "tokens", None),
-        "total_output_tokens": scalar(output, "tokens", None),
-        "duration_s": scalar(wall, "s", None),
+        **metrics,
+        "request_throughput": exact(len(ok) / wall, "req/s", "higher"),
+        "output_throughput": exact(output / wall, "tok/s", "higher"),
+        **({"goodput": exact(sum(map(slo.met_by, ok)) / wall, "req/s", "higher")} if slo.given else {}),
+        "completed": exact(len(ok), "requests", "higher"),
+        "failed": exact(len(samples) - len(ok), "requests", "lower"),
+        "total_input_tokens": exact(None if None in inputs else sum(inputs), "tokens"),
+        "total_output_tokens": exact(output, "tokens"),
+        "duration_s": exact(wall, "s"),
     }
 
 
 @dataclass(frozen=True)
 class ServeResult:
-    model: dict[str, Any]          # the model name sent, the tokenizer, the launched path
+    model: dict[str, Any]          # the model name sent, the tokenizer, the launched path (and its identity)
     config: dict[str, Any]         # every option, how the prompts and arrivals were made, the request
     env: dict[str, Any]            # versions, CPU, load at the start and the end (of this client's machine)
     server: dict[str, Any]         # url, and the command when --launch started it
-    metrics: dict[str, Any]
+    metrics: dict[str, Metric]
     samples: list[RequestSample]
+
+    def value(self, name: str):
+        m = self.metrics.get(name)
+        return None if m is None else m.value
+
+    def to_result(self) -> BenchResult:
+        """The result in the bench schema (llmc.bench.result): per-request records in `requests`."""
+        return BenchResult(kind="serve", model=self.model, env=self.env, config=self.config, metrics=self.metrics,
+                           samples={"requests": [s.to_json() for s in self.samples]}, details={"server": self.server})
 
     def to_json(self) -> dict[str, Any]:
         """The result file's content (llmc.io.stamp_json adds the producer)."""
-        return {"schema": SCHEMA, "model": self.model, "config": self.config, "env": self.env, "server": self.server,
-                "metrics": self.metrics, "samples": [s.to_json() for s in self.samples]}
+        return self.to_result().to_json()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,11 +526,13 @@ def bench_serve(url: str | None = None, *, launch: Path | str | None = None, dat
               else str(dataset), "input_len": input_len, "output_len": output_len, "num_requests": num_requests,
               "concurrency": concurrency, "seed": seed,
               "request_rate": "inf" if request_rate == math.inf else request_rate, "slo": asdict(slo),
+              "dataset_sha256": None if dataset is None else file_sha256(dataset),
               "timeout_s": timeout, "tokenizer": None if tokenizer is None else str(tokenizer),
               "serve_args": list(serve_args), "api_key": "given" if api_key else None, "prompts": how,
               "arrivals": _describe_load(concurrency, request_rate, seed),
               "request": {k: v for k, v in request_body(name, Prompt("", None), output_len).items()
                           if k not in ("model", "prompt")}}
-    return ServeResult(model={"name": name, "tokenizer": config["tokenizer"], "launch": config["launch"]},
+    identity = model_identity(launch) if launch is not None else {"path": None, "sha256": None, "recipe": None}
+    return ServeResult(model={"name": name, "tokenizer": config["tokenizer"], "launch": config["launch"], **identity},
                        config=config, env=env, server={"url": root, "command": command},
                        metrics=summarize(samples, slo), samples=samples)

@@ -13,6 +13,12 @@ B*(output_len-1) / decode seconds (none when output_len is 1); end-to-end tok/s 
 token. The tokens are counted as the Runner emits them, and a run that generated other than
 B*output_len is a bug. Results give the median, min and max over the timed runs and keep every raw
 sample, so each number can be recomputed.
+
+With --against (another model, or this one on the reference kernels), a second Runner runs the same
+prompts beside ours: both warm up, then the timed runs alternate (ours then theirs, theirs then
+ours, ...). Each pair gives ratios (our prefill, decode, end-to-end tok/s over theirs), and the
+result reports their medians: a machine that is 30% slower today slows both sides of a pair alike,
+so a gate on the ratio holds where a gate on tok/s would fail.
 """
 from __future__ import annotations
 
@@ -28,9 +34,9 @@ import torch
 
 from llmc.allocator import peak_rss_bytes
 from llmc.bench.prompt_ids import prompt_ids
+from llmc.bench.result import BenchResult, model_identity, sampled
 from llmc.errors import OptionError
 
-SCHEMA = "llmc.bench.throughput/1"
 PROMPT_SEED = 4321
 BLOCK_SIZE = 16
 
@@ -103,14 +109,21 @@ class BatchResult:
     samples: list[Sample]          # the timed runs
     runtime: dict[str, Any]        # the RuntimeConfig of this batch size's Runner
     backend: dict[str, Any]        # its backend's report(): per op, the variant counts, warm-up included
+    against: list[Sample] | None = None   # the timed runs of the --against model, interleaved with ours
 
     def stat(self, name: str) -> dict[str, Any] | None:
         return metric([getattr(s, name) for s in self.samples], *METRICS[name])
 
-    def to_json(self) -> dict[str, Any]:
-        return {"batch": self.batch, **{name: self.stat(name) for name in METRICS},
-                "decode_profile_ms": self.decode_profile(),
-                "samples": [s.to_json() for s in self.samples], "runtime": self.runtime, "backend": self.backend}
+    def ratios(self) -> list[dict[str, Any]]:
+        """Per timed run: our rate over the --against model's in the run beside it."""
+        out = []
+        for ours, theirs in zip(self.samples, self.against or []):
+            rec = {}
+            for name in RATIO_METRICS:
+                a, b = getattr(ours, name), getattr(theirs, name)
+                rec[f"{name}_ratio"] = a / b if a is not None and b else None
+            out.append(rec)
+        return out
 
     def decode_profile(self) -> dict[str, float] | None:
         """The decode step's profile of the run with the median decode speed (Sample.decode_profile)."""
@@ -118,20 +131,45 @@ class BatchResult:
         return ranked[len(ranked) // 2].decode_profile() if ranked else None
 
 
+RATIO_METRICS = ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")    # gated as ratios against a same-run reference
+
+
 @dataclass(frozen=True)
 class ThroughputResult:
-    model: dict[str, Any]          # path, kind, architecture, parameters, quantization, ...
+    model: dict[str, Any]          # path, sha256, recipe, kind, architecture, parameters, quantization, ...
     config: dict[str, Any]         # every option, and how the prompts were made
     env: dict[str, Any]            # versions, CPU, threads, load at the start and the end
     results: list[BatchResult]
     peak_rss_bytes: int
     backend: dict[str, Any]        # what ran (target, device, kernel set), without the per-op counts
 
+    def to_result(self) -> BenchResult:
+        """The result in the bench schema (llmc.bench.result): per batch size B, the medians over the
+        timed runs as `NAME@batchB`, and with --against the medians of the per-run ratios."""
+        samples: dict[str, list[dict]] = {}
+        metrics = {}
+        for b in self.results:
+            group = f"batch{b.batch}"
+            samples[group] = [s.to_json() for s in b.samples]
+            for name, (unit, direction) in METRICS.items():
+                if b.stat(name) is not None:
+                    metrics[f"{name}@{group}"] = sampled("median", group, name, samples, unit, direction)
+            if b.against is not None:
+                samples[f"against-{group}"] = [s.to_json() for s in b.against]
+                samples[f"ratio-{group}"] = b.ratios()
+                for name in RATIO_METRICS:
+                    if all(r[f"{name}_ratio"] is not None for r in samples[f"ratio-{group}"]):
+                        metrics[f"{name}_ratio@{group}"] = sampled("median", f"ratio-{group}", f"{name}_ratio",
+                                                                  samples, "x", "higher")
+        details = {"peak_rss_bytes": self.peak_rss_bytes, "backend": self.backend,
+                   "batches": [{"batch": b.batch, "decode_profile_ms": b.decode_profile(), "runtime": b.runtime,
+                                "backend": b.backend} for b in self.results]}
+        return BenchResult(kind="throughput", model=self.model, env=self.env, config=self.config, metrics=metrics,
+                           samples=samples, details=details)
+
     def to_json(self) -> dict[str, Any]:
         """The result file's content (llmc.io.stamp_json adds the producer)."""
-        return {"schema": SCHEMA, "model": self.model, "config": self.config, "env": self.env,
-                "results": [r.to_json() for r in self.results], "peak_rss_bytes": self.peak_rss_bytes,
-                "backend": self.backend}
+        return self.to_result().to_json()
 
 
 OnRun = Callable[[int, str, Sample], None]       # (batch, "warm-up 1/1" | "run 2/3", sample)
@@ -227,42 +265,77 @@ def run_once(runner, prompts: list[list[int]], output_len: int) -> Sample:
 
 
 def bench_batch(model, prompts: list[list[int]], output_len: int, repeat: int, warmup: int, kernels: str | None,
-                on_run: OnRun | None) -> BatchResult:
-    """Warm-up and timed runs of one batch size through one Runner."""
+                on_run: OnRun | None, against: tuple[Any, str | None] | None = None) -> BatchResult:
+    """Warm-up and timed runs of one batch size through one Runner. With `against` (a model and its
+    kernel set), a second Runner runs the same prompts beside ours: warm-ups, then each timed run of
+    ours next to one of theirs, in alternating order (ours first, then theirs first), so a machine
+    that slows down during the run slows both alike."""
     from llmc.runtime.runner import Runner
 
     batch = len(prompts)
     runtime = runtime_for(batch, len(prompts[0]), output_len, kernels)
     runner = Runner(model, runtime)
-    samples = []
+    other = Runner(against[0], runtime_for(batch, len(prompts[0]), output_len, against[1])) if against else None
+    samples, theirs = [], []
     for i in range(warmup + repeat):
-        sample = run_once(runner, prompts, output_len)
-        label = f"warm-up {i + 1}/{warmup}" if i < warmup else f"run {i - warmup + 1}/{repeat}"
-        if i >= warmup:
-            samples.append(sample)
-        if on_run is not None:
-            on_run(batch, label, sample)
-    return BatchResult(batch=batch, samples=samples, runtime=asdict(runtime), backend=runner.backend.report())
+        timed = i >= warmup
+        label = f"warm-up {i + 1}/{warmup}" if not timed else f"run {i - warmup + 1}/{repeat}"
+        order = [(runner, samples, "")] + ([(other, theirs, " (against)")] if other else [])
+        if other and timed and (i - warmup) % 2:
+            order.reverse()
+        for r, kept, suffix in order:
+            sample = run_once(r, prompts, output_len)
+            if timed:
+                kept.append(sample)
+            if on_run is not None:
+                on_run(batch, label + suffix, sample)
+    return BatchResult(batch=batch, samples=samples, runtime=asdict(runtime), backend=runner.backend.report(),
+                       against=theirs if other else None)
 
 
 def describe_model(path: Path | str, model) -> dict[str, Any]:
-    """What the result says about the model (loaded from `path`), from llmc.inspection.inspect."""
+    """What the result says about the model (loaded from `path`): its identity (llmc.bench.result)
+    and what llmc.inspection.inspect reports."""
     from llmc.inspection import inspect
 
     r = inspect(path, model=model)
-    keys = ("path", "kind", "target", "architecture", "parameters", "layers", "hidden_size", "vocab_size",
+    keys = ("kind", "target", "architecture", "parameters", "layers", "hidden_size", "vocab_size",
             "max_position_embeddings", "dtype", "compute_dtype", "kv_cache_dtype", "bytes_on_disk", "quantization")
-    return {k: getattr(r, k) for k in keys}
+    return {**model_identity(path), **{k: getattr(r, k) for k in keys}}
+
+
+AGAINST_REFERENCE_KERNELS = "reference-kernels"
+
+
+def load_against(against: Path | str | None, path: Path | str, model, kernels: str | None):
+    """(model, kernel set, what the result records) of --against: the same model on the reference
+    kernels, or another model on the same kernel set; None without --against."""
+    from llmc.loader import load_model
+
+    if against is None:
+        return None, None
+    if str(against) == AGAINST_REFERENCE_KERNELS:
+        if kernels == "reference":
+            raise OptionError("against", "the model already runs the reference kernels (--kernels reference)")
+        return (model, "reference"), {"against": AGAINST_REFERENCE_KERNELS, "model": model_identity(path)}
+    other = load_model(against)
+    if other.arch.vocab_size != model.arch.vocab_size:
+        raise OptionError("against", f"{against} has a vocabulary of {other.arch.vocab_size}, the model "
+                          f"{model.arch.vocab_size}: the same prompts cannot run on both")
+    return (other, kernels), {"against": str(against), "model": describe_model(against, other)}
 
 
 def throughput(path: Path | str, batches=(1,), input_len: int = 128, output_len: int = 128, repeat: int = 3,
                warmup: int = 1, threads: int | None = None, kernels: str | None = None,
-               on_run: OnRun | None = None) -> ThroughputResult:
+               on_run: OnRun | None = None, against: Path | str | None = None) -> ThroughputResult:
     """Measure prefill, decode and end-to-end speed and time to first token of the model at `path`
     (checkpoint, quantized checkpoint or engine) at each batch size (the protocol in the module
     docstring), with torch running `threads` threads (default: the cores this process may use; the
     previous count is restored after) and the kernel set `kernels` (None: the target's default).
-    `on_run(batch, label, sample)` is called after every run, warm-up included."""
+    `against`: also measure, interleaved run by run, another model (a path) or this model on the
+    reference kernels ("reference-kernels"), and report our speed as a ratio of theirs (a ratio
+    survives a machine that is slower today). `on_run(batch, label, sample)` is called after every
+    run, warm-up included."""
     from llmc.bench.environment import environment
     from llmc.loader import load_model
 
@@ -270,18 +343,26 @@ def throughput(path: Path | str, batches=(1,), input_len: int = 128, output_len:
     threads = threads or default_threads()
     model = load_model(path)
     check_context(input_len, output_len, model.arch.max_position_embeddings)
+    pair, against_info = load_against(against, path, model, kernels)
+    if pair is not None:
+        check_context(input_len, output_len, pair[0].arch.max_position_embeddings)
     model_info = describe_model(path, model)
     allowed, drawn_from = prompt_ids(model.arch.vocab_size, model.tokenizer.info)
     prompts = make_prompts(max(batches), input_len, allowed)
     config = {"batches": list(batches), "input_len": input_len, "output_len": output_len, "repeat": repeat,
               "warmup": warmup, "threads": threads, "kernels": kernels, "block_size": BLOCK_SIZE,
               "sampling": "greedy, EOS ignored", "prompt_seed": PROMPT_SEED,
-              "prompt_ids": f"{drawn_from}; batch B uses the first B prompts"}
+              "prompt_ids": f"{drawn_from}; batch B uses the first B prompts",
+              "against": None if against is None else str(against),
+              "against_kind": None if against is None else
+              "reference-kernels" if str(against) == AGAINST_REFERENCE_KERNELS else "model",
+              "against_model": None if against_info is None else against_info["model"]}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         env = environment(threads=torch.get_num_threads())
-        results = [bench_batch(model, prompts[:b], output_len, repeat, warmup, kernels, on_run) for b in batches]
+        results = [bench_batch(model, prompts[:b], output_len, repeat, warmup, kernels, on_run, pair)
+                   for b in batches]
         env["loadavg_end"] = list(os.getloadavg())
     finally:
         torch.set_num_threads(previous)
