@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,13 +32,18 @@ CALIBRATION_KERNELS = "cpu"
 @dataclass(frozen=True)
 class CalibrationData:
     samples: list[list[int]]          # token ids, BOS first when the tokenizer has one
-    provenance: dict                  # file, sha256, samples, seqlen, tokens
+    provenance: dict                  # file, sha256, samples, seqlen, tokens, seed
 
 
 def load_calibration(tokenizer, path: Path | None, samples: int, seqlen: int,
-                     vocab_size: int | None = None) -> CalibrationData:
-    """`.txt`: the whole text tokenized and cut into consecutive windows of `seqlen`; `.jsonl`: one
-    sample per record's `text` field, truncated to `seqlen`. Takes the first `samples` windows."""
+                     vocab_size: int | None = None, seed: int | None = None) -> CalibrationData:
+    """`.txt`: the whole text tokenized and cut into consecutive windows of `seqlen` (BOS
+    included); `.jsonl`: one sample per record's `text` field, truncated to `seqlen` (records
+    without tokens are skipped). Without a seed: the first `samples` windows or records, as
+    always. With one: the windows start at an offset drawn from the seed, below a window's width
+    (the tokens before it are left out), and the samples are a random `samples` of the windows or
+    records, in random order (all of them, shuffled, if there are fewer). The draw depends only on
+    the seed and the text (and the tokenizer); the provenance records the seed."""
     if samples < 1 or seqlen < 2:
         raise ConfigError(f"need at least 1 calibration sample of at least 2 tokens (got {samples} x {seqlen})")
     p = Path(path) if path is not None else default_calibration()
@@ -53,11 +59,11 @@ def load_calibration(tokenizer, path: Path | None, samples: int, seqlen: int,
     bos = tokenizer.info.bos_token_id
     head = [bos] if bos is not None else []
     width = seqlen - len(head)
+    rng = random.Random(seed) if seed is not None else None
     out: list[list[int]] = []
     if p.suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
+        lines = [(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+        for i, line in (lines[j] for j in _order(len(lines), rng)):
             try:
                 record = json.loads(line)
                 body = record["text"]
@@ -70,8 +76,9 @@ def load_calibration(tokenizer, path: Path | None, samples: int, seqlen: int,
                 break
     else:
         stream = tk.encode(text.replace("\r\n", "\n"), add_special_tokens=False).ids
-        out = [head + stream[i:i + width] for i in range(0, len(stream), width)][:samples]
-        out = [s for s in out if len(s) > len(head)]
+        start = _below(rng, min(width, len(stream))) if rng is not None else 0
+        windows = [stream[i:i + width] for i in range(start, len(stream), width)]     # none is empty
+        out = [head + windows[j] for j in _order(len(windows), rng)[:samples]]
     if not out:
         raise ConfigError(f"{p}: calibration file is empty")
     top = max(max(s) for s in out)
@@ -80,7 +87,23 @@ def load_calibration(tokenizer, path: Path | None, samples: int, seqlen: int,
                           f"vocabulary (vocab_size {vocab_size} in config.json)",
                           hint="the tokenizer does not belong to this model")
     return CalibrationData(out, {"file": str(p), "sha256": hashlib.sha256(raw).hexdigest(), "samples": len(out),
-                                 "seqlen": seqlen, "tokens": sum(map(len, out))})
+                                 "seqlen": seqlen, "tokens": sum(map(len, out)), "seed": seed})
+
+
+def _below(rng: random.Random, n: int) -> int:
+    """A number in [0, n) (0 for n = 0), from `rng.random()` alone: the one method whose sequence
+    for a seed Python promises to keep, so a seeded draw stays the same across Python versions."""
+    return int(rng.random() * n)
+
+
+def _order(n: int, rng: random.Random | None) -> list[int]:
+    """range(n) in order, or with `rng` shuffled (Fisher-Yates)."""
+    order = list(range(n))
+    if rng is not None:
+        for i in range(n - 1, 0, -1):
+            j = _below(rng, i + 1)
+            order[i], order[j] = order[j], order[i]
+    return order
 
 
 def layer_nodes(graph: Graph, i: int) -> tuple[Node, ...]:

@@ -124,7 +124,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     runner = calibration = hidden = None
     if calibrates(recipe):
         data = load_calibration(Tokenizer(src), calib_path, recipe.calib_samples, recipe.calib_seqlen,
-                                vocab_size=arch.vocab_size)
+                                vocab_size=arch.vocab_size, seed=recipe.calib_seed)
         calibration = data.provenance
         runner = LayerRunner(arch, graph, data.samples)
     embed_q = None                                   # the quantized table; calibration starts from its values

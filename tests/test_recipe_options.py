@@ -21,8 +21,8 @@ from llmc.quantized.scheme import (KV_CACHE_DTYPES, QUANTIZE_OPTIONS, SCHEMES, Q
 from tests.helpers import STORIES
 
 NOT_RECIPE = {"output", "profile", "calib", "fmt", "requantize", "force", "as_json", "help"}   # declared in cli.py
-RECORD_KEYS = ["scheme", "algorithm", "kv_cache", "head", "embeddings", "calib_samples", "calib_seqlen", "smooth_alpha", "awq_clip",
-               "weight_observer", "act_observer", "percentile"]          # a stored recipe's keys, in order
+RECORD_KEYS = ["scheme", "algorithm", "kv_cache", "head", "embeddings", "calib_samples", "calib_seqlen", "calib_seed",
+               "smooth_alpha", "awq_clip", "weight_observer", "act_observer", "percentile"]  # the stored keys, in order
 
 
 def _squeeze(text: str) -> str:
@@ -84,7 +84,8 @@ def test_an_unset_flag_is_none_so_the_profile_applies(tmp_path, capsys):
 def test_profile_types_are_the_declared_types():
     declared = quantize_option_types()
     assert declared == {"scheme": (str,), "algo": (str,), "group_size": (int,), "asymmetric": (bool,),
-                        "kv_cache": (str,), "head": (str,), "embeddings": (str,), "calib_samples": (int,), "calib_seqlen": (int,), "alpha": (float, int),
+                        "kv_cache": (str,), "head": (str,), "embeddings": (str,), "calib_samples": (int,),
+                        "calib_seqlen": (int,), "calib_seed": (int,), "alpha": (float, int),
                         "awq_clip": (bool,), "observer": (str,), "act_observer": (str,), "percentile": (float, int)}
     assert {k: v for k, v in SECTIONS["quantize"].items() if k not in ("calib", "format")} == declared
 
@@ -92,6 +93,7 @@ def test_profile_types_are_the_declared_types():
 def test_applicable_options_are_declared_options():
     for recipe in _accepted_recipes():
         assert applicable_options(recipe) <= set(QUANTIZE_OPTIONS) | {"calib", "format"}
+        assert {"head", "embeddings", "kv_cache"} <= applicable_options(recipe)   # every recipe stores them
 
 
 # ---- recipe_from_options -------------------------------------------------------------------------
@@ -131,8 +133,9 @@ def _accepted_recipes() -> list[QuantRecipe]:
     for scheme in SCHEMES:
         for algo, spec in ALGORITHMS.items():
             for kv in (None, *KV_CACHE_DTYPES):
-                changed = dict(calib_samples=7, calib_seqlen=64, alpha=0.25, awq_clip=False, act_observer="mse",
-                               percentile=99.5, observer="percentile" if spec.observes_weights else None)
+                changed = dict(calib_samples=7, calib_seqlen=64, calib_seed=3, alpha=0.25, awq_clip=False,
+                               act_observer="mse", percentile=99.5,
+                               observer="percentile" if spec.observes_weights else None)
                 if scheme in ("w4a16", "w4a8"):
                     changed.update(group_size=64, asymmetric=True, head="int8")
                 for options in ({}, changed):
@@ -167,13 +170,15 @@ def test_the_stored_form_is_unchanged():
         "kv_cache": {"dtype": "fp8_e4m3", "granularity": "channel", "group_size": None, "symmetric": True},
         "head": None,                                                     # added with --head: absent reads as None
         "embeddings": None,                                               # added with --embeddings: the same
-        "calib_samples": 16, "calib_seqlen": 512, "smooth_alpha": 0.5, "awq_clip": True,
+        "calib_samples": 16, "calib_seqlen": 512,
+        "calib_seed": None,                                               # added with --calib-seed: the same
+        "smooth_alpha": 0.5, "awq_clip": True,
         "weight_observer": "minmax", "act_observer": "minmax", "percentile": 99.99}
 
 
 def test_a_recipe_from_before_the_observers_reads_with_their_defaults():
     d = recipe_from_options("w8a16").to_dict()
-    for key in ("awq_clip", "weight_observer", "act_observer", "percentile", "head", "embeddings"):
+    for key in ("awq_clip", "weight_observer", "act_observer", "percentile", "head", "embeddings", "calib_seed"):
         del d[key]
     assert QuantRecipe.from_dict(d) == recipe_from_options("w8a16")
 

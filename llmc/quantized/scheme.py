@@ -153,13 +153,19 @@ class Option:
             raise OptionError(self.name, f"must be {bound}, got {value}")
 
 
+def _as_type(tp: type) -> Callable[[Any], Any]:
+    """The builder of a field holding its one option's value: the value as `tp`; None (an option
+    without a default, left unset: --calib-seed) stays None."""
+    return lambda value: None if value is None else tp(value)
+
+
 def recipe_field(*options: Option, build: Callable[..., Any] | None = None, default: Any = MISSING) -> Any:
     """A QuantRecipe field set by quantize options: `build` makes its value from the options'
     values, in order (by default the one option's value, as its type: an int alpha becomes a
-    float). A field holding its one option's value takes the option's default."""
+    float; None stays None). A field holding its one option's value takes the option's default."""
     if build is None:
         (option,) = options
-        build, default = option.type, option.default
+        build, default = _as_type(option.type), option.default
     return field(default=default, metadata={"options": options, "build": build})
 
 
@@ -195,6 +201,10 @@ class QuantRecipe:                                     # how we get there
     calib_seqlen: int = recipe_field(
         Option("calib_seqlen", int, "Tokens per calibration sample; the default is capped by the model's context.",
                default=512, low=2))
+    calib_seed: int | None = recipe_field(
+        Option("calib_seed", int, "Draw the calibration samples at random from this seed (windows at a random offset, "
+               "a random subset) instead of the first --calib-samples; rerunning a recipe with other seeds shows its "
+               "run-to-run spread.", low=0))
     smooth_alpha: float = recipe_field(
         Option("alpha", float, "SmoothQuant migration strength.", default=0.5, low=0, high=1))
     awq_clip: bool = recipe_field(
@@ -213,8 +223,9 @@ class QuantRecipe:                                     # how we get there
         """The declared bounds, however the recipe was made (options, from_dict, the constructor)."""
         for f in fields(self):
             for option in f.metadata["options"]:
-                if option.low is not None or option.high is not None:
-                    option.check_bounds(getattr(self, f.name))
+                value = getattr(self, f.name)
+                if value is not None and (option.low is not None or option.high is not None):
+                    option.check_bounds(value)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a quantized checkpoint stores it: every field, by its name."""

@@ -247,10 +247,12 @@ def calibrates(recipe: QuantRecipe) -> bool:
 
 def applicable_options(recipe: QuantRecipe) -> set[str]:
     """The quantize options (as `llmc quantize` names them) that change what this recipe does;
-    giving any other one is a mistake the CLI reports."""
+    giving any other one is a mistake the CLI reports. But calib_seed is accepted by every recipe,
+    so that one seed sweep (run-to-run spread) can run over a set of recipes, rtn ones included;
+    without calibration it changes nothing."""
     spec = ALGORITHMS[recipe.algorithm]
     w = recipe.scheme.weight
-    used = {"scheme", "algo", "kv_cache", "format", "head"}
+    used = {"scheme", "algo", "kv_cache", "format", "head", "embeddings", "calib_seed"}
     if w.granularity == "group":
         used.add("group_size")
     if w.dtype == "int4":

@@ -15,10 +15,12 @@ from llmc.profiles import PROFILE_DIR, load_profile
 
 BUNDLED = [p.read_text() for p in sorted(PROFILE_DIR.glob("*.toml"))]
 KEYS = ["scheme", "algo", "group_size", "asymmetric", "kv_cache", "calib", "calib_samples", "calib_seqlen", "alpha",
-        "awq_clip", "observer", "act_observer", "percentile", "format", "target", "passes", "nope"]
+        "awq_clip", "observer", "act_observer", "percentile", "format", "target", "passes", "calib_seed",
+        "confidence", "resamples", "min_samples", "default_tolerance", "metrics", "nope"]
 VALUES = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.booleans(), st.text(max_size=20),
                    st.just("[1, 2]"), st.just('["a", 3]'), st.just("{ x = 1 }"), st.just('"w4a16"'),
-                   st.just('"gptq"'), st.just("inf"), st.just("nan"))
+                   st.just('"gptq"'), st.just("inf"), st.just("nan"), st.just("{ perplexity = 0.02 }"),
+                   st.just("{ perplexity = { tolerance = -1 } }"), st.just("{ ppl = { tolerance = 0.1, x = 1 } }"))
 MAX_SECONDS, MAX_BYTES = 1.0, 32 << 20
 
 
@@ -27,6 +29,9 @@ def _toml(v) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v).replace("inf", "inf")
+    if isinstance(v, dict):                                  # an inline table ([gate.metrics] and its rules)
+        return "{ " + ", ".join(f'"{k}" = {_toml(x) if not isinstance(x, list) else _list(x)}'
+                                for k, x in v.items()) + " }"
     return v if v.startswith(("[", "{", '"')) or v in ("inf", "nan") else '"' + v.replace("\\", "").replace('"', "") + '"'
 
 
