@@ -26,23 +26,49 @@ def _number(x, unit: str) -> str:
 def _tolerance(v) -> str:
     if v.tolerance is None:
         return "-"
-    return f"{100 * v.tolerance:.1f}%" if v.relative else f"{v.tolerance:g}"
+    return f"{100 * v.tolerance:g}%" if v.relative else f"{v.tolerance:g}"
+
+
+def _change(x, relative: bool, digits: int = 2) -> str:
+    return "-" if x is None else f"{100 * x:+.{digits}f}%" if relative else f"{x:+.{digits + 1}g}"
+
+
+def _interval(v) -> str:
+    if v.low is None:
+        return "-"
+    return f"{_change(v.low, v.relative, 1).rstrip('%')} … {_change(v.high, v.relative, 1)}"
+
+
+TABLE_WIDTH = 112        # a log (no terminal) gets the gate table whole, not wrapped at 80 columns
 
 
 def _gate_table(report) -> None:
-    from llmc.gate import describe
+    """One row per metric, grouped by result kind; then, on stderr, why each non-passing verdict."""
+    from rich import box
 
-    t = Table(Column("metric"), *(Column(h, justify="right") for h in ("baseline", "current", "change (CI)",
-                                                                       "tolerance", "n")), Column("verdict"),
-              title=f"llmc gate · {escape(', '.join(report.results))} against {escape(report.baseline)}",
-              caption=f"{100 * report.config.confidence:.0f}% bootstrap intervals, {report.config.resamples:,} "
-                      f"resamples; n: samples behind the smaller run (p: paired)")
-    for v in report.verdicts:
-        n = "-" if v.samples is None else f"{v.samples}{'p' if v.paired else ''}"
-        style = VERDICT_STYLE[v.verdict]
-        t.add_row(escape(f"{v.kind} · {v.metric}"), _number(v.baseline, v.unit), _number(v.current, v.unit),
-                  describe(v), _tolerance(v), n, f"[{style}]{v.verdict}[/]" if style else v.verdict)
-    out.print(t)
+    t = Table(Column("metric", no_wrap=True), *(Column(h, justify="right", no_wrap=True) for h in (
+                  "baseline", "current", "change", f"{100 * report.config.confidence:.0f}% CI", "tol.", "n")),
+              Column("verdict", no_wrap=True),
+              box=box.SIMPLE_HEAD, title=f"llmc gate · {escape(', '.join(report.results))} against "
+                                          f"{escape(report.baseline)}",
+              caption=f"bootstrap over {report.config.resamples:,} resamples; n: samples behind the smaller run "
+                      f"(p: paired, the same windows in both)")
+    kinds = list(dict.fromkeys(v.kind for v in report.verdicts))
+    for kind in kinds:
+        if len(kinds) > 1:
+            t.add_row(f"[bold]{kind}[/]")
+        for v in (v for v in report.verdicts if v.kind == kind):
+            n = "-" if v.samples is None else f"{v.samples}{'p' if v.paired else ''}"
+            ci = _interval(v)
+            style = VERDICT_STYLE[v.verdict]
+            t.add_row(escape(v.metric), _number(v.baseline, v.unit), _number(v.current, v.unit),
+                      _change(v.change, v.relative), ci, _tolerance(v), n,
+                      f"[{style}]{v.verdict}[/]" if style else v.verdict)
+    if out.is_terminal:
+        out.print(t)
+    else:
+        from rich.console import Console
+        Console(width=max(out.width, TABLE_WIDTH)).print(t)
     for v in report.verdicts:
         if v.verdict in ("regressed", "inconclusive", "missing"):
             err.print(f"{v.verdict}: {v.kind} · {v.metric}: {v.reason}", markup=False, highlight=False,
