@@ -8,7 +8,7 @@ ENGINE := build/stories260K.engine
 QUANT := build/stories260K-w4a16
 QENGINE := build/stories260K-w4a16.engine
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test gate demo bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,28 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(PY) -P -m pytest -q
+	$(MAKE) --no-print-directory gate
+
+# llmc's own regression gate (README: "Gates in CI"): int4 GPTQ and w8a16 of golden/stories260K
+# against the baselines in golden/baselines/ (quality over the same 151 windows, paired), and the
+# int4 model's speed as a ratio of the reference kernels measured beside it in the same run.
+# `make gate UPDATE=1` writes the new results as the baselines instead (review and commit them).
+GATE := build/gate
+GATE_QUALITY := --reference golden/stories260K --text golden/tinystories_valid_head.txt --seqlen 128
+GATE_SPEED := --batch 1 --input-len 32 --output-len 64 --repeat 10 --warmup 1 --against reference-kernels
+GATE_MODE = $(if $(UPDATE),--update-baseline,--junit $(GATE)/$(1).junit.xml)
+
+gate: setup
+	rm -rf $(GATE) && mkdir -p $(GATE)
+	$(LLMC) quantize golden/stories260K -o $(GATE)/int4-gptq --profile int4-gptq --group-size 32 --calib-samples 32 --calib-seqlen 256
+	$(LLMC) bench quality $(GATE)/int4-gptq $(GATE_QUALITY) --json $(GATE)/int4-gptq.quality.json
+	$(LLMC) bench throughput $(GATE)/int4-gptq $(GATE_SPEED) --json $(GATE)/int4-gptq.speed.json
+	$(LLMC) gate $(GATE)/int4-gptq.quality.json $(GATE)/int4-gptq.speed.json --profile int4-gptq \
+		--baseline golden/baselines/stories260K-int4-gptq.json $(call GATE_MODE,int4-gptq)
+	$(LLMC) quantize golden/stories260K -o $(GATE)/w8a16 --profile int8
+	$(LLMC) bench quality $(GATE)/w8a16 $(GATE_QUALITY) --json $(GATE)/w8a16.quality.json
+	$(LLMC) gate $(GATE)/w8a16.quality.json --profile int8 \
+		--baseline golden/baselines/stories260K-w8a16.json $(call GATE_MODE,w8a16)
 
 demo: setup
 	$(LLMC) inspect golden/stories260K

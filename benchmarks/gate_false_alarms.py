@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,82 @@ def measure(out: Path, opts: dict, seqlen: int) -> dict:
     return stamp_json(r.to_result(environment()).to_json())
 
 
+@dataclass(frozen=True)
+class Measured:
+    profile: str
+    options: dict
+    baseline: dict                     # seed 0's quality result
+    reruns: list[dict]                 # {"seed", "result", "verdicts"}
+    degraded_options: dict
+    degraded: dict
+    control: list                      # the degraded recipe's verdicts
+    seconds: float
+
+    @property
+    def false_alarms(self) -> int:
+        return sum(any(v.verdict == "regressed" for v in r["verdicts"]) for r in self.reruns)
+
+    @property
+    def caught(self) -> bool:
+        return any(v.verdict == "regressed" for v in self.control)
+
+
+def measure_false_alarms(profile: str, reruns: int = 20, group_size: int = 32, calib_samples: int = 32,
+                         calib_seqlen: int = 256, seqlen: int = 128, log=None) -> Measured:
+    """The baseline (seed 0), `reruns` reruns (seeds 1..N) and the degraded control, each gated
+    against the baseline under the profile's [gate] table."""
+    cfg = config_from_profile(profile)
+    opts = recipe_options(profile, group_size, calib_samples, calib_seqlen)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = measure(Path(tmp) / "seed0", {**opts, "calib_seed": 0}, seqlen)
+        runs = []
+        for seed in range(1, reruns + 1):
+            r = measure(Path(tmp) / f"seed{seed}", {**opts, "calib_seed": seed}, seqlen)
+            verdicts = compare(base, r, cfg, f"seed {seed}")
+            runs.append({"seed": seed, "result": r, "verdicts": verdicts})
+            if log is not None:
+                worst = [v.metric for v in verdicts if v.verdict == "regressed"]
+                log(f"seed {seed:2d}: ppl {r['metrics']['perplexity']['value']:.4f}  "
+                    + "  ".join(f"{v.metric} {v.verdict}" for v in verdicts if v.verdict != "unchanged")
+                    + (f"  FALSE ALARM: {worst}" if worst else ""))
+        degraded_opts = {**opts, "algo": "rtn", "calib_seed": 0}
+        if opts.get("scheme") in ("w4a16", "w4a8"):
+            degraded_opts["group_size"] = 2 * group_size
+        else:
+            degraded_opts["scheme"] = "w4a16"                      # an 8-bit recipe degraded to 4 bits
+            degraded_opts["group_size"] = 2 * group_size
+        degraded_opts = {k: v for k, v in degraded_opts.items() if k not in ("alpha", "kv_cache")}
+        degraded = measure(Path(tmp) / "degraded", degraded_opts, seqlen)
+        control = compare(base, degraded, cfg, "degraded")
+    return Measured(profile, opts, base, runs, degraded_opts, degraded, control, time.perf_counter() - t0)
+
+
+def table(m: Measured) -> str:
+    """The Markdown report: per metric the spread of the reruns, their verdicts, the control's."""
+    lines = [f"{m.profile} on {MODEL.name}: baseline (seed 0) and {len(m.reruns)} reruns with calibration seeds "
+             f"1..{len(m.reruns)}, gated with the profile's [gate] table ({m.seconds:.0f} s)", "",
+             "| metric | tolerance | baseline | median rerun change | largest rerun change | verdicts | degraded recipe |",
+             "|---|---|---|---|---|---|---|"]
+    for name in [v.metric for v in m.reruns[0]["verdicts"]]:
+        vs = [next(v for v in run["verdicts"] if v.metric == name) for run in m.reruns]
+        changes = [v.change for v in vs if v.change is not None]
+        ctl = next((v for v in m.control if v.metric == name), None)
+        unit = (lambda x: f"{100 * x:+.2f}%") if vs[0].relative else (lambda x: f"{x:+.4f}")
+        tol = "-" if vs[0].tolerance is None else (f"{100 * vs[0].tolerance:.1f}%" if vs[0].relative
+                                                    else f"{vs[0].tolerance:g}")
+        counts = ", ".join(f"{sum(v.verdict == k for v in vs)} {k}" for k in dict.fromkeys(v.verdict for v in vs))
+        typical = unit(statistics.median(abs(c) for c in changes)) if changes else "-"
+        largest = unit(max(changes, key=abs)) if changes else "-"
+        control = "-" if ctl is None else f"{ctl.verdict} ({unit(ctl.change) if ctl.change is not None else '-'})"
+        lines.append(f"| {name} | {tol} | {vs[0].baseline:.5g} | ±{typical.lstrip('+')} | {largest} | {counts} | "
+                     f"{control} |")
+    lines += ["", f"false alarms: {m.false_alarms} of {len(m.reruns)} reruns "
+                  f"({100 * m.false_alarms / len(m.reruns):.0f}%); degraded recipe "
+                  f"{'reported regressed' if m.caught else 'NOT caught'}"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="int4-gptq")
@@ -64,57 +141,18 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128, help="quality windows")
     ap.add_argument("--json", type=Path, help="write every result and verdict here")
     args = ap.parse_args()
-
-    cfg = config_from_profile(args.profile)
-    opts = recipe_options(args.profile, args.group_size, args.calib_samples, args.calib_seqlen)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        base = measure(Path(tmp) / "seed0", {**opts, "calib_seed": 0}, args.seqlen)
-        runs = []
-        for seed in range(1, args.reruns + 1):
-            r = measure(Path(tmp) / f"seed{seed}", {**opts, "calib_seed": seed}, args.seqlen)
-            verdicts = compare(base, r, cfg, f"seed {seed}")
-            runs.append({"seed": seed, "result": r, "verdicts": verdicts})
-            worst = [v.metric for v in verdicts if v.verdict == "regressed"]
-            print(f"seed {seed:2d}: ppl {r['metrics']['perplexity']['value']:.4f}  "
-                  + "  ".join(f"{v.metric} {v.verdict}" for v in verdicts if v.verdict != "unchanged")
-                  + (f"  FALSE ALARM: {worst}" if worst else ""), file=sys.stderr, flush=True)
-        degraded_opts = {**opts, "algo": "rtn", "calib_seed": 0}
-        if opts.get("scheme") in ("w4a16", "w4a8"):
-            degraded_opts["group_size"] = 2 * args.group_size
-        degraded = measure(Path(tmp) / "degraded", degraded_opts, args.seqlen)
-        control = compare(base, degraded, cfg, "degraded")
-    seconds = time.perf_counter() - t0
-
-    metrics = [v.metric for v in runs[0]["verdicts"]]
-    print(f"\n{args.profile} on {MODEL.name}: baseline (seed 0) and {args.reruns} reruns with calibration seeds "
-          f"1..{args.reruns}, gated with the profile's [gate] table ({seconds:.0f} s)\n")
-    print("| metric | tolerance | baseline | median rerun change | largest rerun change | verdicts | degraded recipe |")
-    print("|---|---|---|---|---|---|---|")
-    for name in metrics:
-        vs = [next(v for v in run["verdicts"] if v.metric == name) for run in runs]
-        changes = [v.change for v in vs if v.change is not None]
-        ctl = next(v for v in control if v.metric == name)
-        unit = (lambda x: f"{100 * x:+.2f}%") if vs[0].relative else (lambda x: f"{x:+.4f}")
-        tol = "-" if vs[0].tolerance is None else (f"{100 * vs[0].tolerance:.1f}%" if vs[0].relative
-                                                    else f"{vs[0].tolerance:g}")
-        counts = ", ".join(f"{sum(v.verdict == k for v in vs)} {k}" for k in dict.fromkeys(v.verdict for v in vs))
-        typical = unit(statistics.median(abs(c) for c in changes)) if changes else "-"
-        largest = unit(max(changes, key=abs)) if changes else "-"
-        print(f"| {name} | {tol} | {vs[0].baseline:.5g} | ±{typical.lstrip('+')} | {largest} | {counts} | "
-              f"{ctl.verdict} ({unit(ctl.change) if ctl.change is not None else '-'}) |")
-    alarms = sum(any(v.verdict == "regressed" for v in run["verdicts"]) for run in runs)
-    caught = any(v.verdict == "regressed" for v in control)
-    print(f"\nfalse alarms: {alarms} of {args.reruns} reruns ({100 * alarms / args.reruns:.0f}%); "
-          f"degraded recipe {'reported regressed' if caught else 'NOT caught'}")
+    m = measure_false_alarms(args.profile, args.reruns, args.group_size, args.calib_samples, args.calib_seqlen,
+                             args.seqlen, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(m))
     if args.json:
-        args.json.write_text(json.dumps({"profile": args.profile, "options": opts, "baseline": base,
+        args.json.write_text(json.dumps({"profile": m.profile, "options": m.options, "baseline": m.baseline,
                                          "reruns": [{"seed": r["seed"], "result": r["result"],
-                                                     "verdicts": [v.__dict__ for v in r["verdicts"]]} for r in runs],
-                                         "degraded": {"options": degraded_opts, "result": degraded,
-                                                      "verdicts": [v.__dict__ for v in control]},
-                                         "false_alarms": alarms}, indent=1))
-    sys.exit(0 if alarms == 0 and caught else 1)
+                                                     "verdicts": [v.__dict__ for v in r["verdicts"]]}
+                                                    for r in m.reruns],
+                                         "degraded": {"options": m.degraded_options, "result": m.degraded,
+                                                      "verdicts": [v.__dict__ for v in m.control]},
+                                         "false_alarms": m.false_alarms}, indent=1))
+    sys.exit(0 if m.false_alarms == 0 and m.caught else 1)
 
 
 if __name__ == "__main__":
