@@ -124,3 +124,23 @@ def gate_cmd(
     verdict = "FAILED" if report.regressed else "passed"
     err.print(f"gate {verdict}: {counts}", markup=False, highlight=False)
     raise typer.Exit(report.exit_code)
+
+
+@bench_app.command("report")
+def bench_report_cmd(
+    results: list[Path] = typer.Argument(..., metavar="RESULTS...", help="Result files of llmc bench --json "
+                                         "(quality, throughput, serve; a baseline bundle too)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The report directory to write (atomically): "
+                                "index.html (self-contained), report.md and the plots as PNG."),
+    title: Optional[str] = typer.Option(None, "--title", help="The page's title."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if llmc wrote it."),
+) -> None:
+    """Speed and quality side by side: one HTML page (and a Markdown twin) with the models and recipes,
+    quality (perplexity, KL, top-1), speed (prefill, decode, serving latency percentiles) and plots:
+    quality against size on disk with the Pareto front, decode tok/s against batch size, TTFT / ITL."""
+    from llmc.bench.report import report
+
+    r = report(results, output, title=title, force=force)
+    kinds = ", ".join(f"{n} {k}" for k, n in r.counts.items() if n)
+    out.print(f"wrote {r.html} and {r.markdown.name} ({kinds} result{'s' if sum(r.counts.values()) != 1 else ''}; "
+              f"{len(r.plots)} plot{'s' if len(r.plots) != 1 else ''})", markup=False, highlight=False)

@@ -180,7 +180,7 @@ def test_regression_exits_1_with_a_failing_junit_case(tmp_path, capsys):
     assert root.get("failures") == "1" and len(failures) == 1
     msg = failures[0].get("message")
     assert re.match(r"perplexity regressed: \+[\d.]+% \(CI \+[\d.]+% … \+[\d.]+%\); worse by more than the "
-                    r"tolerance of 2.00%", msg), msg                                 # the metric, change, interval
+                    r"tolerance of 3.00%", msg), msg                                 # the metric, change, interval
     code, _, _ = run(capsys, base, "--baseline", base, "--junit", junit, "--profile", "int4-gptq")
     assert code == 0 and validate_junit(junit).get("failures") == "0"
 
@@ -243,12 +243,12 @@ def bench_quality(model, out: Path, *extra) -> Path:
 
 def test_a_degraded_recipe_is_regressed_and_the_same_model_is_not(quantized_stories, stories_w4a16, tmp_path,
                                                                     capsys):
-    """RTN w4a16 in groups of 32 is the baseline. The same recipe in groups of 64 (a wrong group size
-    for this recipe) is worse: the gate says regressed, exit 1, a failing JUnit case. The baseline
-    model measured again: unchanged everywhere."""
+    """RTN w4a16 in groups of 32 is the baseline. The same recipe in groups of 128 (a wrong group size
+    for this recipe: +4.5% perplexity) is worse: the gate says regressed, exit 1, a failing JUnit
+    case. The baseline model measured again: unchanged everywhere."""
     from tests.conftest import rtn
 
-    wrong = quantized_stories(rtn("w4a16", group_size=64))[0]
+    wrong = quantized_stories(rtn("w4a16", group_size=128))[0]
     base = bench_quality(stories_w4a16, tmp_path / "base.json")
     again = bench_quality(stories_w4a16, tmp_path / "again.json")
     bad = bench_quality(wrong, tmp_path / "bad.json")
