@@ -8,7 +8,7 @@ ENGINE := build/stories260K.engine
 QUANT := build/stories260K-w4a16
 QENGINE := build/stories260K-w4a16.engine
 
-.PHONY: setup test gate demo bench clean
+.PHONY: setup browser test gate demo bench clean
 
 setup: $(STAMP)
 
@@ -17,12 +17,20 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,serve,onnx]' 'triton>=3.2'
+	$(PY) -m pip install --quiet -e '.[dev,serve,onnx,report]' 'triton>=3.2'
 	touch $@
 
-test: setup
+test: setup browser
 	$(PY) -P -m pytest -q
 	$(MAKE) --no-print-directory gate
+
+# The report's browser test opens the page in headless Chromium (Debian's chromium and chromium-driver:
+# about 30 s and 120 MB). As root with apt-get they are installed; elsewhere that test skips, saying so.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } || \
+	echo "note: no chromium here; tests/test_report_browser.py will skip"
 
 # llmc's own regression gate (README: "Gates in CI"): int4 GPTQ and w8a16 of golden/stories260K
 # against the baselines in golden/baselines/ (quality over the same 151 windows, paired), and the

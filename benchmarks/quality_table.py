@@ -5,7 +5,11 @@ For each golden model and each recipe, quantize (into a temporary directory), th
 divergence per token, top-1 agreement, size on disk and KV-cache bytes per token.
 
     .venv/bin/python benchmarks/quality_table.py [--json out.json] [--markdown table.md] [--max-tokens N]
-                                                 [--text MODEL=FILE ...]
+                                                 [--text MODEL=FILE ...] [--results DIR] [--report DIR]
+
+--results DIR keeps each row's `llmc bench quality` result (schema llmc.bench.result/1, every
+window) as DIR/MODEL--RECIPE.json; --report DIR then makes `llmc bench report` of them (quality
+against size on disk, with the Pareto front of the recipes).
 
 Models whose directory is missing are skipped with a note. Progress goes to stderr; the Markdown
 table to stdout (and --markdown FILE). --json and --markdown are rewritten (atomically) after every
@@ -26,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from llmc.bench.quality import quality  # noqa: E402
 from llmc.inspection import inspect  # noqa: E402
-from llmc.io import write_json_atomic, write_text_atomic  # noqa: E402
+from llmc.bench.environment import environment  # noqa: E402
+from llmc.bench.report import report  # noqa: E402
+from llmc.io import write_json_atomic, write_result_json, write_text_atomic  # noqa: E402
 from llmc.quantizer import quantize_checkpoint  # noqa: E402
 from llmc.quantized.formats import TensorQuant  # noqa: E402
 from llmc.quantized.scheme import EMBEDDING_FORMATS, HEAD_FORMATS, QuantRecipe, resolve_scheme  # noqa: E402
@@ -84,7 +90,7 @@ class Row:
 
 
 def measure(name: str, path: Path, text: Path, group: int, seqlen: int, max_tokens: int, samples: int,
-            work: Path, calib: Path | None, on_row: Callable[[Row], None]) -> None:
+            work: Path, calib: Path | None, on_row: Callable[[Row, dict], None]) -> None:
     """Every recipe's row, given to on_row as it is measured. A model that ships its own calibration
     text (in its domain) calibrates on it."""
     for label, recipe in recipes(group, samples, seqlen).items():
@@ -98,7 +104,8 @@ def measure(name: str, path: Path, text: Path, group: int, seqlen: int, max_toke
         info = inspect(target)
         weights = sum(f.stat().st_size for f in Path(target).iterdir() if f.suffix == ".safetensors")
         on_row(Row(name, label, q.perplexity, q.reference_perplexity, q.kl_divergence, q.top1_agreement,
-                   q.tokens, weights, info.kv_cache_bytes_per_token, time.perf_counter() - t0))
+                   q.tokens, weights, info.kv_cache_bytes_per_token, time.perf_counter() - t0),
+               q.to_result(environment()).to_json())
 
 
 def markdown(rows: list[Row]) -> str:
@@ -120,6 +127,9 @@ def main() -> None:
                     help="Evaluate MODEL on FILE instead of its own evaluation text (repeatable).")
     ap.add_argument("--json", type=Path, help="Write every row as JSON here.")
     ap.add_argument("--markdown", type=Path, help="Write the Markdown table here.")
+    ap.add_argument("--results", type=Path, help="Keep each row's bench quality result (JSON) in this directory.")
+    ap.add_argument("--report", type=Path, help="Then write `llmc bench report` of those results here "
+                    "(needs --results).")
     args = ap.parse_args()
     texts = {}
     for item in args.text:
@@ -127,10 +137,16 @@ def main() -> None:
         if not sep or model not in MODELS or not Path(file).is_file():
             ap.error(f"--text {item!r}: expected MODEL=FILE with MODEL in {', '.join(MODELS)} and an existing FILE")
         texts[model] = Path(file)
+    if args.report and not args.results:
+        ap.error("--report needs --results DIR")
     rows: list[Row] = []
+    kept: list[Path] = []
 
-    def add(row: Row) -> None:                   # every row saved as soon as it is measured
+    def add(row: Row, result: dict) -> None:     # every row saved as soon as it is measured
         rows.append(row)
+        if args.results:
+            kept.append(args.results / f"{row.model}--{row.recipe.replace(' ', '_').replace(',', '')}.json")
+            write_result_json(kept[-1], result)
         if args.markdown:
             write_text_atomic(args.markdown, markdown(rows))
         if args.json:
@@ -146,6 +162,9 @@ def main() -> None:
             measure(name, path, text, group, seqlen, args.max_tokens, args.calib_samples, Path(tmp),
                     calib if calib.exists() else None, add)
     sys.stdout.write(markdown(rows))
+    if args.report and kept:
+        r = report(kept, args.report, title="llmc quality table", force=True)
+        print(f"[quality_table] report: {r.html}", file=sys.stderr)
 
 
 if __name__ == "__main__":
