@@ -56,9 +56,9 @@ def llmc_throughput(model: Path, batches: list[int], args) -> dict[int, dict]:
         vs.run([*vs.LLMC, "bench", "throughput", model, "--batch", ",".join(map(str, batches)),
                 "--input-len", args.input_len, "--output-len", args.output_len, "--repeat", args.repeat,
                 "--warmup", 1, "--threads", args.threads, "--json", f], timeout=7200)
-        res = json.loads(f.read_text())
+        res = vs.batch_summaries(json.loads(f.read_text()))
     return {r["batch"]: {"decode_tok_s": r["decode_tok_s"]["median"], "prefill_s": r["ttft_ms"]["median"] / 1e3}
-            for r in res["results"]}
+            for r in res}
 
 
 def genai_decode(path: Path, args) -> dict:

@@ -147,7 +147,7 @@ def problems(result: dict | None, error: str | None, output_len: int) -> list[st
         return [f"error: {error}"]
     m = result["metrics"]
     out = [f"{m['failed']['value']} requests failed"] if m["failed"]["value"] else []
-    short = [s["output_tokens"] for s in result["samples"] if s["ok"] and s["output_tokens"] != output_len]
+    short = [s["output_tokens"] for s in result["samples"]["requests"] if s["ok"] and s["output_tokens"] != output_len]
     if short:
         out.append(f"{len(short)} outputs of {min(short)}..{max(short)} tokens, not {output_len}")
     return out
@@ -176,9 +176,9 @@ def measure(args: argparse.Namespace, system: System, concurrency: int, repeat: 
     rec["problems"] = problems(rec["result"], rec["error"], args.output_len)
     if rec["result"] is not None:
         m = rec["result"]["metrics"]
-        ttft = m["ttft_ms"] or {}
-        vs.log(f"  {m['output_throughput']['value']:.1f} tok/s, TTFT mean {ttft.get('mean', float('nan')):.0f} ms "
-               f"p99 {ttft.get('p99', float('nan')):.0f} ms, {m['failed']['value']} failed")
+        ttft = {q: (m.get(f"ttft_ms_{q}") or {}).get("value") or float("nan") for q in ("mean", "p99")}
+        vs.log(f"  {m['output_throughput']['value']:.1f} tok/s, TTFT mean {ttft['mean']:.0f} ms "
+               f"p99 {ttft['p99']:.0f} ms, {m['failed']['value']} failed")
     for p in rec["problems"]:
         vs.log(f"  {p}")
     return rec
@@ -205,8 +205,8 @@ def summarize(runs: list[dict], concurrency: list[int]) -> list[dict]:
             ms = [r["result"]["metrics"] for r in rs if r["result"] is not None]
             row[s.name] = {
                 "output_tok_s": _median([m["output_throughput"]["value"] for m in ms]),
-                "ttft_mean_ms": _median([(m["ttft_ms"] or {}).get("mean") for m in ms]),
-                "ttft_p99_ms": _median([(m["ttft_ms"] or {}).get("p99") for m in ms]),
+                "ttft_mean_ms": _median([(m.get("ttft_ms_mean") or {}).get("value") for m in ms]),
+                "ttft_p99_ms": _median([(m.get("ttft_ms_p99") or {}).get("value") for m in ms]),
                 "requests": sum(r["num_requests"] for r in rs),
                 "failed": sum(m["failed"]["value"] for m in ms) + sum(r["num_requests"] for r in rs if not r["result"]),
                 "repeats": len(ms), "problems": [p for r in rs for p in r["problems"]]}

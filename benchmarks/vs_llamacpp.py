@@ -46,6 +46,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from llmc.bench.throughput import batch_summaries  # noqa: E402  (a result file's per-batch medians)
+
 LLMC = [sys.executable, "-m", "llmc"]
 PAIRS = [("16-bit", "F16", "bf16"), ("8-bit", "Q8_0", "w8a16"), ("8-bit", "Q8_0", "w8a8"),
          ("4-bit", "Q4_0", "w4a16"), ("4-bit", "Q4_0", "w4a8")]
@@ -226,7 +229,7 @@ def llmc_bench(model: Path, batches: list[int], input_len: int, output_len: int,
         run([*LLMC, "bench", "throughput", model, "--batch", ",".join(map(str, batches)), "--input-len", input_len,
              "--output-len", output_len, "--repeat", repeat, "--warmup", 1, "--threads", threads,
              "--kernels", "native", "--json", f], timeout=7200)
-        return json.loads(f.read_text())
+        return {"results": batch_summaries(json.loads(f.read_text()))}
 
 
 def measure(args, shapes: dict[str, dict], loaded: bool) -> dict:

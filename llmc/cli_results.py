@@ -77,7 +77,7 @@ def _gate_table(report) -> None:
 
 @app.command("gate")
 def gate_cmd(
-    results: list[Path] = typer.Argument(..., metavar="RESULTS...", help="Result files of llmc bench --json (or "
+    results: list[Path] = typer.Argument(..., metavar="RESULTS", help="Result files of llmc bench --json (or "
                                          "baselines): matched to the baseline's results by kind, in order."),
     baseline: Path = typer.Option(..., "--baseline", help="The baseline: a result file, or several bundled by "
                                   "--update-baseline."),
@@ -128,7 +128,7 @@ def gate_cmd(
 
 @bench_app.command("report")
 def bench_report_cmd(
-    results: list[Path] = typer.Argument(..., metavar="RESULTS...", help="Result files of llmc bench --json "
+    results: list[Path] = typer.Argument(..., metavar="RESULTS", help="Result files of llmc bench --json "
                                          "(quality, throughput, serve; a baseline bundle too)."),
     output: Path = typer.Option(..., "-o", "--output", help="The report directory to write (atomically): "
                                 "index.html (self-contained), report.md and the plots as PNG."),

@@ -72,7 +72,7 @@ def _fmt(x: float, relative: bool) -> str:
 
 
 def describe(v: Verdict) -> str:
-    """The change, its interval and the tolerance in one phrase: '+12.31% (95% CI +10.02% … +14.77%)'."""
+    """The change and its interval in one phrase: '+12.31% (CI +10.02% … +14.77%)'."""
     if v.change is None:
         return "-"
     text = _fmt(v.change, v.relative)
@@ -114,7 +114,9 @@ def judge(change: Change | None, exact: tuple[float, float] | None, rule: Rule, 
         return Verdict(**common, verdict="unchanged", needed=None, reason=f"within the tolerance of {tol}")
     half, distance = (hi - lo) / 2, abs(point - t)
     needed = math.ceil(change.samples * (half / distance) ** 2) if distance > 0 and half > 0 else None
-    more = (f"about {needed} samples would settle it" if needed is not None and needed < 10 ** 7 else
+    if needed is not None and needed >= 10 ** 7:
+        needed = None
+    more = (f"about {needed} samples would settle it" if needed is not None else
             "the change sits on the tolerance: more samples would not settle it")
     return Verdict(**common, verdict="inconclusive", needed=needed,
                    reason=f"the interval straddles the tolerance of {tol}; {more}")

@@ -204,3 +204,15 @@ def test_against_errors(capsys):
         main(["bench", "throughput", str(STORIES), *ARGS, "--against", "/nonexistent/model"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1 and "/nonexistent/model" in lines[0]
+
+
+def test_batch_summaries_of_a_result_file(run):
+    """What the benchmark scripts tabulate: per batch size, median / min / max of each rate."""
+    from llmc.bench.throughput import batch_summaries
+
+    rows = batch_summaries(run["json"])
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        values = [s["decode_tok_s"] for s in run["json"]["samples"][f"batch{r['batch']}"]]
+        assert r["decode_tok_s"]["median"] == run["json"]["metrics"][f"decode_tok_s@batch{r['batch']}"]["value"]
+        assert (r["decode_tok_s"]["min"], r["decode_tok_s"]["max"]) == (min(values), max(values))

@@ -172,6 +172,18 @@ class ThroughputResult:
         return self.to_result().to_json()
 
 
+def batch_summaries(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per batch size of a throughput result (the file's JSON): each rate's median, min and max over
+    the timed runs (`metric`), and the decode profile; for scripts that tabulate results."""
+    profiles = {d["batch"]: d["decode_profile_ms"] for d in result["details"]["batches"]}
+    out = []
+    for b in result["config"]["batches"]:
+        runs = result["samples"][f"batch{b}"]
+        out.append({"batch": b, **{name: metric([r[name] for r in runs], *METRICS[name]) for name in METRICS},
+                    "decode_profile_ms": profiles.get(b)})
+    return out
+
+
 OnRun = Callable[[int, str, Sample], None]       # (batch, "warm-up 1/1" | "run 2/3", sample)
 
 
