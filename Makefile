@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,serve,onnx,report]' 'triton>=3.2'
 	touch $@
 
+# The gate runs even when a test failed, so a failing CI run also says whether quality or speed moved.
 test: setup browser
-	$(PY) -P -m pytest -q
-	$(MAKE) --no-print-directory gate
+	@$(PY) -P -m pytest -q; tests=$$?; $(MAKE) --no-print-directory gate; gate=$$?; \
+	if [ $$tests -ne 0 ] || [ $$gate -ne 0 ]; then echo "make test: pytest exit $$tests, gate exit $$gate"; exit 1; fi
 
 # The report's browser test opens the page in headless Chromium (Debian's chromium and chromium-driver:
 # about 30 s and 120 MB). As root with apt-get they are installed; elsewhere that test skips, saying so.
