@@ -10,6 +10,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llmc.bench.result import BenchResult, exact, sampled
@@ -261,3 +262,23 @@ def test_a_degraded_recipe_is_regressed_and_the_same_model_is_not(quantized_stor
     code, out, err = run(capsys, again, "--baseline", base, "--profile", "int4-gptq", "--json", "-")
     verdicts = {v["metric"]: v["verdict"] for v in json.loads(out)["verdicts"]}
     assert code == 0 and set(verdicts.values()) == {"unchanged"}, verdicts
+
+
+def test_list_fields_are_resampled_by_record_and_unpaired_runs_compare():
+    """Serving latencies: each request's inter-token gaps are a list; a bootstrap draws whole
+    requests (their gaps travel together), and runs without window ids are compared unpaired."""
+    rng = random.Random(3)
+
+    def requests(n, scale):
+        return [{"itl_ms": [scale * rng.uniform(8, 12) for _ in range(rng.randint(3, 9))],
+                 "ttft_ms": scale * rng.uniform(40, 60)} for _ in range(n)]
+
+    base, slow = requests(40, 1.0), requests(40, 1.3)
+    same = bootstrap_change("p90", ("itl_ms",), base, requests(40, 1.0), relative=True)
+    worse = bootstrap_change("p90", ("itl_ms",), base, slow, relative=True)
+    assert not same.paired and same.low < 0 < same.high
+    assert 0.15 < worse.low < worse.change < worse.high
+    flat = sorted(g for r in slow for g in r["itl_ms"])
+    assert worse.current == pytest.approx(float(np.percentile(flat, 90)))
+    v = judge(worse, None, Rule(0.10), "lower", CFG, "serve", "itl_ms_p90", "ms")
+    assert v.verdict == "regressed"
