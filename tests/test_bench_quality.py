@@ -104,3 +104,15 @@ def test_errors(tmp_path):
         quality(STORIES, STORIES, tmp_path / "empty.txt")
     with pytest.raises(ConfigError, match="seqlen"):
         quality(STORIES, STORIES, TEXT, seqlen=4096)
+
+
+def test_save_reference_refuses_a_foreign_file_before_any_work(tmp_path, monkeypatch):
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"not llmc's")
+
+    def no_work(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr("llmc.loader.load_model", no_work)
+    with pytest.raises(ConfigError, match="was not written by llmc"):
+        quality(STORIES, STORIES, TEXT, save_reference=mine)
+    assert mine.read_bytes() == b"not llmc's"

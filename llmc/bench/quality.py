@@ -8,9 +8,9 @@ argmaxes agree.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +112,10 @@ def quality(path: Path | str, reference: Path | str | None, text_file: Path | st
         raise OptionError("save_reference", "saving the reference's logits needs the reference model (--reference)")
     if not 1 <= top_k <= 1024:
         raise OptionError("top_k", f"must be in [1, 1024], got {top_k}")
+    if save_reference is not None:                 # refused before the work, not after it
+        from llmc.io import check_output
+        check_output(save_reference, [path, reference, text_file], force=True, directory=False,
+                     what="reference logits")
     t0 = time.perf_counter()
     text_sha = file_sha256(text_file) if Path(text_file).is_file() else None
     saved = SavedReference.load(reference_logits) if reference_logits is not None else None

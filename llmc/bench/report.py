@@ -22,6 +22,7 @@ from typing import Any
 
 from llmc.bench.report_render import Section, Table, html_page, markdown
 from llmc.bench.result import KINDS, load_results
+from llmc.bench.serve import LATENCY_STATS as PERCENTILES
 from llmc.errors import ConfigError
 from llmc.io import atomic_directory, check_output, producer_stamp, write_bytes_atomic, write_text_atomic
 
@@ -29,7 +30,6 @@ TITLE = "llmc bench report"
 NONE = "—"
 MATPLOTLIB = "llmc bench report needs matplotlib: pip install 'llmc[report]'"
 LATENCIES = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "e2e"))
-PERCENTILES = ("mean", "p50", "p90", "p99")
 _AT_BATCH = re.compile(r"^(?P<name>\w+)@batch(?P<batch>\d+)$")
 
 

@@ -49,7 +49,6 @@ from llmc.bench.result import BenchResult, Metric, exact, file_sha256, model_ide
 from llmc.errors import ConfigError, OptionError
 
 DEFAULT_CONCURRENCY = 1           # neither --concurrency nor --request-rate: one request at a time
-PERCENTILES = (50, 90, 99)
 
 OnRequest = Callable[[int, int, "RequestSample"], None]     # (done, total, the request that finished)
 OnStatus = Callable[[str], None]
