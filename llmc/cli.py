@@ -475,6 +475,9 @@ def bench_quality_cmd(
                                                     "--seqlen and --max-tokens; KL over the top-k and the rest of "
                                                     "the mass)."),
     top_k: int = typer.Option(32, "--top-k", help="With --save-reference: log-probabilities kept per token."),
+    protocol: str = typer.Option("windows", "--protocol", help="windows: consecutive windows of --seqlen, BOS "
+                                 "first, every token scored; llama-perplexity: llama.cpp's llama-perplexity "
+                                 "chunks of --seqlen (-c), first token BOS, the second half scored."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write the result (schema "
                                             "llmc.bench.result/1, every window's sums) as JSON to this file "
                                             "('-': to stdout, instead of the table). An existing file is replaced "
@@ -488,6 +491,7 @@ def bench_quality_cmd(
     with options_named(), err.status("scoring") as status:
         r = quality(path, reference, text, seqlen=seqlen, max_tokens=max_tokens, kernels=kernels, device=device,
                     save_reference=save_reference, reference_logits=reference_logits, top_k=top_k,
+                    protocol_name=protocol,
                     on_window=lambda w, n: status.update(f"scoring: {w} windows, {n:,} tokens"))
     if save_reference is not None:
         err.print(f"saved the reference's top-{top_k} log-probabilities of {r.tokens:,} tokens to {save_reference}",

@@ -8,7 +8,7 @@ import pytest
 
 from llmc.bench.quality import quality
 from llmc.cli import main
-from llmc.errors import ConfigError
+from llmc.errors import ConfigError, OptionError
 from tests.helpers import GOLDEN, STORIES
 
 TEXT = GOLDEN / "tinystories_valid_head.txt"
@@ -116,3 +116,25 @@ def test_save_reference_refuses_a_foreign_file_before_any_work(tmp_path, monkeyp
     with pytest.raises(ConfigError, match="was not written by llmc"):
         quality(STORIES, STORIES, TEXT, save_reference=mine)
     assert mine.read_bytes() == b"not llmc's"
+
+
+def test_llama_perplexity_protocol_gives_llama_cpps_number():
+    """`--protocol llama-perplexity` cuts and scores as llama.cpp's llama-perplexity: on the golden
+    model's GGUF (stories260K.gguf, f32), `llama-perplexity -c 256 -f tinystories_valid_head.txt`
+    printed 74 chunks and `Final estimate: PPL = 3.9242`."""
+    r = quality(STORIES, STORIES, TEXT, seqlen=256, protocol_name="llama-perplexity")
+    assert r.windows == 74 and r.tokens == 74 * 127                     # positions 128..254 of each chunk
+    assert r.perplexity == pytest.approx(3.9242, abs=5e-5)
+    assert r.config["protocol"] == "llama-perplexity"
+
+
+def test_protocols_cut_the_text_as_documented():
+    from llmc.bench.quality import consecutive_windows, llama_perplexity_chunks
+
+    stream = list(range(10, 30))                                        # 20 text tokens, BOS = 1
+    assert [(ids[:2], first) for ids, first in consecutive_windows(stream, 8, 1)] == \
+        [([1, 10], 0), ([1, 17], 0), ([1, 24], 0)]                      # 7 text tokens a window
+    chunks = list(llama_perplexity_chunks(stream, 8, 1))                # BOS + 20 = 21 tokens: 2 chunks of 8
+    assert chunks == [([1, 10, 11, 12, 13, 14, 15, 16], 4), ([1, 18, 19, 20, 21, 22, 23, 24], 4)]
+    with pytest.raises(OptionError, match="unknown protocol 'nope'"):
+        quality(STORIES, STORIES, TEXT, protocol_name="nope")

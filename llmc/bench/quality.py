@@ -1,10 +1,15 @@
 """`bench quality`: perplexity, KL divergence and top-1 agreement of a model against a reference.
 
-Protocol: the text (CRLF normalised to LF) is tokenized once without special tokens and cut into
-consecutive windows of `seqlen - 1` tokens; each window is scored with BOS prepended (when the
-tokenizer has one), so every text token is predicted exactly once. Per scored token: NLL under
-the model and the reference, KL(reference || model) over the vocabulary, and whether the two
-argmaxes agree.
+The text (CRLF normalised to LF) is tokenized once without special tokens, then cut into windows by
+a protocol (`PROTOCOLS`):
+- `windows` (the default): consecutive windows of `seqlen - 1` tokens, each scored with BOS
+  prepended (when the tokenizer has one), so every text token is predicted exactly once;
+- `llama-perplexity`: llama.cpp's `llama-perplexity` protocol, so the numbers compare with its
+  `--kl-divergence` runs: BOS, then the text, cut into `len // seqlen` chunks of `seqlen` tokens
+  (the rest dropped); each chunk's first token is replaced by BOS, and only its second half is
+  scored (the predictions at positions seqlen/2 .. seqlen-2).
+Per scored token: NLL under the model and the reference, KL(reference || model) over the
+vocabulary, and whether the two argmaxes agree.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -86,6 +92,28 @@ class _Scorer:
         return torch.log_softmax(self.backend.forward(batch, self.kv).float().cpu(), dim=-1)
 
 
+def consecutive_windows(stream: list[int], seqlen: int, bos: int | None) -> Iterator[tuple[list[int], int]]:
+    """(ids, first scored position): BOS + seqlen - 1 text tokens, every prediction scored."""
+    width = seqlen - 1 if bos is not None else seqlen
+    for start in range(0, len(stream), width):
+        ids = ([bos] if bos is not None else []) + stream[start:start + width]
+        if len(ids) >= 2:
+            yield ids, 0
+
+
+def llama_perplexity_chunks(stream: list[int], seqlen: int, bos: int | None) -> Iterator[tuple[list[int], int]]:
+    """(ids, first scored position) as llama.cpp's llama-perplexity cuts and scores the text."""
+    tokens = ([bos] if bos is not None else []) + stream
+    for start in range(0, len(tokens) - seqlen + 1, seqlen):
+        ids = tokens[start:start + seqlen]
+        if bos is not None:
+            ids = [bos] + ids[1:]
+        yield ids, seqlen // 2
+
+
+PROTOCOLS = {"windows": consecutive_windows, "llama-perplexity": llama_perplexity_chunks}
+
+
 def window_id(ids: list[int]) -> str:
     """A window's identity: the same tokens are the same window in every run (paired comparisons)."""
     return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
@@ -94,7 +122,8 @@ def window_id(ids: list[int]) -> str:
 def quality(path: Path | str, reference: Path | str | None, text_file: Path | str, seqlen: int = 512,
             max_tokens: int | None = None, kernels: str | None = None, device: str = "cpu",
             on_window=None, save_reference: Path | str | None = None,
-            reference_logits: Path | str | None = None, top_k: int = 32) -> QualityResult:
+            reference_logits: Path | str | None = None, top_k: int = 32,
+            protocol_name: str = "windows") -> QualityResult:
     """Score `path` against `reference` on a text file (the protocol above); both run on their own
     target with the kernel set `kernels` (None: each target's default) on `device`.
 
@@ -112,6 +141,8 @@ def quality(path: Path | str, reference: Path | str | None, text_file: Path | st
         raise OptionError("save_reference", "saving the reference's logits needs the reference model (--reference)")
     if not 1 <= top_k <= 1024:
         raise OptionError("top_k", f"must be in [1, 1024], got {top_k}")
+    if protocol_name not in PROTOCOLS:
+        raise OptionError("protocol", f"unknown protocol {protocol_name!r}; known: {', '.join(PROTOCOLS)}")
     if save_reference is not None:                 # refused before the work, not after it
         from llmc.io import check_output
         check_output(save_reference, [path, reference, text_file], force=True, directory=False,
@@ -140,8 +171,7 @@ def quality(path: Path | str, reference: Path | str | None, text_file: Path | st
     if stream and max(stream) >= min(model.arch.vocab_size, ref_vocab):
         raise ConfigError("the tokenizer produces ids beyond the model's vocabulary")
     bos = tok.info.bos_token_id
-    width = seqlen - 1 if bos is not None else seqlen
-    protocol = {"text_sha256": text_sha, "seqlen": seqlen, "max_tokens": max_tokens,
+    protocol = {"protocol": protocol_name, "text_sha256": text_sha, "seqlen": seqlen, "max_tokens": max_tokens,
                 "reference_sha256": saved.reference["sha256"] if saved is not None else model_identity(reference)["sha256"],
                 "kl": saved.kl_protocol if saved is not None else "exact"}
     if saved is not None:
@@ -151,16 +181,12 @@ def quality(path: Path | str, reference: Path | str | None, text_file: Path | st
     b = _Scorer(ref, runtime, seqlen) if ref is not None else None
     keep = ReferenceLogits(top_k) if save_reference is not None else None
     records = []
-    for start in range(0, len(stream), width):
-        chunk = stream[start:start + width]
-        ids = ([bos] if bos is not None else []) + chunk
-        if len(ids) < 2:
-            break
-        targets = torch.tensor(ids[1:])
+    for ids, first in PROTOCOLS[protocol_name](stream, seqlen, bos):
+        targets = torch.tensor(ids[first + 1:])
         rows = torch.arange(len(targets))
-        lp = a.logprobs(ids)[:-1]                                       # predictions of ids[1:]
+        lp = a.logprobs(ids)[first:-1]                                  # predictions of ids[first + 1:]
         if b is not None:
-            lq = b.logprobs(ids)[:-1]
+            lq = b.logprobs(ids)[first:-1]
             ref_nll = -lq[rows, targets].double().sum().item()
             kl = (lq.exp() * (lq - lp)).sum(dim=-1).double().sum().item()
             agree = int((lp.argmax(-1) == lq.argmax(-1)).sum())
@@ -184,7 +210,7 @@ def quality(path: Path | str, reference: Path | str | None, text_file: Path | st
     info = {**model_identity(path), "bytes_on_disk": _bytes_on_disk(path)}
     config = {**protocol, "text": str(text_file), "reference": str(reference if reference is not None
                                                                    else reference_logits),
-              "kernels": kernels, "device": device, "windows": "consecutive, BOS prepended"}
+              "kernels": kernels, "device": device}
     return QualityResult(model=str(path), reference=config["reference"], text=str(text_file), seqlen=seqlen,
                          windows=len(records), tokens=scored, perplexity=math.exp(nll / scored),
                          reference_perplexity=math.exp(ref_nll / scored),

@@ -9,8 +9,9 @@ over the top-k and the rest of the mass as one outcome (the KL of the coarsened 
 lower bound of the full KL; with k = the vocabulary size it is the full KL).
 
 The file is safetensors: `ids` (int32, the windows' token ids one after another), `window_lens`
-(int32), `topk_ids` (int32, positions x k), `topk_logprobs` and `target_logprobs` (float32), and in
-its metadata the schema, the reference's identity and the protocol (text checksum, seqlen,
+and `scored_lens` (int32: each window's tokens, and how many of its predictions are scored),
+`topk_ids` (int32, scored positions x k), `topk_logprobs` and `target_logprobs` (float32), and in
+its metadata the schema, the reference's identity and the protocol (windows, text checksum, seqlen,
 max_tokens) a run must share to use it.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from llmc.errors import ConfigError
 
 SCHEMA = "llmc.reference-logits/1"
-MATCHED = ("text_sha256", "seqlen", "max_tokens")     # what a run must share with the run that saved them
+MATCHED = ("protocol", "text_sha256", "seqlen", "max_tokens")     # what a run must share with the run that saved them
 TINY = 1e-30
 
 
@@ -42,6 +43,7 @@ class ReferenceLogits:
         self.topk_ids: list[torch.Tensor] = []
         self.topk_lp: list[torch.Tensor] = []
         self.target_lp: list[torch.Tensor] = []
+        self.scored: list[int] = []
 
     @property
     def kl_protocol(self) -> str:
@@ -55,6 +57,7 @@ class ReferenceLogits:
         self.topk_ids.append(index.to(torch.int32))
         self.topk_lp.append(values)
         self.target_lp.append(logprobs[torch.arange(len(targets)), targets].float())
+        self.scored.append(len(targets))
 
     def save(self, path: Path | str, protocol: dict[str, Any], reference: dict[str, Any], vocab_size: int,
              text_file: str) -> None:
@@ -65,6 +68,7 @@ class ReferenceLogits:
         p = Path(path)
         check_output(p, [text_file, reference.get("path")], force=True, directory=False, what="reference logits")
         tensors = {"ids": torch.cat(self.ids), "window_lens": torch.tensor([len(i) for i in self.ids], dtype=torch.int32),
+                   "scored_lens": torch.tensor(self.scored, dtype=torch.int32),
                    "topk_ids": torch.cat(self.topk_ids), "topk_logprobs": torch.cat(self.topk_lp),
                    "target_logprobs": torch.cat(self.target_lp)}
         from llmc.io import producer_stamp
@@ -107,7 +111,7 @@ class SavedReference:
             raise ConfigError(f"{p}: not a reference logits file of schema {SCHEMA} (schema: {meta.get('schema')!r})")
         try:
             lens = tensors["window_lens"].tolist()
-            scored = [n - 1 for n in lens]
+            scored = tensors["scored_lens"].tolist()
             cut = lambda t, sizes: list(torch.split(t, sizes))       # noqa: E731
             out = cls(path=p, k=int(meta["k"]), vocab_size=int(meta["vocab_size"]),
                       protocol=json.loads(meta["protocol"]), reference=json.loads(meta["reference"]),

@@ -36,7 +36,7 @@ DIRECTIONS = ("higher", "lower", None)
 
 # What two results of a kind must share to be compared: the protocol, not the model.
 PROTOCOL = {
-    "quality": ("text_sha256", "seqlen", "max_tokens", "reference_sha256", "kl"),
+    "quality": ("protocol", "text_sha256", "seqlen", "max_tokens", "reference_sha256", "kl"),
     "throughput": ("input_len", "output_len", "against_kind"),
     "serve": ("input_len", "output_len", "concurrency", "request_rate", "dataset_sha256"),
 }
