@@ -192,7 +192,7 @@ class GateReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": "llmc.gate/1", "baseline": self.baseline, "results": self.results, "profile": self.profile,
-                "config": {**asdict(self.config)}, "passed": not self.regressed, "counts": self.counts(),
+                "config": asdict(self.config), "passed": not self.regressed, "counts": self.counts(),
                 "verdicts": [{**asdict(v), "summary": describe(v)} for v in self.verdicts]}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.errors import LlmcError, ModelFormatError
+from llmc.paths import bytes_on_disk
 from llmc.quantized.scheme import QuantRecipe
 
 
@@ -66,7 +67,7 @@ def inspect(path: Path | str, model=None) -> InspectReport:
         intermediate_size=a.intermediate_size, heads=a.num_heads, kv_heads=a.num_kv_heads, head_dim=a.head_dim,
         vocab_size=a.vocab_size, max_position_embeddings=a.max_position_embeddings, parameters=params,
         dtype=dtypes.most_common(1)[0][0], compute_dtype=str(m.dtype).removeprefix("torch."),
-        bytes_on_disk=sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
+        bytes_on_disk=bytes_on_disk(root),
         kv_cache_bytes_per_token=KVCacheSpec(a.num_layers, a.num_kv_heads, a.head_dim, m.kv_dtype).bytes_per_token,
         kv_cache_dtype=str(m.kv_dtype).removeprefix("torch."),
         rope=a.to_dict()["rope"], tie_word_embeddings=a.tie_word_embeddings,

@@ -85,6 +85,12 @@ def open_regular(p: Path, what: str, error: type = ModelFormatError) -> BinaryIO
         raise
 
 
+def bytes_on_disk(path: Path | str) -> int:
+    """The bytes of a checkpoint or engine: every regular file under the directory (or the file)."""
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
 def copy_model_file(src_root: Path, name: str, dst_dir: Path) -> bool:
     """Copy `src_root/name` into `dst_dir` if it exists: resolved inside `src_root`, a regular file,
     written with a normal file's mode (not the source's). Returns whether it was copied."""

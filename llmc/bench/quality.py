@@ -23,8 +23,10 @@ from typing import Iterator
 import torch
 
 from llmc.bench.reference_logits import ReferenceLogits, SavedReference
-from llmc.bench.result import BenchResult, exact, file_sha256, model_identity, sampled
+from llmc.bench.result import BenchResult, exact, model_identity, sampled
 from llmc.errors import ConfigError, OptionError
+from llmc.io import sha256_file
+from llmc.paths import bytes_on_disk
 from llmc.runtime.batch import RaggedBatch
 from llmc.targets import open_backend
 
@@ -148,7 +150,7 @@ def quality(path: Path | str, reference: Path | str | None, text_file: Path | st
         check_output(save_reference, [path, reference, text_file], force=True, directory=False,
                      what="reference logits")
     t0 = time.perf_counter()
-    text_sha = file_sha256(text_file) if Path(text_file).is_file() else None
+    text_sha = sha256_file(Path(text_file)) if Path(text_file).is_file() else None
     saved = SavedReference.load(reference_logits) if reference_logits is not None else None
     model = load_model(path)
     ref = load_model(reference) if reference is not None else None
@@ -171,8 +173,9 @@ def quality(path: Path | str, reference: Path | str | None, text_file: Path | st
     if stream and max(stream) >= min(model.arch.vocab_size, ref_vocab):
         raise ConfigError("the tokenizer produces ids beyond the model's vocabulary")
     bos = tok.info.bos_token_id
+    ref_identity = saved.reference if saved is not None else model_identity(reference)
     protocol = {"protocol": protocol_name, "text_sha256": text_sha, "seqlen": seqlen, "max_tokens": max_tokens,
-                "reference_sha256": saved.reference["sha256"] if saved is not None else model_identity(reference)["sha256"],
+                "reference_sha256": ref_identity["sha256"],
                 "kl": saved.kl_protocol if saved is not None else "exact"}
     if saved is not None:
         saved.check_protocol(protocol, reference_logits)
@@ -203,11 +206,11 @@ def quality(path: Path | str, reference: Path | str | None, text_file: Path | st
     if saved is not None and len(records) != saved.windows:
         raise ConfigError(f"{reference_logits}: holds {saved.windows} windows, this text makes {len(records)}")
     if keep is not None:
-        keep.save(save_reference, {**protocol, "kl": keep.kl_protocol}, model_identity(reference),
+        keep.save(save_reference, {**protocol, "kl": keep.kl_protocol}, ref_identity,
                   ref.arch.vocab_size, text_file=str(text_file))
     scored = sum(r["tokens"] for r in records)
     nll, ref_nll = sum(r["nll"] for r in records), sum(r["ref_nll"] for r in records)
-    info = {**model_identity(path), "bytes_on_disk": _bytes_on_disk(path)}
+    info = {**model_identity(path), "bytes_on_disk": bytes_on_disk(path)}
     config = {**protocol, "text": str(text_file), "reference": str(reference if reference is not None
                                                                    else reference_logits),
               "kernels": kernels, "device": device}
@@ -219,7 +222,3 @@ def quality(path: Path | str, reference: Path | str | None, text_file: Path | st
                          backend=a.backend.report(), reference_backend=b.backend.report() if b is not None else None,
                          records=records, model_info=info, config=config)
 
-
-def _bytes_on_disk(path: Path | str) -> int:
-    p = Path(path)
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size

@@ -97,25 +97,16 @@ def model_identity(path: Path | str) -> dict[str, Any]:
 
     p = Path(path)
     ident = next((p / name for name in (ENGINE_FILE, "config.json") if (p / name).is_file()), None)
-    digest = hashlib.sha256(ident.read_bytes()).hexdigest() if ident is not None else None
-    recipe = None
+    if ident is None:
+        return {"path": str(path), "sha256": None, "sha256_of": None, "recipe": None}
+    raw = ident.read_bytes()                  # hashed and parsed from the one read
+    digest = hashlib.sha256(raw).hexdigest()
+    section = "quantization" if ident.name == ENGINE_FILE else "quantization_config"
     try:
-        config = json.loads((p / "config.json").read_text(encoding="utf-8")) if (p / "config.json").is_file() else {}
-        recipe = (config.get("quantization_config") or {}).get("recipe")
-    except (OSError, ValueError, AttributeError):
-        pass
-    if recipe is None and ident is not None and ident.name == ENGINE_FILE:
-        try:
-            recipe = (json.loads(ident.read_text(encoding="utf-8")).get("quantization") or {}).get("recipe")
-        except (OSError, ValueError, AttributeError):
-            pass
-    return {"path": str(path), "sha256": digest, "sha256_of": ident.name if ident is not None else None,
-            "recipe": recipe}
-
-
-def file_sha256(path: Path | str) -> str:
-    from llmc.io import sha256_file
-    return sha256_file(Path(path))
+        recipe = (json.loads(raw).get(section) or {}).get("recipe")
+    except (ValueError, AttributeError):
+        recipe = None
+    return {"path": str(path), "sha256": digest, "sha256_of": ident.name, "recipe": recipe}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,8 +45,9 @@ from urllib.parse import urlsplit
 
 from llmc.bench.launch import READY_TIMEOUT_S, launched, serve_command
 from llmc.bench.prompt_ids import FIRST_PROMPT_ID, prompt_ids
-from llmc.bench.result import BenchResult, Metric, exact, file_sha256, model_identity, sampled
+from llmc.bench.result import BenchResult, Metric, exact, model_identity, sampled
 from llmc.errors import ConfigError, OptionError
+from llmc.io import sha256_file
 
 DEFAULT_CONCURRENCY = 1           # neither --concurrency nor --request-rate: one request at a time
 
@@ -525,7 +526,7 @@ def bench_serve(url: str | None = None, *, launch: Path | str | None = None, dat
               else str(dataset), "input_len": input_len, "output_len": output_len, "num_requests": num_requests,
               "concurrency": concurrency, "seed": seed,
               "request_rate": "inf" if request_rate == math.inf else request_rate, "slo": asdict(slo),
-              "dataset_sha256": None if dataset is None else file_sha256(dataset),
+              "dataset_sha256": None if dataset is None else sha256_file(Path(dataset)),
               "timeout_s": timeout, "tokenizer": None if tokenizer is None else str(tokenizer),
               "serve_args": list(serve_args), "api_key": "given" if api_key else None, "prompts": how,
               "arrivals": _describe_load(concurrency, request_rate, seed),
