@@ -240,6 +240,26 @@ def _layers(ids: list[int]) -> str:
     return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
+def _grouped(names: list[str]) -> list[str]:
+    """Weights by their name in a layer, with the layers that hold them: 'mlp.down_proj of layers 0-4'."""
+    found: dict[str, list[int]] = {}
+    for name in names:
+        parts = name.removesuffix(".weight").split(".")
+        layered = parts[:2] == ["model", "layers"] and len(parts) > 3 and parts[2].isdigit()
+        found.setdefault(".".join(parts[3:]) if layered else ".".join(parts), []).append(
+            int(parts[2]) if layered else -1)
+    return [f"{w}{' of layers ' + _layers(ids) if ids[0] >= 0 else ''}" for w, ids in found.items()]
+
+
+def _by_format(entries) -> str:
+    """'int8: self_attn.q_proj of layers 1-3, ...; int4-g32: ...': which weights are in which format."""
+    from llmc.passes.quant.sensitivity import format_label
+    by: dict[str, list[str]] = {}
+    for name, e in entries.items():
+        by.setdefault(format_label(e.fmt), []).append(name)
+    return "; ".join(f"{label}: {', '.join(_grouped(names))}" for label, names in by.items())
+
+
 def _layout_problems(shapes: Mapping[str, tuple[int, ...]], bits: int) -> list[str]:
     """Every weight whose widths the layout cannot pack, one entry per (weight of a layer, reason)
     with the layers it holds in: 'mlp.down_proj of layers 0-4 (in features K = 172 ...)'."""
@@ -323,8 +343,9 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
         raise GptqExportError(f"{src}: has no quantized weights to export")
     fmts = {e.fmt for e in entries.values()}
     if len(fmts) > 1:
-        raise GptqExportError(f"{src}: weights in several formats ({', '.join(sorted(f.key for f in fmts))}); "
-                              "a GPTQ checkpoint has one bit width and group size")
+        raise GptqExportError(f"{src}: weights in several formats, where a GPTQ checkpoint has one bit width and "
+                              f"group size: {_by_format(entries)}", hint="keep the llmc checkpoint for a mixed-precision "
+                              "model, or quantize with one format")
     fmt = next(iter(fmts))
     check_exportable(fmt, {})
     bits = _bits(fmt)
@@ -345,12 +366,12 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
     zero_8 = True                     # GPTQ's sym means zero point 8 everywhere (readers may not read qzeros)
     for name, e in entries.items():
         p = name.removesuffix(".weight")
+        scale, zero = store.scales(name)
         if fmt.dtype == "int4":
-            zero = store.base.get(f"{name}.zero")
             zero_8 = zero_8 and bool((zero == 8).all())
             if bool((zero == 0).any()):
                 zeros.append(f"{p} ({int((zero == 0).sum())} of {zero.numel()} groups)")
-        s16, rel, problem = _check_scales(p, store.base.get(f"{name}.scale").float())
+        s16, rel, problem = _check_scales(p, scale)
         if problem:
             ranges.append(problem)
         scales16[name] = s16

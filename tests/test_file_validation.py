@@ -403,10 +403,10 @@ BAD_QUANTIZED = {
     "qdata one row short": (_set(f"{DOWN}.qdata", lambda q: q[:-1].clone()), "qdata is U8 \\[63, 86\\]"),
     "qdata half the columns": (_set(f"{DOWN}.qdata", lambda q: q[:, :43].clone()), "qdata is U8 \\[64, 43\\]"),
     "qdata as int8": (_set(f"{DOWN}.qdata", lambda q: q.view(torch.int8)), "qdata is I8 \\[64, 86\\]"),
-    "scale in float16": (_set(f"{DOWN}.scale", lambda s: s.half()), "scale is F16 \\[64, 6\\]"),
-    "scale per channel": (_set(f"{DOWN}.scale", lambda s: s[:, :1].clone()), "scale is F32 \\[64, 1\\]"),
+    "scale in float32": (_set(f"{DOWN}.scale", lambda s: s.float()), "scale is F32 \\[64, 6\\]"),
+    "scale per channel": (_set(f"{DOWN}.scale", lambda s: s[:, :1].clone()), "scale is F16 \\[64, 1\\]"),
     "zero missing": (_drop(f"{DOWN}.zero"), f"lacks its tensor {DOWN}.zero"),
-    "zero one group short": (_set(f"{DOWN}.zero", lambda z: z[:, :5].clone()), "zero is U8 \\[64, 5\\]"),
+    "zero one group short": (_set(f"{DOWN}.zero", lambda z: z[:, :2].clone()), "zero is U8 \\[64, 2\\]"),
     "act_scale on weight-only": (_add(f"{DOWN}.act_scale", torch.ones(1)), "does not have"),
 }
 

@@ -14,6 +14,8 @@ Conventions (every format, exact):
   max(w, 0)], z = round(-min / scale). Packed two per byte, low nibble first.
 - fp8_e4m3: scale = absmax / 448, q = clamp(w / scale, +-448) cast to float8_e4m3fn (saturating).
 - an all-zero row or group gets scale 1 (so q = 0 and the dequantized value is exactly 0).
+- scales are float16 values (held as fp32 in memory, stored as F16): every scale is rounded to
+  float16 where it is made, so codes are found against the scale that is stored.
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ class QuantizationError(LlmcError):
 
 
 def _safe(scale: Tensor) -> Tensor:
+    """The scale as stored: rounded to float16 (a scale beyond its range becomes inf, which
+    `from_codes` refuses), and 1 where it is 0 (an all-zero row or group, or one below float16's
+    smallest subnormal, whose codes are then all 0)."""
+    scale = scale.to(torch.float16).float()
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -193,9 +199,11 @@ class QuantizedWeight:
                                move(self.act_scale))
 
     def tensors(self, name: str) -> dict[str, Tensor]:
-        out = {f"{name}.qdata": self.data, f"{name}.scale": self.scale}
+        """The tensors it is stored as: the codes, F16 scales and the zero points packed two per
+        byte along the groups (as the codes are along K); `llmc.quantized.store` reads them back."""
+        out = {f"{name}.qdata": self.data, f"{name}.scale": self.scale.to(torch.float16)}
         if self.zero is not None:
-            out[f"{name}.zero"] = self.zero
+            out[f"{name}.zero"] = pack_int4(self.zero)
         if self.act_scale is not None:
             out[f"{name}.act_scale"] = self.act_scale
         return out
@@ -245,9 +253,13 @@ def decode(c: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
     return (v - zero.float() if zero is not None else v) * scale
 
 
-def from_codes(c: Tensor, scale: Tensor, zero: Tensor | None, fmt: TensorQuant) -> QuantizedWeight:
+def from_codes(c: Tensor, scale: Tensor, zero: Tensor | None, fmt: TensorQuant,
+               name: str = "weight") -> QuantizedWeight:
     """Codes [N, K] and per-row/group scale (and zero) [N, G] -> QuantizedWeight."""
     n, k = c.shape
+    if not torch.isfinite(scale).all():
+        raise QuantizationError(f"{name}: its values are too large for float16 scales (largest finite scale "
+                                f"{torch.finfo(torch.float16).max:g})")
     data = fmt.number.pack(c)
     return QuantizedWeight(fmt, (n, k), data, scale.float().reshape(n if fmt.granularity != "tensor" else 1, -1),
                            None if zero is None else zero.to(torch.uint8).reshape(scale.shape))
@@ -271,7 +283,7 @@ def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight", observer=None) -
         x = w.reshape(1, 1, -1)                                            # [1, 1, N*K]
     scale, zero = (params if observer is None else observer.params)(x, fmt)   # [N, G]
     c = codes(x, scale[..., None], None if zero is None else zero[..., None], fmt)
-    return from_codes(_restore(c, fmt, n, k), scale, zero, fmt)
+    return from_codes(_restore(c, fmt, n, k), scale, zero, fmt, name)
 
 
 def _restore(q: Tensor, fmt: TensorQuant, n: int, k: int) -> Tensor:

@@ -2,25 +2,44 @@
 each weight's format and logical shape recorded in the manifest (`quantization_config` in a
 checkpoint's config.json, `quantization` in an engine's engine.json).
 
+Format versions (the manifest's `format_version`; llmc writes the newest and reads both):
+- 2: scales F16; int4 zero points packed two per byte along the groups, [N, ceil(G / 2)] U8
+  (int4 in groups of 32 costs 4.625 bits per weight);
+- 1: scales F32; zero points one per byte, [N, G] U8 (5.25 bits per weight in groups of 32).
+
 `QuantizedStore` wraps a WeightStore and presents every weight under its logical name: a
 QuantizedWeight where the weight is quantized, the plain tensor elsewhere.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from torch import Tensor
 
-from llmc.checkpoint import MAX_DIM, WeightStore, short_repr
+from llmc.checkpoint import ITEMSIZE, MAX_DIM, WeightStore, short_repr
 from llmc.errors import ConfigError, ModelFormatError
-from llmc.quantized.formats import QuantizedWeight, TensorQuant, group_count
+from llmc.quantized.formats import QuantizedWeight, TensorQuant, group_count, unpack_int4
 
 QUANT_METHOD = "llmc"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-# How the scales of a quantized weight [N, K] are stored (F32; int4's U8 zero point alike); the
-# codes' dtype and packed width come from the number format (formats.NUMBER_FORMATS).
+
+@dataclass(frozen=True)
+class StoredScales:
+    """How a format version stores scales and int4 zero points (the codes are the same in all)."""
+    scale_dtype: str                     # safetensors dtype
+    packed_zeros: bool                   # two 4-bit zero points per byte along the groups
+
+    def zero_width(self, groups: int) -> int:
+        return -(-groups // 2) if self.packed_zeros else groups
+
+
+STORED_SCALES = {1: StoredScales("F32", packed_zeros=False), 2: StoredScales("F16", packed_zeros=True)}
+
+# The shape of the scales of a quantized weight [N, K] (int4's zero points alike, before packing);
+# the codes' dtype and packed width come from the number format (formats.NUMBER_FORMATS).
 SCALES: dict[str, Callable[[int, int, TensorQuant], tuple[int, int]]] = {
     "channel": lambda n, k, fmt: (n, 1),
     "group": lambda n, k, fmt: (n, group_count(k, fmt.group_size)),
@@ -52,6 +71,7 @@ class QuantizedEntry:
     fmt: TensorQuant
     shape: tuple[int, int]
     act: TensorQuant | None = None            # the input's run-time format, when it is quantized
+    version: int = field(default=FORMAT_VERSION, compare=False)   # the format version it is stored in
 
     @classmethod
     def of(cls, qw: QuantizedWeight) -> "QuantizedEntry":
@@ -64,7 +84,7 @@ class QuantizedEntry:
         return d
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "quantization entry") -> "QuantizedEntry":
+    def from_dict(cls, d: Any, where: str = "quantization entry", version: int = FORMAT_VERSION) -> "QuantizedEntry":
         """Checked: a weight format with a stored layout, an activation format the kernels take, and
         a logical shape of two ints in [1, MAX_DIM]."""
         if not isinstance(d, Mapping):
@@ -82,19 +102,24 @@ class QuantizedEntry:
                 and all(type(x) is int and 1 <= x <= MAX_DIM for x in shape)):
             raise ModelFormatError(f"{where}.shape is {short_repr(shape)}, not [N, K] of two integers "
                                    f"in [1, {MAX_DIM}]")
-        return cls(fmt, (shape[0], shape[1]), act)
+        return cls(fmt, (shape[0], shape[1]), act, version)
 
     def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """suffix -> (safetensors dtype, shape) of every tensor this weight is stored as, none optional."""
         n, k = self.shape
         number = self.fmt.number
         scales = SCALES[self.fmt.granularity](n, k, self.fmt)
-        out = {"qdata": (number.storage, (n, number.packed_width(k))), "scale": ("F32", scales)}
+        stored = STORED_SCALES[self.version]
+        out = {"qdata": (number.storage, (n, number.packed_width(k))), "scale": (stored.scale_dtype, scales)}
         if number.zero_point:                 # stored unsigned: symmetric int4 stores its zero point 8 too
-            out["zero"] = ("U8", scales)
+            out["zero"] = ("U8", (scales[0], stored.zero_width(scales[1])))
         if self.act is not None and self.act.granularity == "tensor":
             out["act_scale"] = ("F32", (1,))
         return out
+
+    def nbytes(self) -> int:
+        """The bytes its stored tensors take (`layout`)."""
+        return sum(ITEMSIZE[dtype] * math.prod(shape) for dtype, shape in self.layout().values())
 
 
 def entries_from_manifest(section: Any, where: str) -> dict[str, QuantizedEntry]:
@@ -106,12 +131,14 @@ def entries_from_manifest(section: Any, where: str) -> dict[str, QuantizedEntry]
         raise ModelFormatError(f"{where}: quantization method {short_repr(section.get('quant_method'))} is not "
                                f"readable by llmc (it reads {QUANT_METHOD!r})")
     version = section.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise ModelFormatError(f"{where}: quantized format version {short_repr(version)} is not {FORMAT_VERSION}")
+    if type(version) is not int or version not in STORED_SCALES:
+        raise ModelFormatError(f"{where}: quantized format version {short_repr(version)} is not one llmc reads "
+                               f"({', '.join(map(str, STORED_SCALES))})")
     weights = section.get("weights")
     if not isinstance(weights, Mapping):
         raise ModelFormatError(f"{where}: the quantization section's weights is {short_repr(weights)}, not an object")
-    return {name: QuantizedEntry.from_dict(e, f"{where}: weights[{short_repr(name)}]") for name, e in weights.items()}
+    return {name: QuantizedEntry.from_dict(e, f"{where}: weights[{short_repr(name)}]", version)
+            for name, e in weights.items()}
 
 
 class QuantizedStore:
@@ -164,16 +191,28 @@ class QuantizedStore:
         if name not in self.entries:
             return self.base.get(name)
         e = self.entries[name]
-        def optional(part: str):
-            return self.base.get(f"{name}.{part}") if f"{name}.{part}" in self.base else None
-        return QuantizedWeight.from_tensors(e.fmt, e.shape, self.base.get(f"{name}.qdata"),
-                                            self.base.get(f"{name}.scale"), optional("zero"), e.act,
-                                            optional("act_scale"))
+        act_scale = self.base.get(f"{name}.act_scale") if f"{name}.act_scale" in self.base else None
+        return QuantizedWeight.from_tensors(e.fmt, e.shape, self.base.get(f"{name}.qdata"), *self.scales(name),
+                                            e.act, act_scale)
+
+    def scales(self, name: str) -> tuple[Tensor, Tensor | None]:
+        """A quantized weight's scales (fp32) and zero points (one per byte, or None), as in memory;
+        its codes are not read."""
+        e = self.entries[name]
+        scale = self.base.get(f"{name}.scale").float()
+        zero = self.base.get(f"{name}.zero") if f"{name}.zero" in self.base else None
+        if zero is not None and STORED_SCALES[e.version].packed_zeros:
+            zero = unpack_int4(zero, scale.shape[1]).contiguous()
+        return scale, zero
 
     def nbytes(self) -> int:
         return self.base.nbytes()
 
 
 def manifest_section(entries: Mapping[str, QuantizedEntry], **extra: Any) -> dict[str, Any]:
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, **extra,
+    """The quantization section of a manifest written now (the newest format version; `extra`, e.g.
+    the recipe and provenance of the model it was read from, cannot override what it says)."""
+    fixed = ("quant_method", "format_version", "weights")
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+            **{k: v for k, v in extra.items() if k not in fixed},
             "weights": {n: e.to_dict() for n, e in entries.items()}}

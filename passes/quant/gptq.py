@@ -86,7 +86,7 @@ def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQCon
             Err[:, i] = err
         W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
         W[:, b0:b1] = W1
-    return from_codes(C, scales, zeros, fmt)
+    return from_codes(C, scales, zeros, fmt, name)
 
 
 def _natural_slab(W: Tensor, W1: Tensor, b0: int, i: int, gs: int) -> Tensor:

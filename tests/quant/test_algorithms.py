@@ -39,7 +39,8 @@ def test_gptq_lazy_blocks_change_only_rounding():
     x, w = correlated_inputs(seed=1)
     fmt = FORMATS[0]
     a, b = gptq(w, x.T @ x, fmt, GPTQConfig(block_size=128)), gptq(w, x.T @ x, fmt, GPTQConfig(block_size=32))
-    torch.testing.assert_close(a.scale, b.scale, rtol=1e-4, atol=0)
+    # scales are float16 values: a float rounding difference may move one by a float16 step (2^-10)
+    torch.testing.assert_close(a.scale, b.scale, rtol=2 ** -10, atol=0)
     assert (a.data != b.data).float().mean() < 0.01
     assert out_err(x, w, a) == pytest.approx(out_err(x, w, b), rel=0.02)
 

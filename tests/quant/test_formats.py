@@ -16,37 +16,49 @@ FP8 = TensorQuant(dtype="fp8_e4m3", granularity="channel")
 
 
 def test_int8_channel_exact():
-    w = torch.tensor([[1.27, -0.635, 0.0], [0.0, 0.0, 0.0], [-2.54, 1.0, 0.02]])
+    """Scales are powers of two here, so exact in float16 (as they are stored)."""
+    w = torch.tensor([[1.984375, -0.9921875, 0.0], [0.0, 0.0, 0.0], [-3.96875, 1.5625, 0.03125]])
     q = quantize(w, INT8)
     assert q.data.dtype == torch.int8 and q.scale.shape == (3, 1)
     assert q.data.tolist() == [[127, -64, 0], [0, 0, 0], [-127, 50, 1]]      # -63.5 rounds to even: -64
-    assert q.scale.flatten().tolist() == pytest.approx([0.01, 1.0, 0.02])   # all-zero row: scale 1
+    assert q.scale.flatten().tolist() == [2 ** -6, 1.0, 2 ** -5]            # all-zero row: scale 1
     assert torch.equal(dequantize(q)[1], torch.zeros(3))
+
+
+def test_scales_are_float16_values():
+    """Every scale is rounded to float16 where it is made: 0.01 is not a float16 value, so a row of
+    absmax 1.27 gets the nearest one, and its codes are found against that scale."""
+    q = quantize(torch.tensor([[1.27, -0.635, 0.0]]), INT8)
+    s = q.scale.item()
+    assert s == torch.tensor(0.01).half().item() and s != pytest.approx(0.01, rel=1e-6)
+    assert q.data.tolist() == [[round(1.27 / s), round(-0.635 / s), 0]]
+    with pytest.raises(QuantizationError, match="w: its values are too large for float16 scales"):
+        quantize(torch.tensor([[1e9, 1.0]]), INT4, "w")
 
 
 def test_int4_sym_group_with_partial_last_group():
     """All 16 levels, as Q4_0: scale absmax / 8; zero 7 when the largest magnitude is positive (it
     takes code 15), 8 when negative (code 0)."""
-    w = torch.tensor([[0.8, -0.6, 0.1, 0.0, -1.6, 0.4]])                   # K=6, groups [4, 2]
+    w = torch.tensor([[1.0, -0.75, 0.125, 0.0, -2.0, 0.5]])                 # K=6, groups [4, 2]
     q = quantize(w, INT4)
     assert q.scale.shape == (1, 2) and q.zero.tolist() == [[7, 8]]
-    assert q.scale.tolist()[0] == pytest.approx([0.1, 0.2])
+    assert q.scale.tolist()[0] == [0.125, 0.25]
     u = unpack_int4(q.data, 6)
     assert u.tolist() == [[15, 1, 8, 7, 0, 10]]                            # round(w/s) + zero
-    assert dequantize(q).tolist()[0] == pytest.approx([0.8, -0.6, 0.1, 0.0, -1.6, 0.4])
-    tie = quantize(torch.tensor([[0.8, -0.8]]), INT4)                       # equal sides: zero 8, +0.8 clamps
-    assert tie.zero.tolist() == [[8]] and dequantize(tie).tolist()[0] == pytest.approx([0.7, -0.8])
+    assert dequantize(q).tolist()[0] == [1.0, -0.75, 0.125, 0.0, -2.0, 0.5]
+    tie = quantize(torch.tensor([[1.0, -1.0]]), INT4)                       # equal sides: zero 8, +1.0 clamps
+    assert tie.zero.tolist() == [[8]] and dequantize(tie).tolist()[0] == [0.875, -1.0]
 
 
 def test_int4_asym_exact():
-    w = torch.tensor([[0.0, 1.5, 3.0, 0.3]])                                # min 0 -> zero 0
+    w = torch.tensor([[0.0, 1.875, 3.75, 0.375]])                           # min 0 -> zero 0
     q = quantize(w, INT4A)
-    assert q.zero.tolist() == [[0]] and q.scale.item() == pytest.approx(0.2)
+    assert q.zero.tolist() == [[0]] and q.scale.item() == 0.25
     assert unpack_int4(q.data, 4).tolist() == [[0, 8, 15, 2]]               # 7.5 -> 8 (even), 1.5 -> 2
-    w2 = torch.tensor([[-1.5, 0.0, 1.5, 0.5]])
+    w2 = torch.tensor([[-1.875, 0.0, 1.875, 0.625]])
     q2 = quantize(w2, INT4A)
-    assert q2.zero.item() == 8 and q2.scale.item() == pytest.approx(0.2)    # round(7.5) = 8
-    assert dequantize(q2).tolist()[0] == pytest.approx([-1.6, 0.0, 1.4, 0.4], abs=1e-6)
+    assert q2.zero.item() == 8 and q2.scale.item() == 0.25                  # round(7.5) = 8
+    assert dequantize(q2).tolist()[0] == [-2.0, 0.0, 1.75, 0.5]
 
 
 def test_pack_roundtrip_odd_width():
@@ -110,3 +122,21 @@ def test_scheme_validation():
         resolve_scheme("w8a16", group_size=64)
     with pytest.raises(ConfigError, match="unknown scheme"):
         resolve_scheme("w3a16")
+
+
+def test_stored_tensors_f16_scales_and_packed_zero_points():
+    """What a weight is stored as (format version 2): F16 scales; int4 zero points two per byte along
+    the groups, low nibble first. w4 in groups of 32 then costs 4.625 bits per weight."""
+    from llmc.quantized.store import QuantizedEntry
+    w = torch.randn(6, 160, generator=torch.Generator().manual_seed(0))        # 5 groups of 32
+    q = quantize(w, TensorQuant(dtype="int4", granularity="group", group_size=32, symmetric=False))
+    t = q.tensors("w")
+    assert t["w.scale"].dtype == torch.float16 and torch.equal(t["w.scale"].float(), q.scale)
+    assert t["w.zero"].shape == (6, 3) and torch.equal(unpack_int4(t["w.zero"], 5), q.zero)
+    assert (t["w.zero"][0, 0] & 0x0F) == q.zero[0, 0] and (t["w.zero"][0, 0] >> 4) == q.zero[0, 1]
+    entry = QuantizedEntry.of(q)
+    assert {k.removeprefix("w."): (v.shape, str(v.dtype)) for k, v in t.items()} == \
+        {k: (torch.Size(shape), {"U8": "torch.uint8", "F16": "torch.float16"}[dt]) for k, (dt, shape) in entry.layout().items()}
+    assert entry.nbytes() == sum(v.numel() * v.element_size() for v in t.values())
+    w32 = quantize(torch.randn(64, 256), TensorQuant(dtype="int4", granularity="group", group_size=32))
+    assert QuantizedEntry.of(w32).nbytes() * 8 / (64 * 256) == 4.625

@@ -5,9 +5,9 @@ llmc's module: qweight int32 [K/pack, N] with value j of word [i, n] at bits [j*
 qzeros int32 [G, N/pack] packed along N the same way, holding zero - 1 (v1); scales fp16 [G, N];
 g_idx int32 [K]; w[n, k] = scales[g_idx[k], n] * (u[n, k] - (qzeros_value[g_idx[k], n] + 1)).
 
-llmc's own scales (fp32 absmax / 7) are generally not float16-exact, so exact comparisons use llmc
-checkpoints whose scales were rewritten to float16-representable values (`fp16_exact`), or the
-export's `round_scales` path compared against the rounded-scale dequantization.
+llmc stores float16 scales (format version 2), so the export is exact; a version-1 checkpoint (fp32
+scales, `as_format_v1`) takes the export's `round_scales` path, compared against the rounded-scale
+dequantization.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from llmc.cli import main
+from llmc.errors import ModelFormatError
 from llmc.loader import load_model
 from llmc.kernels.reference.dequant import dequantize
 from llmc.quantized.formats import QuantizedWeight
@@ -73,13 +74,23 @@ def recipe(name, **kw):
     return QuantRecipe(scheme=resolve_scheme(name, **kw))
 
 
-def fp16_exact(src, dst):
-    """A copy of an llmc checkpoint with every scale rounded to a float16-representable value."""
+def as_format_v1(src, dst, scale_factor=1.0):
+    """A copy of an llmc checkpoint in format version 1 (fp32 scales, one zero point per byte), every
+    scale times `scale_factor` (1 + 2^-13 makes them not float16-exact)."""
+    from llmc.quantized.formats import unpack_int4
     shutil.copytree(src, dst)
     for f in dst.glob("*.safetensors"):
         t = load_file(f)
-        t = {k: v.half().float() if k.endswith(".scale") else v for k, v in t.items()}
+        for k in list(t):
+            if k.endswith(".scale"):
+                t[k] = t[k].float() * scale_factor
+                zero = k.removesuffix(".scale") + ".zero"
+                if zero in t:
+                    t[zero] = unpack_int4(t[zero], t[k].shape[1]).contiguous()
         save_file(t, str(f), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 1
+    (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
 
@@ -101,9 +112,8 @@ def ckpts(tmp_path_factory):
                     ("int8", recipe("w8a16"))):
         quantize_checkpoint(hf, root / name, r)
         c[name] = root / name
-        c[f"{name}16"] = fp16_exact(root / name, root / f"{name}16")
-        export_gptq(c[f"{name}16"], root / f"{name}16-gptq")
-        c[f"{name}16-gptq"] = root / f"{name}16-gptq"
+        export_gptq(c[name], root / f"{name}-gptq")
+        c[f"{name}-gptq"] = root / f"{name}-gptq"
     return c
 
 
@@ -118,8 +128,8 @@ def llmc_weights(path) -> dict[str, QuantizedWeight]:
 def test_independent_unpacker_reproduces_llmc_weights(ckpts, kind):
     """1. Written tensors, read by the unpacker above, equal llmc's dequantized weights bit for bit,
     for K a multiple of the group size (96) and for a partial last group (down_proj, K = 200)."""
-    t = tensors_of(ckpts[f"{kind}16-gptq"])
-    ref = llmc_weights(ckpts[f"{kind}16"])
+    t = tensors_of(ckpts[f"{kind}-gptq"])
+    ref = llmc_weights(ckpts[f"{kind}"])
     assert ref["model.layers.0.mlp.down_proj.weight"].scale.shape == (96, 7)          # 6 full groups + 8
     for p in PREFIXES:
         got, want = gptq_dequantize(t, p, 4), dequantize(ref[f"{p}.weight"])
@@ -133,9 +143,9 @@ def test_independent_unpacker_reproduces_llmc_weights(ckpts, kind):
 
 def test_int8_per_channel_maps_exactly(ckpts):
     """bits 8: llmc's int8 q with u = q + 128, zero 128 (stored 127), one group of size K."""
-    out = ckpts["int816-gptq"]
+    out = ckpts["int8-gptq"]
     t = tensors_of(out)
-    ref = llmc_weights(ckpts["int816"])
+    ref = llmc_weights(ckpts["int8"])
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (q["bits"], q["group_size"], q["sym"]) == (8, -1, True)
     p = "model.layers.0.mlp.down_proj"
@@ -152,7 +162,7 @@ def test_int8_per_channel_maps_exactly(ckpts):
 @pytest.mark.parametrize("kind", ["sym", "asym"])
 def test_reimport_gives_same_weights_and_logits(ckpts, kind):
     """2. load_model(GPTQ dir) gives exactly the llmc checkpoint's weights and logits."""
-    a, b = load_model(ckpts[f"{kind}16"]), load_model(ckpts[f"{kind}16-gptq"])
+    a, b = load_model(ckpts[f"{kind}"]), load_model(ckpts[f"{kind}-gptq"])
     for name in a.graph.weight_names():
         wa, wb = a.weights.get(name), b.weights.get(name)
         if isinstance(wa, QuantizedWeight):      # GPTQ's sym means zero 8 everywhere; llmc's symmetric grid
@@ -167,24 +177,40 @@ def test_reimport_gives_same_weights_and_logits(ckpts, kind):
 
 
 def test_round_scales_path(ckpts, tmp_path):
-    """2b. Plain llmc scales are not float16-exact: refused by name, unless rounded; the rounded export
-    equals llmc's dequantization with rounded scales (and the fp16-exact checkpoint's logits)."""
+    """2b. A version-1 checkpoint's fp32 scales are not float16-exact: refused by name, unless rounded;
+    the rounded export equals llmc's dequantization with rounded scales."""
+    v1 = as_format_v1(ckpts["sym"], tmp_path / "v1", scale_factor=1 + 2 ** -13)
     with pytest.raises(GptqExportError, match=r"float16.*model\.layers\.0\.self_attn\.q_proj"):
-        export_gptq(ckpts["sym"], tmp_path / "x")
+        export_gptq(v1, tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    s = export_gptq(ckpts["sym"], tmp_path / "r", round_scales=True)
+    s = export_gptq(v1, tmp_path / "r", round_scales=True)
     assert s["layers"] == 14 and s["scales_rounded"] == 14 and 0 < s["max_scale_rel_change"] <= 2 ** -11
-    src, back = llmc_weights(ckpts["sym"]), llmc_weights(tmp_path / "r")
+    src, back = llmc_weights(v1), llmc_weights(tmp_path / "r")
     for name, w in src.items():
         rounded = QuantizedWeight(w.fmt, w.shape, w.data, w.scale.half().float(), w.zero)
         assert torch.equal(dequantize(back[name]), dequantize(rounded)), name
         assert not torch.equal(dequantize(back[name]), dequantize(w))         # the rounding did change it
-    assert torch.equal(forward_all(load_model(tmp_path / "r"), IDS), forward_all(load_model(ckpts["sym16"]), IDS))
+
+
+def test_format_v1_checkpoint_reads_as_written(ckpts, tmp_path):
+    """A checkpoint written in format version 1 (fp32 scales, unpacked zero points) loads to the same
+    weights as the version-2 one it was made from, and is refused with a clear error when its tensors
+    are in the version-2 layout."""
+    v1 = as_format_v1(ckpts["asym"], tmp_path / "v1")
+    a, b = llmc_weights(ckpts["asym"]), llmc_weights(v1)
+    for name in a:
+        assert torch.equal(dequantize(a[name]), dequantize(b[name])) and torch.equal(a[name].zero, b[name].zero)
+    shutil.copytree(ckpts["asym"], tmp_path / "mixed")
+    cfg = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 1
+    (tmp_path / "mixed" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match=r"scale is F16 .* stores it as F32"):
+        load_model(tmp_path / "mixed")
 
 
 def test_dtypes_shapes_and_config(ckpts):
     """3. Tensor dtypes and shapes, and the quantization_config."""
-    out = ckpts["sym16-gptq"]
+    out = ckpts["sym-gptq"]
     t = tensors_of(out)
     K = {"self_attn.q_proj": 96, "self_attn.k_proj": 96, "self_attn.v_proj": 96, "self_attn.o_proj": 96,
          "mlp.gate_proj": 96, "mlp.up_proj": 96, "mlp.down_proj": 200}
@@ -212,19 +238,19 @@ def test_dtypes_shapes_and_config(ckpts):
          "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True, "static_groups": False}
     assert q["llmc"]["recipe"]["scheme"]["name"] == "w4a16" and cfg["model_type"] == "llama"
     assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
-    asym = json.loads((ckpts["asym16-gptq"] / "config.json").read_text())["quantization_config"]
+    asym = json.loads((ckpts["asym-gptq"] / "config.json").read_text())["quantization_config"]
     assert asym["sym"] is False
 
 
 def test_zero_point_convention(ckpts, tmp_path):
     """4. qzeros hold zero - 1; an asymmetric zero of 0 is refused by name."""
-    sym = tensors_of(ckpts["sym16-gptq"])                 # llmc's symmetric int4: zero 7 or 8 (Q4_0's grid)
+    sym = tensors_of(ckpts["sym-gptq"])                 # llmc's symmetric int4: zero 7 or 8 (Q4_0's grid)
     nibbles = {(int(word) >> (4 * j)) & 0xF for word in sym["model.layers.0.self_attn.q_proj.qzeros"].flatten()
                for j in range(8)}
     assert nibbles == {6, 7}                              # zero - 1
-    assert json.loads((ckpts["sym16-gptq"] / "config.json").read_text())["quantization_config"]["sym"] is False
-    t = tensors_of(ckpts["asym16-gptq"])
-    w = llmc_weights(ckpts["asym16"])["model.layers.0.mlp.up_proj.weight"]
+    assert json.loads((ckpts["sym-gptq"] / "config.json").read_text())["quantization_config"]["sym"] is False
+    t = tensors_of(ckpts["asym-gptq"])
+    w = llmc_weights(ckpts["asym"])["model.layers.0.mlp.up_proj.weight"]
     z = int(w.zero[13, 2])                                # out channel n = 13, group 2
     word = int(t["model.layers.0.mlp.up_proj.qzeros"][2, 13 // 8]) & 0xFFFFFFFF
     assert (word >> (4 * (13 % 8))) & 0xF == z - 1
@@ -259,13 +285,13 @@ def test_generate_cli_same_tokens(ckpts, capsys):
     def run(path):
         main(["generate", str(path), "--prompt", "w5 w77 w300", "--max-tokens", "12", "--json"])
         return json.loads(capsys.readouterr().out)[0]["token_ids"]
-    got = run(ckpts["asym16-gptq"])
-    assert len(got) == 12 and got == run(ckpts["asym16"])
+    got = run(ckpts["asym-gptq"])
+    assert len(got) == 12 and got == run(ckpts["asym"])
 
 
 def test_reader_v2_and_refusals(ckpts, tmp_path):
     """gptq_v2 (zeros without the offset) reads the same weights; act-order g_idx is refused."""
-    src = ckpts["asym16-gptq"]
+    src = ckpts["asym-gptq"]
     ref = llmc_weights(src)
     v2 = tmp_path / "v2"
     shutil.copytree(src, v2)
