@@ -394,7 +394,7 @@ def quantize_cmd(
                                          "(a 'text' field per line). Default: a TinyStories excerpt that ships "
                                          "with llmc (llmc/data/tinystories_calib.txt)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="llmc (default) or gptq: the qweight/qzeros/scales/"
-                                      "g_idx layout transformers, vLLM and GPTQModel read (scales rounded to fp16)."),
+                                      "g_idx layout transformers, vLLM and GPTQModel read (fp16 scales, as llmc's own)."),
     requantize: bool = typer.Option(False, "--requantize", help="Accept an already-quantized MODEL: its weights "
                                     "are dequantized first (errors compound; prefer the original)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
@@ -436,10 +436,25 @@ def quantize_cmd(
         name = f"layer {report.layer}" if report.layer != "other" else "embeddings/norms/head"
         err.print(f"  {name}: {report.quantized} weights quantized, {sq}, {report.seconds:.2f} s", highlight=False, soft_wrap=True)
 
+    status = None
+
+    def measuring(what: str, done: int, total: int) -> None:
+        nonlocal status
+        if status is None:
+            status = err.status("measuring sensitivity")
+            status.start()
+        status.update(f"measuring sensitivity: {done}/{total} ({what})")
+        if done == total:
+            status.stop()
+
     with options_named(origins):
-        r, export = quantize(model, output, recipe, format=fmt, force=force, calib=calib,
-                             allow_requantize=requantize, fit_context=origins["calib_seqlen"] == "default",
-                             on_layer=progress)
+        try:
+            r, export = quantize(model, output, recipe, format=fmt, force=force, calib=calib,
+                                 allow_requantize=requantize, fit_context=origins["calib_seqlen"] == "default",
+                                 on_layer=progress, on_progress=measuring)
+        finally:
+            if status is not None:
+                status.stop()
     if r.recipe["calib_seqlen"] < recipe.calib_seqlen:
         err.print(f"note: --calib-seqlen {recipe.calib_seqlen} (the default) was capped at the model's context, "
                   f"{r.recipe['calib_seqlen']}", highlight=False, soft_wrap=True)
@@ -450,6 +465,30 @@ def quantize_cmd(
     sys.stdout.write(f"wrote {r.output}: {_human_bytes(r.bytes_in)} -> {_human_bytes(r.bytes_out)} "
               f"({r.bytes_in / max(r.bytes_out, 1):.1f}x smaller) in {r.seconds:.1f} s, "
               f"peak memory {_human_bytes(r.peak_rss_bytes)}\n")
+    if r.mixed_precision is not None:
+        sys.stdout.write(_plan_text(r.mixed_precision))
+    elif r.sensitivity is not None:
+        sys.stdout.write(_sensitivity_text(r.sensitivity))
+
+
+def _plan_text(plan: dict) -> str:
+    """What a mixed-precision target chose, unit by unit."""
+    width = max(len(u["unit"]) for u in plan["units"])
+    lines = [f"mixed precision: {plan['bits_per_weight']:.3f} bits per weight over the chosen weights, "
+             f"{plan['bytes']:,} of {plan['budget_bytes']:,} bytes; predicted KL {plan['predicted_kl']:.5f}"]
+    lines += [f"  {u['unit']:<{width}}  {u['format']:<14} {u['bytes']:>12,} B  KL {u['predicted_kl']:.5f}"
+              for u in plan["units"]]
+    return "\n".join(lines) + "\n"
+
+
+def _sensitivity_text(table: dict) -> str:
+    """The sensitivity table: each unit's predicted KL in each candidate format."""
+    width = max(len(u["unit"]) for u in table["units"])
+    lines = [f"sensitivity (KL from the float model, nats per token, over {table['tokens']:,} calibration tokens):"]
+    for u in table["units"]:
+        cells = ", ".join(f"{c['format']} {c['kl']:.5f}" for c in u["candidates"])
+        lines.append(f"  {u['unit']:<{width}}  {cells}")
+    return "\n".join(lines) + "\n"
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality, offline throughput, and online load "

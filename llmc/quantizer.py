@@ -10,6 +10,7 @@ the per-layer error (SQNR of the dequantized weights) is reported.
 from __future__ import annotations
 
 import fnmatch
+import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,8 @@ from llmc.allocator import peak_rss_bytes, return_large_blocks_to_system
 from llmc.io import atomic_directory, check_output, temp_path, write_json_atomic
 from llmc.kernels.reference.dequant import dequantize
 from llmc.passes.quant.algorithms import (AlgorithmSpec, InputStats, LayerWork, attach_activation_format,
-                                          calibrates, check_recipe, input_width, kv_head_scales, sqnr_db)
+                                          calibrates, calibrates_layers, check_recipe, input_width, kv_head_scales,
+                                          sqnr_db)
 from llmc.passes.quant.observers import Observer
 from llmc.paths import copy_model_file
 from llmc.quantized.formats import QuantizedWeight, quantize as quantize_weight
@@ -73,6 +75,8 @@ class QuantizeResult:
     bytes_out: int
     skipped: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
+    sensitivity: dict[str, Any] | None = None     # --sensitivity, a target: per unit, each candidate's KL
+    mixed_precision: dict[str, Any] | None = None  # a target: the format chosen per unit
 
 
 def _layer_of(name: str) -> str:
@@ -87,9 +91,12 @@ def _mean(xs: list[float]) -> float | None:
 
 def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe, force: bool = False,
                         allow_requantize: bool = False, calib: Path | str | None = None,
-                        on_layer: Callable[[LayerReport, int], None] | None = None) -> QuantizeResult:
+                        on_layer: Callable[[LayerReport, int], None] | None = None,
+                        on_progress: Callable[[str, int, int], None] | None = None) -> QuantizeResult:
     """Quantize every linear of the decoder (but the scheme's `skip` patterns) with the recipe's
-    algorithm; calibrated algorithms walk the layers in order on the calibration text."""
+    algorithm; calibrated algorithms walk the layers in order on the calibration text. With
+    --sensitivity or a mixed-precision target the sensitivity is measured first (`on_progress`:
+    what, done, total), and a target's plan gives each weight its format."""
     from llmc.passes.kv_cache import kv_scale_names
     from llmc.calibration import LayerRunner, layer_nodes, load_calibration
     from llmc.tokenizer import Tokenizer
@@ -98,6 +105,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     return_large_blocks_to_system()               # calibration frees many large blocks (llmc.allocator)
     src, out = check_path(model), Path(out)
     spec = check_recipe(recipe)
+    given = recipe                                  # as asked; a target's plan fills in the head and embeddings
     check_model_files(src)
     cfg = read_json(src / "config.json", "config.json")
     if not isinstance(cfg.get("quantization_config", {}), dict):
@@ -126,7 +134,15 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
         data = load_calibration(Tokenizer(src), calib_path, recipe.calib_samples, recipe.calib_seqlen,
                                 vocab_size=arch.vocab_size, seed=recipe.calib_seed)
         calibration = data.provenance
-        runner = LayerRunner(arch, graph, data.samples)
+        if calibrates_layers(recipe):
+            runner = LayerRunner(arch, graph, data.samples)
+    sensitivity = plan = None
+    formats: dict[str, Any] = {}
+    if recipe.sensitivity or recipe.mixed:
+        sensitivity, plan = _mixed_precision(arch, graph, store, data.samples, recipe,
+                                             {n for n in linear_names if n not in skip}, on_progress)
+    if plan is not None:
+        recipe, formats = _apply_plan(recipe, sensitivity, plan)
     embed_q = None                                   # the quantized table; calibration starts from its values
     if recipe.embeddings is not None:
         embed_q = quantize_weight(store.get(EMBED_NAME).float(), recipe.embeddings, EMBED_NAME,
@@ -149,7 +165,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                              linears=[(n.inputs[1], n.inputs[0]) for n in nodes if n.op == "linear"],
                              producers=producers, stats={}, fmt=recipe.scheme.weight,
                              targets={n for n in names if n in linear_names and n not in skip}, arch=arch,
-                             recipe=recipe)
+                             recipe=recipe, formats=formats)
             reference_fp = dict(work.fp)
             out_sqnr, kv_stats = None, None
             if runner is not None and nodes:
@@ -185,17 +201,59 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                 on_layer(report, len(groups))
         write_json_atomic(tmp / INDEX_FILE, {"metadata": {"producer": f"llmc {__version__}"},
                                              "weight_map": weight_map})
-        qcfg = manifest_section(entries, recipe=recipe.to_dict(), llmc_version=__version__,
-                                source=str(src), skipped=skip, calibration=calibration)
+        extra = {"sensitivity": sensitivity.to_dict()} if sensitivity is not None else {}
+        if plan is not None:
+            extra["mixed_precision"] = plan.to_dict(sensitivity)
+        qcfg = manifest_section(entries, recipe=given.to_dict(), llmc_version=__version__,
+                                source=str(src), skipped=skip, calibration=calibration, **extra)
         write_json_atomic(tmp / "config.json", {**cfg, **({"tie_word_embeddings": False} if untie else {}),
                                                 "quantization_config": qcfg})
         for name in TOKENIZER_FILES:
             copy_model_file(src, name, tmp)
     bytes_out = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
-    return QuantizeResult(output=str(out), source=str(src), recipe=recipe.to_dict(), layers=reports,
+    return QuantizeResult(output=str(out), source=str(src), recipe=given.to_dict(), layers=reports,
                           seconds=time.perf_counter() - t0,
                           peak_rss_bytes=peak_rss_bytes(),
-                          bytes_in=store.nbytes(), bytes_out=bytes_out, skipped=skip, calibration=calibration)
+                          bytes_in=store.nbytes(), bytes_out=bytes_out, skipped=skip, calibration=calibration,
+                          sensitivity=extra.get("sensitivity"), mixed_precision=extra.get("mixed_precision"))
+
+
+def _mixed_precision(arch, graph, store, samples: list[list[int]], recipe: QuantRecipe, targets: set[str],
+                     on_progress) -> tuple[Any, Any]:
+    """The sensitivity table (on the first calibration samples) and, for a target, the plan: the
+    formats of least predicted KL within the target's bytes."""
+    from llmc.checkpoint import ITEMSIZE
+    from llmc.passes.quant.allocation import allocate
+    from llmc.passes.quant.sensitivity import SENSITIVITY_SAMPLES, measure
+
+    sensitivity = measure(arch, graph, store.get, lambda n: ITEMSIZE[store.dtype(n)], samples[:SENSITIVITY_SAMPLES],
+                          targets, Observer(recipe.weight_observer, recipe.percentile), on_progress=on_progress)
+    if not recipe.mixed:
+        return sensitivity, None
+    numel = sum(u.numel for u in sensitivity.units)
+    if recipe.target_bpw is not None:
+        return sensitivity, allocate(sensitivity, int(recipe.target_bpw * numel / 8), "target_bpw")
+    others = sum(math.prod(store.shape(n)) * ITEMSIZE[store.dtype(n)] for n in set(graph.weight_names())
+                 if not any(n in u.weights for u in sensitivity.units))
+    if recipe.target_size <= others:
+        raise OptionError("target_size", f"{recipe.target_size:,} bytes is less than the tensors that are not "
+                          f"quantized already take ({others:,} bytes: norms and the like)")
+    return sensitivity, allocate(sensitivity, recipe.target_size - others, "target_size")
+
+
+def _apply_plan(recipe: QuantRecipe, sensitivity, plan) -> tuple[QuantRecipe, dict[str, Any]]:
+    """The recipe to carry out (the head and embeddings in their chosen formats) and each decoder
+    linear's format."""
+    formats, head, embeddings = {}, None, None
+    for u in sensitivity.units:
+        fmt = plan.chosen[u.name].fmt
+        if u.kind == "linear":
+            formats.update({w: fmt for w in u.weights})
+        if u.kind in ("head", "embeddings+head"):
+            head = fmt
+        if u.kind in ("embeddings", "embeddings+head"):
+            embeddings = fmt
+    return replace(recipe, head=head, embeddings=embeddings), formats
 
 
 QUANTIZE_FORMATS = ("llmc", "gptq")
@@ -204,7 +262,8 @@ QUANTIZE_FORMATS = ("llmc", "gptq")
 def quantize(model: Path | str, out: Path | str, recipe: QuantRecipe, *, format: str = "llmc",
              force: bool = False, allow_requantize: bool = False, calib: Path | str | None = None,
              fit_context: bool = False,
-             on_layer: Callable[[LayerReport, int], None] | None = None) -> tuple[QuantizeResult, dict | None]:
+             on_layer: Callable[[LayerReport, int], None] | None = None,
+             on_progress: Callable[[str, int, int], None] | None = None) -> tuple[QuantizeResult, dict | None]:
     """`llmc quantize`: quantize_checkpoint, then for `format="gptq"` the GPTQ-layout export, with
     every check that can fail done before the work. Returns the result and the export summary.
 
@@ -217,6 +276,9 @@ def quantize(model: Path | str, out: Path | str, recipe: QuantRecipe, *, format:
         raise OptionError("format", f"unknown format {format!r}; choose {' or '.join(QUANTIZE_FORMATS)}")
     out, src = Path(out), check_path(model)
     check_recipe(recipe)
+    if format == "gptq" and recipe.mixed:
+        raise OptionError("format", "a mixed-precision target (--target-bpw, --target-size) gives layers several "
+                                    "formats; the GPTQ layout holds one bit width and group size: use --format llmc")
     if format == "gptq" and (recipe.head is not None or recipe.embeddings is not None):
         raise OptionError("format", "the GPTQ layout holds the decoder's linears only, not a quantized LM head or "
                                     "embedding table (--head, --embeddings): use --format llmc for those")
@@ -226,7 +288,7 @@ def quantize(model: Path | str, out: Path | str, recipe: QuantRecipe, *, format:
         recipe = replace(recipe, calib_seqlen=min(recipe.calib_seqlen, context))
     if format == "llmc":
         return quantize_checkpoint(src, out, recipe, force=force, allow_requantize=allow_requantize,
-                                   calib=calib, on_layer=on_layer), None
+                                   calib=calib, on_layer=on_layer, on_progress=on_progress), None
     check_output(out, [src, calib], force=force)
     arch = parse_arch(read_json(src / "config.json", "config.json"))
     store, graph = WeightStore.open(src), build_decoder_graph(arch)
@@ -236,7 +298,7 @@ def quantize(model: Path | str, out: Path | str, recipe: QuantRecipe, *, format:
     work = temp_path(out, "work")               # the llmc checkpoint, removed after the export
     try:
         r = quantize_checkpoint(src, work, recipe, calib=calib, allow_requantize=allow_requantize,
-                                on_layer=on_layer)
+                                on_layer=on_layer, on_progress=on_progress)
         export = export_gptq(work, out, round_scales=True, force=force)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -219,6 +219,20 @@ class QuantRecipe:                                     # how we get there
         Option("percentile", float, "For the percentile observers: the percentile of |x| a scale covers, in "
                "(50, 100].", default=99.99))
 
+    sensitivity: bool = recipe_field(
+        Option("sensitivity", bool, "Measure what quantizing each group of linears that share an input (q/k/v, "
+               "gate/up, o, down), the LM head and the embeddings costs in each candidate format: the KL divergence "
+               "from the float model on calibration text. The table goes to the output's quantization_config and "
+               "to --json.", default=False, off="no-sensitivity"))
+    target_bpw: float | None = recipe_field(
+        Option("target_bpw", float, "Mixed precision: choose each group of linears' format (int4 in groups of "
+               "32/64/128, symmetric or not, or int8), the head's and the embeddings' (float, int8; int4 for the "
+               "head) for the least predicted KL within this many bits per weight on average over them, scales "
+               "included (measures the sensitivity). See README, 'Choosing --target-bpw'.", low=2.0, high=32.0))
+    target_size: int | None = recipe_field(
+        Option("target_size", int, "Mixed precision as --target-bpw, within this many bytes for all the "
+               "model's tensors (the files' headers add about 100 bytes per tensor).", low=1))
+
     def __post_init__(self) -> None:
         """The declared bounds, however the recipe was made (options, from_dict, the constructor)."""
         for f in fields(self):
@@ -226,6 +240,13 @@ class QuantRecipe:                                     # how we get there
                 value = getattr(self, f.name)
                 if value is not None and (option.low is not None or option.high is not None):
                     option.check_bounds(value)
+        if self.target_bpw is not None and self.target_size is not None:
+            raise OptionError("target_size", "give --target-bpw or --target-size, not both")
+
+    @property
+    def mixed(self) -> bool:
+        """Formats chosen per weight under a budget (--target-bpw, --target-size)."""
+        return self.target_bpw is not None or self.target_size is not None
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a quantized checkpoint stores it: every field, by its name."""

@@ -70,6 +70,11 @@ class LayerWork:
     arch: object
     recipe: QuantRecipe | None = None
     smooth: dict[str, torch.Tensor] = field(default_factory=dict)   # input -> s: consumers now see x / s
+    formats: dict[str, TensorQuant] = field(default_factory=dict)   # weight -> its own format (mixed precision)
+
+    def format_of(self, name: str) -> TensorQuant:
+        """A weight's format: its own (a mixed-precision plan gives one per weight) or the scheme's."""
+        return self.formats.get(name, self.fmt)
 
     @property
     def weight_observer(self) -> Observer | None:
@@ -93,6 +98,7 @@ class AlgorithmSpec:
 
 
 ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm")
+MIXED_SCHEMES = ("w4a16", "w8a16")       # weight-only: a mixed-precision target may choose any of their formats
 
 
 def register_algorithm(name: str, schemes: tuple[str, ...], calibrated: bool, hessian: bool = False,
@@ -109,7 +115,7 @@ def rtn(work: LayerWork) -> dict[str, QuantizedWeight]:
 @register_algorithm("gptq", schemes=("w8a16", "w4a16", "w4a8"), calibrated=True, hessian=True)
 def gptq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
     from llmc.passes.quant.gptq import gptq
-    return {name: gptq(work.fp[name], work.stats[x].hessian, work.fmt, name=name, observer=work.weight_observer)
+    return {name: gptq(work.fp[name], work.stats[x].hessian, work.format_of(name), name=name, observer=work.weight_observer)
             for name, x in work.linears if name in work.targets}
 
 
@@ -133,7 +139,7 @@ def _scale_input(work: LayerWork, x: str, names: list[str], s: torch.Tensor, fol
 
 
 def _quantize_targets(work: LayerWork) -> dict[str, QuantizedWeight]:
-    return {name: quantize_weight(work.fp[name], work.fmt, name, work.weight_observer)
+    return {name: quantize_weight(work.fp[name], work.format_of(name), name, work.weight_observer)
             for name, _ in work.linears if name in work.targets}
 
 
@@ -148,13 +154,14 @@ def awq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
         fold = _fold_target(work, x)
         if fold is not None:
             stats = work.stats[x]
-            s, _, _ = search_scale(stats.rows, stats.absmean, [work.fp[n] for n in names], work.fmt, cfg)
+            s, _, _ = search_scale(stats.rows, stats.absmean, [work.fp[n] for n in names],
+                                   work.format_of(names[0]), cfg)   # one input, one format
             _scale_input(work, x, names, s, fold)
     if cfg.clip:                                             # shrink each group's range where that helps
         for name, x in work.linears:
             if name in work.targets:
                 work.fp[name] = clip_weight(work.fp[name], work.stats[x].rows / work.smooth.get(x, 1.0),
-                                            work.fmt, cfg)
+                                            work.format_of(name), cfg)
     return _quantize_targets(work)
 
 
@@ -231,6 +238,14 @@ def check_recipe(recipe: QuantRecipe) -> AlgorithmSpec:
             Observer(name, recipe.percentile)                  # raises on an unknown name or percentile
         except OptionError as e:
             raise OptionError(option if e.option == "observer" else e.option, e.reason) from None
+    if recipe.mixed:
+        target = "target_bpw" if recipe.target_bpw is not None else "target_size"
+        if recipe.scheme.name not in MIXED_SCHEMES:
+            raise OptionError(target, f"chooses among weight-only formats; scheme {scheme!r} is not one",
+                              hint=f"use --scheme {' or '.join(MIXED_SCHEMES)}")
+        for option, value in (("head", recipe.head), ("embeddings", recipe.embeddings)):
+            if value is not None:
+                raise OptionError(option, f"is chosen by --{target.replace('_', '-')}; drop one of them")
     if recipe.weight_observer != "minmax" and not spec.observes_weights:
         raise OptionError("observer", f"algorithm {algo!r} chooses its own weight ranges; drop --observer "
                           f"{recipe.weight_observer}", hint="awq searches each group's clipping (--awq-clip)")
@@ -238,8 +253,14 @@ def check_recipe(recipe: QuantRecipe) -> AlgorithmSpec:
 
 
 def calibrates(recipe: QuantRecipe) -> bool:
-    """Whether the recipe reads calibration text: a calibrated algorithm, static input scales or a
-    quantized KV cache."""
+    """Whether the recipe reads calibration text: its layers are calibrated (`calibrates_layers`) or
+    the sensitivity is measured (--sensitivity, a mixed-precision target)."""
+    return calibrates_layers(recipe) or recipe.sensitivity or recipe.mixed
+
+
+def calibrates_layers(recipe: QuantRecipe) -> bool:
+    """Whether quantizing a layer reads the calibration states of its inputs: a calibrated
+    algorithm, static input scales or a quantized KV cache."""
     act = recipe.scheme.activation
     return (ALGORITHMS[recipe.algorithm].calibrated or (act is not None and act.granularity == "tensor")
             or recipe.kv_cache is not None)
@@ -252,10 +273,11 @@ def applicable_options(recipe: QuantRecipe) -> set[str]:
     without calibration it changes nothing."""
     spec = ALGORITHMS[recipe.algorithm]
     w = recipe.scheme.weight
-    used = {"scheme", "algo", "kv_cache", "format", "head", "embeddings", "calib_seed"}
-    if w.granularity == "group":
+    used = {"scheme", "algo", "kv_cache", "format", "head", "embeddings", "calib_seed", "sensitivity", "target_bpw",
+            "target_size"}
+    if w.granularity == "group" and not recipe.mixed:          # a target chooses the formats
         used.add("group_size")
-    if w.dtype == "int4":
+    if w.dtype == "int4" and not recipe.mixed:
         used.add("asymmetric")
     if recipe.algorithm == "smoothquant":
         used.add("alpha")
