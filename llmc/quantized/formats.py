@@ -265,9 +265,11 @@ def from_codes(c: Tensor, scale: Tensor, zero: Tensor | None, fmt: TensorQuant,
                            None if zero is None else zero.to(torch.uint8).reshape(scale.shape))
 
 
-def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight", observer=None) -> QuantizedWeight:
+def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight", observer=None,
+             importance: Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of one weight [N, K] in format `fmt`; the scales cover each
-    row's or group's min/max, or the range `observer` (llmc.passes.quant.observers) chooses."""
+    row's or group's min/max, or the range `observer` (llmc.passes.quant.observers) chooses, which
+    may weigh each input column's error by `importance` [K]."""
     if w.dim() != 2:
         raise QuantizationError(f"{name}: only 2-D weights are quantized, got shape {tuple(w.shape)}")
     w = w.float()
@@ -275,13 +277,20 @@ def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight", observer=None) -
     n, k = w.shape
     if fmt.granularity == "token":
         raise QuantizationError("per-token granularity is for activations, not weights")
+    imp = None
     if fmt.granularity == "group":
         x = grouped(w, fmt.group_size)                                    # [N, G, gs]
+        imp = None if importance is None else grouped(importance.float()[None], fmt.group_size)
     elif fmt.granularity == "channel":
         x = w[:, None, :]                                                  # [N, 1, K]
+        imp = None if importance is None else importance.float()[None, None]
     else:
         x = w.reshape(1, 1, -1)                                            # [1, 1, N*K]
-    scale, zero = (params if observer is None else observer.params)(x, fmt)   # [N, G]
+        imp = None if importance is None else importance.float().repeat(n)[None, None]
+    if observer is None:
+        scale, zero = params(x, fmt)                                       # [N, G]
+    else:
+        scale, zero = observer.params(x, fmt, imp)
     c = codes(x, scale[..., None], None if zero is None else zero[..., None], fmt)
     return from_codes(_restore(c, fmt, n, k), scale, zero, fmt, name)
 

@@ -219,6 +219,11 @@ class QuantRecipe:                                     # how we get there
         Option("percentile", float, "For the percentile observers: the percentile of |x| a scale covers, in "
                "(50, 100].", default=99.99))
 
+    imatrix: bool = recipe_field(
+        Option("imatrix", bool, "With --observer mse (rtn, gptq): weigh each input column's rounding error by its "
+               "mean squared activation on the calibration text when choosing scales (llama.cpp's importance "
+               "matrix), so the scales favour the columns that meet large inputs.", default=False,
+               off="no-imatrix"))
     sensitivity: bool = recipe_field(
         Option("sensitivity", bool, "Measure what quantizing each group of linears that share an input (q/k/v, "
                "gate/up, o, down), the LM head and the embeddings costs in each candidate format: the KL divergence "

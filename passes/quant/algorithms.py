@@ -25,6 +25,7 @@ class InputStats:
     abs_sum: torch.Tensor
     abs_max: torch.Tensor
     sample: list[torch.Tensor]
+    sq_sum: torch.Tensor | None = None          # sum of x^2 per channel (the importance matrix's diagonal)
     count: int = 0
     stride: int = 1
     SAMPLE_ROWS = 512
@@ -32,7 +33,7 @@ class InputStats:
     @classmethod
     def new(cls, width: int, hessian: bool) -> "InputStats":
         return cls(torch.zeros(width, width) if hessian else None, torch.zeros(width),
-                   torch.zeros(width), [])
+                   torch.zeros(width), [], torch.zeros(width))
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
@@ -40,6 +41,7 @@ class InputStats:
             self.hessian.addmm_(x.T, x)              # in place: no [K, K] temporary
         a = x.abs()
         self.abs_sum += a.sum(dim=0)
+        self.sq_sum += a.square().sum(dim=0)
         self.abs_max = torch.maximum(self.abs_max, a.amax(dim=0))
         del a
         self.sample.append(x[(-self.count) % self.stride::self.stride].clone())
@@ -51,6 +53,12 @@ class InputStats:
     @property
     def absmean(self) -> torch.Tensor:
         return self.abs_sum / max(self.count, 1)
+
+    @property
+    def importance(self) -> torch.Tensor:
+        """Mean x^2 per channel: how much a weight column's error costs at the output, on average
+        (llama.cpp's importance matrix)."""
+        return self.sq_sum / max(self.count, 1)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -71,6 +79,13 @@ class LayerWork:
     recipe: QuantRecipe | None = None
     smooth: dict[str, torch.Tensor] = field(default_factory=dict)   # input -> s: consumers now see x / s
     formats: dict[str, TensorQuant] = field(default_factory=dict)   # weight -> its own format (mixed precision)
+
+    def importance(self, name: str) -> torch.Tensor | None:
+        """With --imatrix, the importance of each input column of weight `name` (None otherwise)."""
+        if self.recipe is None or not self.recipe.imatrix:
+            return None
+        x = next(v for n, v in self.linears if n == name)
+        return self.stats[x].importance
 
     def format_of(self, name: str) -> TensorQuant:
         """A weight's format: its own (a mixed-precision plan gives one per weight) or the scheme's."""
@@ -115,7 +130,8 @@ def rtn(work: LayerWork) -> dict[str, QuantizedWeight]:
 @register_algorithm("gptq", schemes=("w8a16", "w4a16", "w4a8"), calibrated=True, hessian=True)
 def gptq_layer(work: LayerWork) -> dict[str, QuantizedWeight]:
     from llmc.passes.quant.gptq import gptq
-    return {name: gptq(work.fp[name], work.stats[x].hessian, work.format_of(name), name=name, observer=work.weight_observer)
+    return {name: gptq(work.fp[name], work.stats[x].hessian, work.format_of(name), name=name,
+                       observer=work.weight_observer, importance=work.importance(name))
             for name, x in work.linears if name in work.targets}
 
 
@@ -139,7 +155,8 @@ def _scale_input(work: LayerWork, x: str, names: list[str], s: torch.Tensor, fol
 
 
 def _quantize_targets(work: LayerWork) -> dict[str, QuantizedWeight]:
-    return {name: quantize_weight(work.fp[name], work.format_of(name), name, work.weight_observer)
+    return {name: quantize_weight(work.fp[name], work.format_of(name), name, work.weight_observer,
+                                  work.importance(name))
             for name, _ in work.linears if name in work.targets}
 
 
@@ -260,10 +277,10 @@ def calibrates(recipe: QuantRecipe) -> bool:
 
 def calibrates_layers(recipe: QuantRecipe) -> bool:
     """Whether quantizing a layer reads the calibration states of its inputs: a calibrated
-    algorithm, static input scales or a quantized KV cache."""
+    algorithm, static input scales, a quantized KV cache or an importance matrix (--imatrix)."""
     act = recipe.scheme.activation
     return (ALGORITHMS[recipe.algorithm].calibrated or (act is not None and act.granularity == "tensor")
-            or recipe.kv_cache is not None)
+            or recipe.kv_cache is not None or recipe.imatrix)
 
 
 def applicable_options(recipe: QuantRecipe) -> set[str]:
@@ -285,6 +302,8 @@ def applicable_options(recipe: QuantRecipe) -> set[str]:
         used.add("awq_clip")
     if spec.observes_weights:
         used.add("observer")
+        if recipe.weight_observer == "mse" and recipe.algorithm in ("rtn", "gptq"):
+            used.add("imatrix")
     act = recipe.scheme.activation
     if recipe.kv_cache is not None or (act is not None and act.granularity == "tensor"):
         used.add("act_observer")

@@ -21,9 +21,10 @@ class GPTQConfig:
 
 
 def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQConfig(),
-         name: str = "weight", observer=None) -> QuantizedWeight:
+         name: str = "weight", observer=None, importance: Tensor | None = None) -> QuantizedWeight:
     """w [N, K] with H [K, K] (sum of x x^T over calibration tokens, any positive scaling). Group
-    (or channel) scales cover min/max, or the range `observer` (llmc.passes.quant.observers) picks."""
+    (or channel) scales cover min/max, or the range `observer` (llmc.passes.quant.observers) picks,
+    which may weigh each input column's error by `importance` [K]."""
     if fmt.granularity not in ("channel", "group"):
         raise QuantizationError(f"{name}: GPTQ needs per-channel or group-wise weights")
     W = w.float().clone()
@@ -40,11 +41,15 @@ def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQCon
     groups = -(-k // gs)
     scales = torch.empty(n, groups)
     zeros = torch.empty(n, groups) if fmt.number.zero_point else None
-    group_params = params if observer is None else observer.params
+    def group_params(slab: Tensor, fmt: TensorQuant, first: int):
+        if observer is None:
+            return params(slab, fmt)
+        imp = None if importance is None else importance[first:first + slab.shape[1]].float()
+        return observer.params(slab, fmt, imp)
     static = cfg.act_order or fmt.granularity == "channel"
     if static:                                        # parameters from the unquantized weight
         for g in range(groups):
-            s, z = group_params(W[:, g * gs:min(k, (g + 1) * gs)], fmt)
+            s, z = group_params(W[:, g * gs:min(k, (g + 1) * gs)], fmt, g * gs)
             scales[:, g] = s
             if zeros is not None:
                 zeros[:, g] = z
@@ -72,7 +77,7 @@ def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQCon
             col = int(perm[b0 + i])                    # natural index of this column
             g = col // gs
             if not static and col % gs == 0:           # a group's parameters from its updated weights
-                s, z = group_params(_natural_slab(W, W1, b0, i, gs), fmt)
+                s, z = group_params(_natural_slab(W, W1, b0, i, gs), fmt, col)
                 scales[:, g] = s
                 if zeros is not None:
                     zeros[:, g] = z

@@ -9,7 +9,9 @@ a KV head's keys) and returns the range [lo, hi] the quantization parameters are
   percentiles (asymmetric int4). Saturates the rarest values.
 - `mse`: the range max * r, for the shrink ratio r in {1, 1 - MSE_MAX_SHRINK / MSE_GRID, ...,
   1 - MSE_MAX_SHRINK} whose quantize-dequantize squared error is least (r = 1 is minmax, so
-  `mse` is never worse than `minmax` on what it observed).
+  `mse` is never worse than `minmax` on what it observed). With an importance per value (a weight's
+  input channels' mean squared activation, llama.cpp's importance matrix: `--imatrix`) the error
+  is weighted by it: the scales favour the columns that meet large inputs.
 
 Weights are observed whole; static activation scales (fp8 inputs) and KV-cache scales by the
 calibration: `minmax` takes the maximum over every calibration token, the others work on the
@@ -28,7 +30,7 @@ from llmc.errors import OptionError
 from llmc.quantized.formats import TensorQuant, codes, decode, params_from_range
 from llmc.registry import Registry
 
-RangeFn = Callable[[Tensor, TensorQuant, "Observer"], tuple[Tensor, Tensor]]
+RangeFn = Callable[[Tensor, TensorQuant, "Observer", "Tensor | None"], tuple[Tensor, Tensor]]
 OBSERVERS: Registry[RangeFn] = Registry("observer")
 MSE_GRID = 40
 MSE_MAX_SHRINK = 0.8
@@ -49,13 +51,15 @@ class Observer:
         if not 50 < self.percentile <= 100:
             raise OptionError("percentile", f"must be in (50, 100], got {self.percentile}")
 
-    def range(self, x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor]:
-        """[lo, hi] for the values along x's last dim -> two tensors of shape x.shape[:-1]."""
-        return OBSERVERS[self.name](x.float(), fmt, self)
+    def range(self, x: Tensor, fmt: TensorQuant, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """[lo, hi] for the values along x's last dim -> two tensors of shape x.shape[:-1].
+        `importance` (broadcast against x): how much each value's error counts (`mse`; the others
+        cover values whatever their weight)."""
+        return OBSERVERS[self.name](x.float(), fmt, self, importance)
 
-    def params(self, x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:
+    def params(self, x: Tensor, fmt: TensorQuant, importance: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Scale (and int4 zero point) along x's last dim, as `formats.params` for the chosen range."""
-        return params_from_range(*self.range(x, fmt), fmt)
+        return params_from_range(*self.range(x, fmt, importance), fmt)
 
     def static_scale(self, running_max: Tensor, sample: Tensor, fmt: TensorQuant) -> Tensor:
         """The scale of a symmetric format for calibrated values: `running_max` is the exact max |x|
@@ -69,12 +73,12 @@ class Observer:
 
 
 @register_observer("minmax")
-def _minmax(x: Tensor, fmt: TensorQuant, obs: Observer) -> tuple[Tensor, Tensor]:
+def _minmax(x: Tensor, fmt: TensorQuant, obs: Observer, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return x.amin(dim=-1), x.amax(dim=-1)
 
 
 @register_observer("percentile")
-def _percentile(x: Tensor, fmt: TensorQuant, obs: Observer) -> tuple[Tensor, Tensor]:
+def _percentile(x: Tensor, fmt: TensorQuant, obs: Observer, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
     m = x.shape[-1]
     k = min(m, max(1, math.ceil(obs.percentile * m / 100 - 1e-9)))   # the k-th smallest is the percentile
     if fmt.symmetric:
@@ -84,17 +88,40 @@ def _percentile(x: Tensor, fmt: TensorQuant, obs: Observer) -> tuple[Tensor, Ten
 
 
 @register_observer("mse")
-def _mse(x: Tensor, fmt: TensorQuant, obs: Observer) -> tuple[Tensor, Tensor]:
+def _mse(x: Tensor, fmt: TensorQuant, obs: Observer, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
     lo0, hi0 = _minmax(x, fmt, obs)
     best_lo, best_hi = lo0, hi0
     best = torch.full(lo0.shape, float("inf"))
-    for j in range(MSE_GRID + 1):
-        r = 1 - MSE_MAX_SHRINK * j / MSE_GRID
-        lo, hi = lo0 * r, hi0 * r
-        scale, zero = params_from_range(lo, hi, fmt)
+    if importance is None:
+        w = torch.ones_like(x)
+    else:                     # as llama.cpp weighs its importance matrix: times the weight's own size
+        w = importance.expand_as(x) * (x.pow(2).mean(dim=-1, keepdim=True) + x.pow(2)).sqrt()
+
+    def error(r: Tensor) -> Tensor:
+        scale, zero = params_from_range(lo0 * r, hi0 * r, fmt)
         z = None if zero is None else zero[..., None]
-        err = (decode(codes(x, scale[..., None], z, fmt), scale[..., None], z) - x).pow(2).sum(dim=-1)
+        return ((decode(codes(x, scale[..., None], z, fmt), scale[..., None], z) - x).pow(2) * w).sum(dim=-1)
+
+    def consider(r: Tensor) -> None:
+        nonlocal best, best_lo, best_hi
+        err = error(r)
         better = err < best
         best = torch.where(better, err, best)
-        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+        best_lo, best_hi = torch.where(better, lo0 * r, best_lo), torch.where(better, hi0 * r, best_hi)
+
+    scale1, zero1 = params_from_range(lo0, hi0, fmt)
+    for j in range(MSE_GRID + 1):
+        r = torch.full_like(lo0, 1 - MSE_MAX_SHRINK * j / MSE_GRID)
+        consider(r)
+        if fmt.dtype == "fp8_e4m3":
+            continue
+        # the least-squares scale for the codes this range gives (a scale is r times the scale of
+        # the whole range, and the zero point does not move with r): its own r, often between two
+        # grid points or beyond 1
+        scale, zero = params_from_range(lo0 * r, hi0 * r, fmt)
+        z = 0 if zero is None else zero[..., None]
+        c = codes(x, scale[..., None], None if zero is None else z, fmt).float() - z
+        den = (w * c * c).sum(dim=-1)
+        s_star = torch.where(den > 0, (w * x * c).sum(dim=-1) / den.clamp_min(1e-30), scale)
+        consider((s_star / scale1).clamp(1 - MSE_MAX_SHRINK, 1.5))
     return best_lo, best_hi
