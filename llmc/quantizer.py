@@ -10,7 +10,6 @@ the per-layer error (SQNR of the dequantized weights) is reported.
 from __future__ import annotations
 
 import fnmatch
-import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -30,7 +29,7 @@ from llmc.io import atomic_directory, check_output, temp_path, write_json_atomic
 from llmc.kernels.reference.dequant import dequantize
 from llmc.passes.quant.algorithms import (AlgorithmSpec, InputStats, LayerWork, attach_activation_format,
                                           calibrates, calibrates_layers, check_recipe, input_width, kv_head_scales,
-                                          sqnr_db)
+                                          sqnr_db, with_defaults)
 from llmc.passes.quant.observers import Observer
 from llmc.paths import copy_model_file
 from llmc.quantized.formats import QuantizedWeight, quantize as quantize_weight
@@ -105,6 +104,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     return_large_blocks_to_system()               # calibration frees many large blocks (llmc.allocator)
     src, out = check_path(model), Path(out)
     spec = check_recipe(recipe)
+    recipe = with_defaults(recipe)
     given = recipe                                  # as asked; a target's plan fills in the head and embeddings
     check_model_files(src)
     cfg = read_json(src / "config.json", "config.json")
@@ -139,14 +139,15 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     sensitivity = plan = None
     formats: dict[str, Any] = {}
     if recipe.sensitivity or recipe.mixed:
-        sensitivity, plan = _mixed_precision(arch, graph, store, data.samples, recipe,
-                                             {n for n in linear_names if n not in skip}, on_progress)
-    if plan is not None:
-        recipe, formats = _apply_plan(recipe, sensitivity, plan)
+        from llmc.mixed_precision import apply_plan, plan as mixed_plan
+        sensitivity, plan = mixed_plan(arch, graph, store, data.samples, recipe,
+                                       {n for n in linear_names if n not in skip}, on_progress)
+        if plan is not None:
+            recipe, formats = apply_plan(recipe, sensitivity, plan)
     embed_q = None                                   # the quantized table; calibration starts from its values
     if recipe.embeddings is not None:
         embed_q = quantize_weight(store.get(EMBED_NAME).float(), recipe.embeddings, EMBED_NAME,
-                                  Observer(recipe.weight_observer, recipe.percentile))
+                                  Observer(recipe.weight_observer or "minmax", recipe.percentile))
     if runner is not None:
         hidden = runner.embed(store.get(EMBED_NAME) if embed_q is None else dequantize(embed_q))
     head_src = next(n.inputs[1] for n in graph.nodes if n.op == "logits")
@@ -216,44 +217,6 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
                           peak_rss_bytes=peak_rss_bytes(),
                           bytes_in=store.nbytes(), bytes_out=bytes_out, skipped=skip, calibration=calibration,
                           sensitivity=extra.get("sensitivity"), mixed_precision=extra.get("mixed_precision"))
-
-
-def _mixed_precision(arch, graph, store, samples: list[list[int]], recipe: QuantRecipe, targets: set[str],
-                     on_progress) -> tuple[Any, Any]:
-    """The sensitivity table (on the first calibration samples) and, for a target, the plan: the
-    formats of least predicted KL within the target's bytes."""
-    from llmc.checkpoint import ITEMSIZE
-    from llmc.passes.quant.allocation import allocate
-    from llmc.passes.quant.sensitivity import SENSITIVITY_SAMPLES, measure
-
-    sensitivity = measure(arch, graph, store.get, lambda n: ITEMSIZE[store.dtype(n)], samples[:SENSITIVITY_SAMPLES],
-                          targets, Observer(recipe.weight_observer, recipe.percentile), on_progress=on_progress)
-    if not recipe.mixed:
-        return sensitivity, None
-    numel = sum(u.numel for u in sensitivity.units)
-    if recipe.target_bpw is not None:
-        return sensitivity, allocate(sensitivity, int(recipe.target_bpw * numel / 8), "target_bpw")
-    others = sum(math.prod(store.shape(n)) * ITEMSIZE[store.dtype(n)] for n in set(graph.weight_names())
-                 if not any(n in u.weights for u in sensitivity.units))
-    if recipe.target_size <= others:
-        raise OptionError("target_size", f"{recipe.target_size:,} bytes is less than the tensors that are not "
-                          f"quantized already take ({others:,} bytes: norms and the like)")
-    return sensitivity, allocate(sensitivity, recipe.target_size - others, "target_size")
-
-
-def _apply_plan(recipe: QuantRecipe, sensitivity, plan) -> tuple[QuantRecipe, dict[str, Any]]:
-    """The recipe to carry out (the head and embeddings in their chosen formats) and each decoder
-    linear's format."""
-    formats, head, embeddings = {}, None, None
-    for u in sensitivity.units:
-        fmt = plan.chosen[u.name].fmt
-        if u.kind == "linear":
-            formats.update({w: fmt for w in u.weights})
-        if u.kind in ("head", "embeddings+head"):
-            head = fmt
-        if u.kind in ("embeddings", "embeddings+head"):
-            embeddings = fmt
-    return replace(recipe, head=head, embeddings=embeddings), formats
 
 
 QUANTIZE_FORMATS = ("llmc", "gptq")

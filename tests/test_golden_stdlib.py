@@ -24,8 +24,10 @@ def test_documented_validation_perplexity():
 def quantized(tmp_path_factory):
     root = tmp_path_factory.mktemp("stdlib")
     for algo in ("rtn", "gptq", "awq"):
-        recipe = QuantRecipe(scheme=resolve_scheme("w4a16", group_size=128), algorithm=algo, calib_samples=16,
-                             calib_seqlen=256)
+        # rtn as plain round-to-nearest (minmax, symmetric): the baseline gptq and awq exist to beat
+        recipe = QuantRecipe(scheme=resolve_scheme("w4a16", group_size=128, symmetric=True), algorithm=algo,
+                             calib_samples=16,
+                             calib_seqlen=256, weight_observer="minmax" if algo == "rtn" else None)
         quantize_checkpoint(MODEL, root / algo, recipe, calib=MODEL / "calibration.txt")
     return root
 

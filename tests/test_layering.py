@@ -25,7 +25,7 @@ LAYERS = [  # (layer, module-name prefixes), lowest first; a module belongs to t
     ("model", ["llmc.tokenizer", "llmc.model", "llmc.engine", "llmc.gptq_format", "llmc.loader"]),
     ("runtime", ["llmc.runtime"]),
     ("backends", ["llmc.backends"]),
-    ("drivers", ["llmc.compiler", "llmc.quantizer", "llmc.calibration", "llmc.generation", "llmc.inspection",
+    ("drivers", ["llmc.compiler", "llmc.quantizer", "llmc.calibration", "llmc.mixed_precision", "llmc.generation", "llmc.inspection",
                  "llmc.bench", "llmc.profiles", "llmc.server", "llmc.gate", "llmc.gate_rules", "llmc.junit"]),
     ("cli", ["llmc.cli", "llmc.cli_results", "llmc.__main__"]),
 ]

@@ -5,6 +5,7 @@ is a one-line error naming the key."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import re
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from tests.helpers import STORIES
 
 NOT_RECIPE = {"output", "profile", "calib", "fmt", "requantize", "force", "as_json", "help"}   # declared in cli.py
 RECORD_KEYS = ["scheme", "algorithm", "kv_cache", "head", "embeddings", "calib_samples", "calib_seqlen", "calib_seed",
-               "smooth_alpha", "awq_clip", "weight_observer", "act_observer", "percentile"]  # the stored keys, in order
+               "smooth_alpha", "awq_clip", "weight_observer", "act_observer", "percentile", "imatrix", "sensitivity",
+               "target_bpw", "target_size"]  # the stored keys, in order
 
 
 def _squeeze(text: str) -> str:
@@ -86,7 +88,8 @@ def test_profile_types_are_the_declared_types():
     assert declared == {"scheme": (str,), "algo": (str,), "group_size": (int,), "asymmetric": (bool,),
                         "kv_cache": (str,), "head": (str,), "embeddings": (str,), "calib_samples": (int,),
                         "calib_seqlen": (int,), "calib_seed": (int,), "alpha": (float, int),
-                        "awq_clip": (bool,), "observer": (str,), "act_observer": (str,), "percentile": (float, int)}
+                        "awq_clip": (bool,), "observer": (str,), "act_observer": (str,), "percentile": (float, int),
+                        "imatrix": (bool,), "sensitivity": (bool,), "target_bpw": (float, int), "target_size": (int,)}
     assert {k: v for k, v in SECTIONS["quantize"].items() if k not in ("calib", "format")} == declared
 
 
@@ -164,7 +167,7 @@ def test_the_stored_form_is_unchanged():
     r = recipe_from_options("w4a16", algo="gptq", group_size=32, kv_cache="fp8", calib_samples=16)
     assert r.to_dict() == {
         "scheme": {"name": "w4a16", "weight": {"dtype": "int4", "granularity": "group", "group_size": 32,
-                                               "symmetric": True},
+                                               "symmetric": False},              # w4a16's default since v2
                    "activation": None, "skip": ["lm_head.weight", "model.embed_tokens.weight"]},
         "algorithm": "gptq",
         "kv_cache": {"dtype": "fp8_e4m3", "granularity": "channel", "group_size": None, "symmetric": True},
@@ -173,14 +176,19 @@ def test_the_stored_form_is_unchanged():
         "calib_samples": 16, "calib_seqlen": 512,
         "calib_seed": None,                                               # added with --calib-seed: the same
         "smooth_alpha": 0.5, "awq_clip": True,
-        "weight_observer": "minmax", "act_observer": "minmax", "percentile": 99.99}
+        "weight_observer": None,              # unset: quantize records the one it used (mse for gptq)
+        "act_observer": "minmax", "percentile": 99.99,
+        "imatrix": False, "sensitivity": False, "target_bpw": None, "target_size": None}   # added since: absent
+                                                                                            # reads as these
 
 
 def test_a_recipe_from_before_the_observers_reads_with_their_defaults():
     d = recipe_from_options("w8a16").to_dict()
-    for key in ("awq_clip", "weight_observer", "act_observer", "percentile", "head", "embeddings", "calib_seed"):
+    for key in ("awq_clip", "weight_observer", "act_observer", "percentile", "head", "embeddings", "calib_seed",
+                "imatrix", "sensitivity", "target_bpw", "target_size"):
         del d[key]
-    assert QuantRecipe.from_dict(d) == recipe_from_options("w8a16")
+    # a recipe without a weight observer was made before there were observers: with minmax
+    assert QuantRecipe.from_dict(d) == replace(recipe_from_options("w8a16"), weight_observer="minmax")
 
 
 # ---- (d) malformed dicts ----------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def recipe_summary(recipe: dict[str, Any] | None) -> str:
     parts = [str(scheme.get("name") or weight.get("dtype") or "?"), str(recipe.get("algorithm") or "")]
     if weight.get("group_size"):
         parts.append(f"g{weight['group_size']}")
-    if recipe.get("weight_observer") not in (None, "minmax"):
+    if recipe.get("weight_observer") not in (None, "mse"):            # mse: the default
         parts.append(f"{recipe['weight_observer']} observer")
     for key, name in (("kv_cache", "kv"), ("embeddings", "emb"), ("head", "head")):
         v = recipe.get(key)

@@ -10,8 +10,9 @@ Conventions (every format, exact):
 - rounding is round-half-to-even (`torch.round`).
 - int8: symmetric, q in [-127, 127], scale = absmax / 127.
 - int4: stored unsigned u in [0, 15] with a zero point z; w ~ (u - z) * scale.
-  symmetric: z = 8, scale = absmax / 7;  asymmetric: scale = (max - min) / 15 over [min(w, 0),
-  max(w, 0)], z = round(-min / scale). Packed two per byte, low nibble first.
+  symmetric: scale = absmax / 8, z = 8 or 7 (`_int4_params`); asymmetric: scale = (max - min) / 15
+  over [min(w, 0), max(w, 0)], z = round(-min / scale), and where that is 0, z = 1 with scale
+  max / 14. Packed two per byte, low nibble first.
 - fp8_e4m3: scale = absmax / 448, q = clamp(w / scale, +-448) cast to float8_e4m3fn (saturating).
 - an all-zero row or group gets scale 1 (so q = 0 and the dequantized value is exactly 0).
 - scales are float16 values (held as fp32 in memory, stored as F16): every scale is rounded to
@@ -72,13 +73,17 @@ def _int4_params(lo: Tensor, hi: Tensor, symmetric: bool) -> tuple[Tensor, Tenso
     largest magnitude lands on the 8th step of its side: zero point 8 when it is negative (code 0 is
     -8 steps), 7 when it is positive (code 15 is +8 steps); the other side reaches 7 steps. An
     absmax / 7 grid with zero 8 leaves code 0 unused: 15 levels, 1.27x the weight MSE (measured).
-    Asymmetric: the range [min(lo, 0), max(hi, 0)] in 15 steps, zero point rounded."""
+    Asymmetric: the range [min(lo, 0), max(hi, 0)] in 15 steps, zero point rounded, at least 1."""
     if symmetric:
         scale = _safe(torch.maximum(lo.abs(), hi.abs()) / 8.0)
         return scale, torch.where(hi > -lo, 7.0, 8.0)
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = _safe((hi - lo) / 15.0)
-    return scale, torch.round(-lo / scale).clamp(0, 15)
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    # zero point 0 (a range that starts at or just below 0) becomes 1 over [-hi / 14, hi]: one level
+    # below 0 unused, and every zero point fits the GPTQ layout, which stores zero - 1
+    low = zero == 0
+    return torch.where(low, _safe(hi / 14.0), scale), torch.where(low, 1.0, zero)
 
 
 @dataclass(frozen=True)

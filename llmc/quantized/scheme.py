@@ -39,7 +39,8 @@ class QuantScheme:                                     # what the numbers are
 
 
 W8A16 = QuantScheme(name="w8a16", weight=TensorQuant(dtype="int8", granularity="channel"))
-W4A16 = QuantScheme(name="w4a16", weight=TensorQuant(dtype="int4", granularity="group", group_size=128))
+W4A16 = QuantScheme(name="w4a16", weight=TensorQuant(dtype="int4", granularity="group", group_size=128,
+                                                     symmetric=False))    # the lower KL, measured (README)
 W8A8 = QuantScheme(name="w8a8", weight=TensorQuant(dtype="int8", granularity="channel"),
                    activation=TensorQuant(dtype="int8", granularity="token"))
 FP8 = QuantScheme(name="fp8", weight=TensorQuant(dtype="fp8_e4m3", granularity="channel"),
@@ -72,9 +73,9 @@ def resolve_scheme(name: str, group_size: int | None = None, symmetric: bool | N
     return replace(scheme, weight=w)
 
 
-def _scheme_from_options(scheme: str, group_size: int | None, asymmetric: bool) -> QuantScheme:
-    """--scheme with --group-size and --asymmetric (--symmetric, the default, changes nothing)."""
-    return resolve_scheme(scheme, group_size, False if asymmetric else None)
+def _scheme_from_options(scheme: str, group_size: int | None, asymmetric: bool | None) -> QuantScheme:
+    """--scheme with --group-size and --asymmetric / --symmetric (neither: the scheme's own)."""
+    return resolve_scheme(scheme, group_size, None if asymmetric is None else not asymmetric)
 
 
 def _tensor_format_option(option: str, formats: dict[str, TensorQuant]) -> Callable[[str], TensorQuant | None]:
@@ -130,7 +131,7 @@ class Option:
         """The help, with the default and bounds as click shows them for other commands."""
         extra = []
         if self.default is not None:
-            shown = (self.flag if self.default else f"--{self.off}") if self.type is bool else self.default
+            shown = ("on" if self.default else "off") if self.type is bool else self.default
             extra.append(f"default: {shown}")
         if self.low is not None and self.high is not None:
             extra.append(f"{self.low}<=x<={self.high}")
@@ -178,7 +179,8 @@ class QuantRecipe:                                     # how we get there
                "(static scales; emulated on CPU). Required unless the profile sets it."),
         Option("group_size", int, f"w4a16 / w4a8 group size (default {W4A16.weight.group_size} / "
                f"{W4A8.weight.group_size}, the scheme's)."),
-        Option("asymmetric", bool, "w4a16 / w4a8 with zero points.", default=False, off="symmetric"),
+        Option("asymmetric", bool, "int4 weights with a zero point fitted to each group's range (w4a16's default) "
+               "or --symmetric around 0 (w4a8's default, as llama.cpp's Q4_0).", off="symmetric"),
         build=_scheme_from_options)
     algorithm: Literal["rtn", "gptq", "awq", "smoothquant"] = recipe_field(
         Option("algo", str, "rtn (round to nearest); gptq (Hessian-guided error compensation) or awq "
@@ -209,9 +211,10 @@ class QuantRecipe:                                     # how we get there
         Option("alpha", float, "SmoothQuant migration strength.", default=0.5, low=0, high=1))
     awq_clip: bool = recipe_field(
         Option("awq_clip", bool, "AWQ: also search each group's clipping range.", default=True, off="no-awq-clip"))
-    weight_observer: str = recipe_field(
-        Option("observer", str, "The range weight scales cover: minmax (all of it), mse (the shrunk range with the "
-               "least squared error) or percentile; for rtn, gptq and smoothquant.", default="minmax"))
+    weight_observer: str | None = recipe_field(
+        Option("observer", str, "The range weight scales cover: mse (the range, shrunk, with the least squared "
+               "error; the default), minmax (all of it) or percentile; for rtn, gptq and smoothquant (awq searches "
+               "its own)."))
     act_observer: str = recipe_field(
         Option("act_observer", str, "The same for calibrated scales: fp8 inputs and the KV cache (minmax, "
                "percentile or mse).", default="minmax"))
@@ -262,6 +265,8 @@ class QuantRecipe:                                     # how we get there
         """The recipe `to_dict` wrote. A key it did not write, a value of the wrong type, an unknown
         scheme or a value out of bounds is a ModelFormatError naming the key; a key left out takes
         the field's default (recipes written before the option existed), but for `scheme`."""
+        if isinstance(d, dict) and "weight_observer" not in d:
+            d = {**d, "weight_observer": "minmax"}        # written before observers: it used minmax
         recipe = _read(cls, d, "")
         if recipe.scheme.name not in SCHEMES:
             raise ModelFormatError(f"quantization recipe: scheme.name is {short_repr(recipe.scheme.name)}, not one "

@@ -93,7 +93,7 @@ class LayerWork:
 
     @property
     def weight_observer(self) -> Observer | None:
-        return None if self.recipe is None else Observer(self.recipe.weight_observer, self.recipe.percentile)
+        return None if self.recipe is None else Observer(self.recipe.weight_observer or "minmax", self.recipe.percentile)
 
     @property
     def act_observer(self) -> Observer:
@@ -251,6 +251,8 @@ def check_recipe(recipe: QuantRecipe) -> AlgorithmSpec:
     if recipe.kv_cache is not None and recipe.kv_cache.dtype not in ("int8", "fp8_e4m3"):
         raise OptionError("kv_cache", f"the KV cache can be int8 or fp8, not {recipe.kv_cache.dtype}")
     for option, name in (("observer", recipe.weight_observer), ("act_observer", recipe.act_observer)):
+        if name is None:                                       # the algorithm's default
+            continue
         try:
             Observer(name, recipe.percentile)                  # raises on an unknown name or percentile
         except OptionError as e:
@@ -263,10 +265,21 @@ def check_recipe(recipe: QuantRecipe) -> AlgorithmSpec:
         for option, value in (("head", recipe.head), ("embeddings", recipe.embeddings)):
             if value is not None:
                 raise OptionError(option, f"is chosen by --{target.replace('_', '-')}; drop one of them")
-    if recipe.weight_observer != "minmax" and not spec.observes_weights:
+    if recipe.weight_observer not in (None, "minmax") and not spec.observes_weights:
         raise OptionError("observer", f"algorithm {algo!r} chooses its own weight ranges; drop --observer "
                           f"{recipe.weight_observer}", hint="awq searches each group's clipping (--awq-clip)")
     return spec
+
+
+DEFAULT_WEIGHT_OBSERVER = "mse"     # never a larger weight error than minmax; the lower KL on both golden models
+
+
+def with_defaults(recipe: QuantRecipe) -> QuantRecipe:
+    """The recipe as carried out: a weight observer left unset is the default one where the
+    algorithm observes weights (awq searches its own ranges)."""
+    if recipe.weight_observer is None and ALGORITHMS[recipe.algorithm].observes_weights:
+        return replace(recipe, weight_observer=DEFAULT_WEIGHT_OBSERVER)
+    return recipe
 
 
 def calibrates(recipe: QuantRecipe) -> bool:
@@ -302,7 +315,7 @@ def applicable_options(recipe: QuantRecipe) -> set[str]:
         used.add("awq_clip")
     if spec.observes_weights:
         used.add("observer")
-        if recipe.weight_observer == "mse" and recipe.algorithm in ("rtn", "gptq"):
+        if recipe.weight_observer in (None, "mse") and recipe.algorithm in ("rtn", "gptq"):
             used.add("imatrix")
     act = recipe.scheme.activation
     if recipe.kv_cache is not None or (act is not None and act.granularity == "tensor"):

@@ -1,6 +1,7 @@
-"""Sensitivity: what quantizing each part of a model in each candidate format costs, as the mean KL
-divergence (nats per token) of the model's next-token distribution from the float model's, with
-only that part quantized, on calibration text.
+"""Sensitivity tables: what quantizing each part of a model in each candidate format costs, as the
+mean KL divergence (nats per token) of the model's next-token distribution from the float model's,
+with only that part quantized, on calibration text. The types and the candidates; the measuring
+is `llmc.mixed_precision.measure`.
 
 The parts ("units") are the groups of decoder linears that read one input (q/k/v, gate/up, o,
 down: one format each, so the fused kernels stay one matmul), the LM head and the embedding table
@@ -12,30 +13,15 @@ caused it. The head and the embeddings are measured in every format (cheap: the 
 the final norm and logits; the table is one probe per format). `llmc.passes.quant.allocation`
 chooses formats from the table under a size budget.
 
-Walks the model as calibration does (`llmc.calibration.LayerRunner`, one layer at a time on the
-cpu kernels): one float pass keeps every layer's input states, then each probe reruns from its
-layer to the logits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-import torch
-from torch import Tensor
-
-from llmc.calibration import LayerRunner, layer_nodes
-from llmc.decoder import EMBED, LM_HEAD
-from llmc.ir import Graph
-from llmc.kernels.reference.dequant import dequantize
-from llmc.passes.quant.algorithms import InputStats
-from llmc.passes.quant.observers import Observer
-from llmc.quantized.formats import TensorQuant, quantize
+from llmc.quantized.formats import TensorQuant
 from llmc.quantized.scheme import EMBEDDING_FORMATS, HEAD_FORMATS
 from llmc.quantized.store import QuantizedEntry
-
-SENSITIVITY_SAMPLES = 8               # calibration samples the probes run on (the first ones)
-
 
 def _int4(group_size: int, symmetric: bool) -> TensorQuant:
     return TensorQuant(dtype="int4", granularity="group", group_size=group_size, symmetric=symmetric)
@@ -115,29 +101,6 @@ def stored_bytes(fmt: TensorQuant | None, shape: tuple[int, int], float_itemsize
     return QuantizedEntry(fmt, shape).nbytes()
 
 
-def _unit_name(weights: list[str]) -> str:
-    first = weights[0].removesuffix(".weight")
-    if len(weights) == 1:
-        return first
-    prefix = first.rsplit(".", 1)[0]
-    return prefix + "." + "+".join(w.removesuffix(".weight").rsplit(".", 1)[1] for w in weights)
-
-
-def linear_units(graph: Graph, num_layers: int, shape_of: Callable[[str], tuple[int, ...]],
-                 targets: set[str]) -> list[Unit]:
-    """Per decoder layer, the target linears grouped by the input they read, in graph order."""
-    units = []
-    for i in range(num_layers):
-        by_input: dict[str, list[str]] = {}
-        for n in layer_nodes(graph, i):
-            if n.op == "linear" and n.inputs[1] in targets:
-                by_input.setdefault(n.inputs[0], []).append(n.inputs[1])
-        for names in by_input.values():
-            units.append(Unit(_unit_name(names), "linear", tuple(names),
-                              tuple(tuple(shape_of(n)) for n in names), i))
-    return units
-
-
 def candidates(unit: Unit, formats: tuple[TensorQuant, ...] = LINEAR_FORMATS) -> list[TensorQuant | None]:
     """A unit's candidate formats: for linears `formats`, without repeats (a group as wide as the
     input or wider is one group per row, whatever its nominal size); the head: float, int8 or int4;
@@ -156,169 +119,3 @@ def candidates(unit: Unit, formats: tuple[TensorQuant, ...] = LINEAR_FORMATS) ->
     return out
 
 
-def _kl(ref: list[Tensor], logits: list[Tensor]) -> float:
-    """Sum over tokens of KL(ref || q), both given as log-probabilities per chunk [T, V]."""
-    total = 0.0
-    for p, q in zip(ref, logits):
-        total += float((p.exp() * (p - q)).sum())
-    return total
-
-
-class _Model:
-    """The float model, layer by layer, on a fixed set of token samples."""
-
-    def __init__(self, arch, graph: Graph, get: Callable[[str], Tensor], samples: list[list[int]]) -> None:
-        self.arch, self.graph, self.get = arch, graph, get
-        self.runner = LayerRunner(arch, graph, samples)
-        self.fp: dict[str, Tensor] = {}
-        final = next(n for n in graph.nodes if n.op == "rms_norm" and n.inputs[0] == f"h{arch.num_layers}")
-        logits = next(n for n in graph.nodes if n.op == "logits")
-        self.head_name = logits.inputs[1]
-        self.tail = Graph(nodes=(final, logits), outputs=("logits",), inputs=(f"h{arch.num_layers}",))
-
-    def weight(self, name: str) -> Tensor:
-        if name not in self.fp:
-            self.fp[name] = self.get(name).float()
-        return self.fp[name]
-
-    def layer(self, i: int, hidden: list[Tensor], override: dict[str, Tensor] | None = None,
-              capture: tuple[str, ...] = ()):
-        load = (lambda n: override[n] if n in override else self.weight(n)) if override else self.weight
-        return self.runner.run(i, hidden, load, capture)
-
-    def rest(self, start: int, hidden: list[Tensor], override: dict[str, Tensor] | None = None) -> list[Tensor]:
-        """Log-probabilities of every token, from the states entering layer `start`."""
-        for i in range(start, self.arch.num_layers):
-            hidden = [h for h, _ in self.layer(i, hidden, override)]
-        return self.logprobs(hidden, override)
-
-    def logprobs(self, hidden: list[Tensor], override: dict[str, Tensor] | None = None) -> list[Tensor]:
-        from llmc.runtime.executor import Executor
-        from llmc.calibration import CALIBRATION_KERNELS
-        load = (lambda n: override[n] if n in override else self.weight(n)) if override else self.weight
-        ex = Executor(self.tail, load, kernels=CALIBRATION_KERNELS,
-                      input_shapes={f"h{self.arch.num_layers}": ("T", self.arch.hidden_size)})
-        out = []
-        for chunk, h in zip(self.runner.chunks, hidden):
-            batch, kv = self.runner._batch(chunk)
-            batch.all_logits = True
-            logits = ex.run(batch, kv, inputs={f"h{self.arch.num_layers}": h})["logits"]
-            out.append(torch.log_softmax(logits.float(), dim=-1))
-        return out
-
-
-def measure(arch, graph: Graph, get: Callable[[str], Tensor], dtype_bytes: Callable[[str], int],
-            samples: list[list[int]], targets: set[str], observer: Observer | None = None,
-            formats: tuple[TensorQuant, ...] = LINEAR_FORMATS, head: bool = True, embeddings: bool = True,
-            on_progress: Callable[[str, int, int], None] | None = None) -> Sensitivity:
-    """The sensitivity table of a model (`get`: its float weights by name; `dtype_bytes`: a
-    weight's bytes per element as stored) on token `samples`: the decoder linears in `targets`,
-    and the head and embedding table when asked."""
-    model = _Model(arch, graph, get, samples)
-    tokens = sum(map(len, samples))
-    L = arch.num_layers
-    units = linear_units(graph, L, lambda n: tuple(get(n).shape), targets)
-    tied = model.head_name == EMBED
-    if embeddings or head:
-        shape = tuple(get(EMBED).shape)
-        if tied:
-            if embeddings and head:
-                units.append(Unit("model.embed_tokens+lm_head", "embeddings+head", (EMBED,), (shape,)))
-        else:
-            if embeddings:
-                units.append(Unit("model.embed_tokens", "embeddings", (EMBED,), (shape,)))
-            if head:
-                units.append(Unit("lm_head", "head", (LM_HEAD,), (tuple(get(LM_HEAD).shape),)))
-
-    def q(w: Tensor, fmt: TensorQuant, name: str) -> Tensor:
-        return dequantize(quantize(w, fmt, name, observer))
-
-    steps = sum(1 for u in units if u.kind == "linear") + sum(len(candidates(u)) - 1 for u in units
-                                                                 if u.kind != "linear") + L
-    done = 0
-
-    def tick(what: str) -> None:
-        nonlocal done
-        done += 1
-        if on_progress is not None:
-            on_progress(what, done, steps)
-
-    # 1. the float pass: each layer's input states, and each linear unit's output error per format
-    hidden = [model.runner.embed(model.weight(EMBED))]
-    errors: dict[str, dict[int, float]] = {}
-    by_layer = {i: [u for u in units if u.layer == i] for i in range(L)}
-    for i in range(L):
-        inputs = {}
-        for u in by_layer[i]:
-            x = next(n.inputs[0] for n in layer_nodes(graph, i) if n.op == "linear" and n.inputs[1] == u.weights[0])
-            inputs[u.name] = x
-        stats = {x: InputStats.new(model.weight(u.weights[0]).shape[1], True)
-                 for u in by_layer[i] for x in [inputs[u.name]]}
-        out = []
-        for h, caps in model.layer(i, hidden[i], capture=tuple(stats)):
-            out.append(h)
-            for x in stats:
-                stats[x].add(caps[x])
-        hidden.append(out)
-        for u in by_layer[i]:
-            H = stats[inputs[u.name]].hessian
-            errors[u.name] = {}
-            for j, f in enumerate(candidates(u, formats)):
-                e = 0.0
-                for name in u.weights:
-                    w = model.weight(name)
-                    d = w - q(w, f, name)
-                    e += float(((d @ H) * d).sum())
-                errors[u.name][j] = e / tokens
-        del stats
-        tick(f"layer {i}")
-    ref = model.logprobs(hidden[L])
-
-    # 2. the probes
-    choices: dict[str, tuple[Choice, ...]] = {}
-    float_bytes: dict[str, int] = {}
-    for u in units:
-        fmts = candidates(u, formats)
-        itemsize = dtype_bytes(u.weights[0])
-        float_bytes[u.name] = sum(stored_bytes(None, s, itemsize) for s in u.shapes)
-        sizes = [sum(stored_bytes(f, s, itemsize) for s in u.shapes) for f in fmts]
-        if u.kind == "linear":
-            probe = min(range(len(fmts)), key=lambda j: (sizes[j], -errors[u.name][j]))
-            override = {n: q(model.weight(n), fmts[probe], n) for n in u.weights}
-            kl_probe = _kl(ref, model.rest(u.layer, hidden[u.layer], override)) / tokens
-            e0 = errors[u.name][probe]
-            row = []
-            for j, f in enumerate(fmts):
-                kl = kl_probe if j == probe else (kl_probe * errors[u.name][j] / e0 if e0 > 0 else 0.0)
-                row.append(Choice(f, sizes[j], max(kl, 0.0), j == probe, errors[u.name][j]))
-            tick(u.name)
-        else:
-            row = []
-            for f, size in zip(fmts, sizes):
-                if f is None:
-                    row.append(Choice(None, size, 0.0, True))
-                    continue
-                table = q(model.weight(u.weights[0]), f, u.weights[0])
-                if u.kind == "head":
-                    logp = model.logprobs(hidden[L], {LM_HEAD: table})
-                else:                           # the table looked up; tied: the head reads it too
-                    logp = model.rest(0, model.runner.embed(table), {EMBED: table} if tied else None)
-                row.append(Choice(f, size, max(_kl(ref, logp) / tokens, 0.0), True))
-                tick(f"{u.name} {format_label(f)}")
-        choices[u.name] = tuple(sorted(row, key=lambda c: (c.nbytes, c.kl)))
-    return Sensitivity(tuple(units), choices, tokens, float_bytes)
-
-
-def probe_kl(arch, graph: Graph, get: Callable[[str], Tensor], samples: list[list[int]],
-             replaced: dict[str, Tensor]) -> float:
-    """The mean KL (nats per token) of the model with the weights in `replaced` (float values, e.g.
-    dequantized) from the float model on `samples`: what the sensitivity table predicts."""
-    model = _Model(arch, graph, get, samples)
-    hidden = model.runner.embed(model.weight(EMBED))
-    ref = model.rest(0, hidden)
-    start = model.runner.embed(replaced.get(EMBED, model.weight(EMBED)))
-    return _kl(ref, model.rest(0, start, replaced)) / sum(map(len, samples))
-
-
-__all__ = ["LINEAR_FORMATS", "SENSITIVITY_SAMPLES", "Choice", "Sensitivity", "Unit", "candidates", "format_label",
-           "linear_units", "measure", "probe_kl", "stored_bytes"]

@@ -89,8 +89,10 @@ def test_quantized_weights_stay_quantized_and_match_the_reference(tmp_path, name
     scheme, overrides = QUANT[name]
     path, _ = make_checkpoint(tmp_path / "hf", "llama", seed=7, num_attention_heads=8, num_key_value_heads=2)
     out = tmp_path / name
+    # minmax weights: with inputs quantized at run time (w4a8, fp8) ORT's rounding and the reference's
+    # agree within ATOL only away from ties, which the mse default's weights meet on this model
     quantize_checkpoint(path, out, QuantRecipe(scheme=resolve_scheme(scheme, **overrides), calib_samples=8,
-                                               calib_seqlen=64))        # fp8's static input scales
+                                               calib_seqlen=64, weight_observer="minmax"))   # fp8: static inputs
     model = load_model(out)
     proto = lower_to_onnx(model)
     onnx.checker.check_model(proto, full_check=True)

@@ -51,10 +51,11 @@ def test_int4_sym_group_with_partial_last_group():
 
 
 def test_int4_asym_exact():
-    w = torch.tensor([[0.0, 1.875, 3.75, 0.375]])                           # min 0 -> zero 0
+    w = torch.tensor([[0.0, 1.875, 3.5, 0.375]])      # min 0 would be zero 0: zero 1, scale max / 14
     q = quantize(w, INT4A)
-    assert q.zero.tolist() == [[0]] and q.scale.item() == 0.25
-    assert unpack_int4(q.data, 4).tolist() == [[0, 8, 15, 2]]               # 7.5 -> 8 (even), 1.5 -> 2
+    assert q.zero.tolist() == [[1]] and q.scale.item() == 0.25
+    assert unpack_int4(q.data, 4).tolist() == [[1, 9, 15, 3]]               # 7.5 -> 8 (even), 1.5 -> 2; + 1
+    assert dequantize(q).tolist()[0] == [0.0, 2.0, 3.5, 0.5]
     w2 = torch.tensor([[-1.875, 0.0, 1.875, 0.625]])
     q2 = quantize(w2, INT4A)
     assert q2.zero.item() == 8 and q2.scale.item() == 0.25                  # round(7.5) = 8

@@ -108,7 +108,8 @@ def ckpts(tmp_path_factory):
                 v[:, 0::8] = -(v[:, 0::8].abs() + 0.01)
         save_file(t, str(f), metadata={"format": "pt"})
     c = {"hf": hf}
-    for name, r in (("sym", recipe("w4a16", group_size=32)), ("asym", recipe("w4a16", group_size=32, symmetric=False)),
+    for name, r in (("sym", recipe("w4a16", group_size=32, symmetric=True)),
+                    ("asym", recipe("w4a16", group_size=32, symmetric=False)),
                     ("int8", recipe("w8a16"))):
         quantize_checkpoint(hf, root / name, r)
         c[name] = root / name
@@ -243,7 +244,7 @@ def test_dtypes_shapes_and_config(ckpts):
 
 
 def test_zero_point_convention(ckpts, tmp_path):
-    """4. qzeros hold zero - 1; an asymmetric zero of 0 is refused by name."""
+    """4. qzeros hold zero - 1; llmc never makes a zero point 0, and one is refused by name."""
     sym = tensors_of(ckpts["sym-gptq"])                 # llmc's symmetric int4: zero 7 or 8 (Q4_0's grid)
     nibbles = {(int(word) >> (4 * j)) & 0xF for word in sym["model.layers.0.self_attn.q_proj.qzeros"].flatten()
                for j in range(8)}
@@ -256,19 +257,33 @@ def test_zero_point_convention(ckpts, tmp_path):
     assert (word >> (4 * (13 % 8))) & 0xF == z - 1
     assert 1 <= z <= 15
 
-    # make layer 1's o_proj non-negative: every one of its groups gets zero point 0
+    # layer 1's o_proj non-negative: llmc's asymmetric grid gives such groups zero point 1 (over
+    # [-max / 14, max]), never 0, so the layout holds them and they read back as they were
     hf = tmp_path / "hf"
     shutil.copytree(ckpts["hf"], hf)
+    o1 = "model.layers.1.self_attn.o_proj.weight"
     for f in hf.glob("*.safetensors"):
         d = load_file(f)
-        if "model.layers.1.self_attn.o_proj.weight" in d:
-            d["model.layers.1.self_attn.o_proj.weight"] = d["model.layers.1.self_attn.o_proj.weight"].abs()
+        if o1 in d:
+            d[o1] = d[o1].abs()
             save_file(d, str(f), metadata={"format": "pt"})
     quantize_checkpoint(hf, tmp_path / "q", recipe("w4a16", group_size=32, symmetric=False))
+    w = llmc_weights(tmp_path / "q")[o1]
+    assert bool((w.zero == 1).all())
+    export_gptq(tmp_path / "q", tmp_path / "out")
+    assert torch.equal(gptq_dequantize(tensors_of(tmp_path / "out"), o1.removesuffix(".weight"), 4), dequantize(w))
+
+    # a zero point 0 (a version-1 checkpoint could hold one) is refused by name
+    v1 = as_format_v1(tmp_path / "q", tmp_path / "v1")
+    for f in v1.glob("*.safetensors"):
+        d = load_file(f)
+        if f"{o1}.zero" in d:
+            d[f"{o1}.zero"] = torch.zeros_like(d[f"{o1}.zero"])
+            save_file(d, str(f), metadata={"format": "pt"})
     with pytest.raises(GptqExportError, match=r"zero point 0.*model\.layers\.1\.self_attn\.o_proj.*symmetric") as e:
-        export_gptq(tmp_path / "q", tmp_path / "out", round_scales=True)
+        export_gptq(v1, tmp_path / "out2")
     assert "model.layers.0" not in str(e.value)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out2").exists()
 
 
 def test_golden_model_down_proj_refused(tmp_path):

@@ -20,7 +20,8 @@ from llmc.gptq_format import GptqExportError, export_gptq
 from llmc.kernels.reference.dequant import dequantize
 from llmc.loader import load_model
 from llmc.passes.quant.allocation import allocate
-from llmc.passes.quant.sensitivity import Choice, Sensitivity, Unit, format_label, measure, probe_kl
+from llmc.mixed_precision import measure, probe_kl
+from llmc.passes.quant.sensitivity import Choice, Sensitivity, Unit, format_label
 from llmc.quantized.formats import QuantizedWeight, TensorQuant, quantize as quantize_weight
 from llmc.quantized.scheme import recipe_from_options
 from llmc.quantizer import quantize

@@ -106,7 +106,7 @@ def test_observers_reach_the_checkpoint(tmp_path):
                         kv_cache=TensorQuant(dtype="int8"), **kw)
         res = quantize_checkpoint(STORIES, tmp_path / name, r)
         return res, _shards(tmp_path / name), json.loads((tmp_path / name / "config.json").read_text())
-    base, base_t, _ = run("minmax")
+    base, base_t, _ = run("minmax", weight_observer="minmax")
     obs, obs_t, cfg = run("observed", weight_observer="mse", act_observer="percentile", percentile=99.0)
     recipe = cfg["quantization_config"]["recipe"]
     assert (recipe["weight_observer"], recipe["act_observer"], recipe["percentile"]) == ("mse", "percentile", 99.0)
@@ -125,7 +125,7 @@ def test_cli_observer_flags(tmp_path, capsys):
     main(["quantize", str(STORIES), "-o", str(out), "--scheme", "fp8", "--act-observer", "mse",
           "--calib-samples", "4", "--calib-seqlen", "64", "--json"])
     r = json.loads(capsys.readouterr().out)
-    assert r["recipe"]["act_observer"] == "mse" and r["recipe"]["weight_observer"] == "minmax"
+    assert r["recipe"]["act_observer"] == "mse" and r["recipe"]["weight_observer"] == "mse"      # the default
     with pytest.raises(SystemExit) as e:
         main(["quantize", str(STORIES), "-o", str(tmp_path / "x"), "--scheme", "w8a16", "--observer", "biggest"])
     assert e.value.code == 2

@@ -67,7 +67,7 @@ def test_checkpoint_engine_and_kernel_sets_agree(quantized, tmp_path):
     path, _ = quantized["w4a16"]
     engine = tmp_path / "e"
     compile(path, engine)
-    assert inspect(engine).quantization == "w4a16 rtn (int4/group, g32)"
+    assert inspect(engine).quantization == "w4a16 rtn (int4/group, g32 asym)"
     ids = [1, 403, 407, 261, 378, 432, 383]
     a, b = load_model(path), load_model(engine)
     for kernels in ("cpu", "reference"):
