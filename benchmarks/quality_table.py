@@ -44,11 +44,13 @@ MODELS = {  # name: (directory, evaluation text, group size that is meaningful f
 
 
 def recipes(group: int, samples: int, seqlen: int) -> dict[str, QuantRecipe | None]:
-    def r(scheme, algo="rtn", kv=None, weight_observer="minmax", head=None, embeddings=None, **kw):
+    def r(scheme, algo="rtn", kv=None, weight_observer=None, head=None, embeddings=None, imatrix=False,
+          target_bpw=None, **kw):
         return QuantRecipe(scheme=resolve_scheme(scheme, **kw), algorithm=algo, calib_samples=samples,
                            calib_seqlen=seqlen, kv_cache=TensorQuant(dtype=kv) if kv else None,
                            weight_observer=weight_observer, head=HEAD_FORMATS[head] if head else None,
-                           embeddings=EMBEDDING_FORMATS[embeddings] if embeddings else None)
+                           embeddings=EMBEDDING_FORMATS[embeddings] if embeddings else None, imatrix=imatrix,
+                           target_bpw=target_bpw)
     return {
         "fp32": None,
         "w8a16 rtn": r("w8a16"),
@@ -56,8 +58,11 @@ def recipes(group: int, samples: int, seqlen: int) -> dict[str, QuantRecipe | No
         f"w4a16 rtn g{group}": r("w4a16", group_size=group),
         f"w4a16 gptq g{group}": r("w4a16", "gptq", group_size=group),
         f"w4a16 awq g{group}": r("w4a16", "awq", group_size=group),
-        f"w4a16 rtn g{group}, mse observer": r("w4a16", group_size=group, weight_observer="mse"),
-        f"w4a16 gptq g{group}, mse observer": r("w4a16", "gptq", group_size=group, weight_observer="mse"),
+        f"w4a16 gptq g{group}, symmetric, minmax": r("w4a16", "gptq", group_size=group, symmetric=True,
+                                                      weight_observer="minmax"),          # the old defaults
+        f"w4a16 rtn g{group}, imatrix": r("w4a16", group_size=group, imatrix=True),
+        "w4a16 gptq --target-bpw 5.25 (int4-auto)": r("w4a16", "gptq", target_bpw=5.25),
+        "w4a16 gptq --target-bpw 6": r("w4a16", "gptq", target_bpw=6.0),
         f"w4a8 rtn g{group}": r("w4a8", group_size=group),
         f"w4a8 gptq g{group}": r("w4a8", "gptq", group_size=group),
         f"w4a8 awq g{group}": r("w4a8", "awq", group_size=group),

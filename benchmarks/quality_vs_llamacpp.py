@@ -55,10 +55,10 @@ LLAMA_TYPES = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q8_0")
 # label -> llmc quantize options (recipe_from_options keywords); targets at llama.cpp's sizes are added per model
 RECIPES: dict[str, dict[str, Any]] = {
     "w8a16 gptq": {"scheme": "w8a16", "algo": "gptq"},
-    "w4a16 g32 gptq": {"scheme": "w4a16", "algo": "gptq", "group_size": 32},
-    "w4a16 g32 gptq asym mse": {"scheme": "w4a16", "algo": "gptq", "group_size": 32, "asymmetric": True,
-                                "observer": "mse"},
-    "w4a16 gptq --target-bpw 5": {"scheme": "w4a16", "algo": "gptq", "observer": "mse", "target_bpw": 5.0},
+    "w4a16 g32 gptq --symmetric --observer minmax": {"scheme": "w4a16", "algo": "gptq", "group_size": 32,
+                                                     "asymmetric": False, "observer": "minmax"},   # the old defaults
+    "w4a16 g32 gptq": {"scheme": "w4a16", "algo": "gptq", "group_size": 32},                      # asymmetric, mse
+    "--profile int4-auto (--target-bpw 5.25)": {"scheme": "w4a16", "algo": "gptq", "target_bpw": 5.25},
 }
 CALIB = {"calib_samples": 64, "calib_seqlen": 256}
 
@@ -149,9 +149,6 @@ def tensor_bytes(gguf: Path) -> int:
     return int(run([peers_python(), "-c", code, gguf]).stdout.strip())
 
 
-FLOAT = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
-
-
 def llama_perplexity(bin_dir: Path, gguf: Path, text: Path, ctx: int, base: Path, make_base: bool) -> dict:
     args = [bin_dir / "llama-perplexity", "-m", gguf, "-f", text, "-c", str(ctx), "-b", str(ctx), "-t", "2",
             "--no-repack",                    # its repacked Q4_0 crashes on these small shapes (segfault)
@@ -161,21 +158,29 @@ def llama_perplexity(bin_dir: Path, gguf: Path, text: Path, ctx: int, base: Path
     log_file = base.with_name(f"{gguf.stem}-{text.stem}.log")    # its log through a pipe loses the last lines
     log_file.unlink(missing_ok=True)
     out = run([*args, "--log-file", log_file], timeout=3600)
-    want = "Final estimate" if make_base else "Same top p:"        # the last line it writes
-    for _ in range(50):                       # its logger thread may still be writing the file
+    # its closing statistics can be lost at exit (an asynchronous logger), so read the running
+    # values after the last chunk, which are the final ones
+    for _ in range(50):
         log_text = log_file.read_text() + out.stdout
-        if want in log_text:
+        rows = ROW.findall(log_text) if not make_base else PROGRESS.findall(log_text)
+        if rows:
             break
         time.sleep(0.2)
-    chunks = int(re.search(r"(?:calculating perplexity|computing) over (\d+) chunks", log_text).group(1))
-    if make_base:
-        ppl = float(re.search(r"Final estimate: PPL = " + FLOAT, log_text).group(1))
-        return {"chunks": chunks, "ppl": ppl}
+    if not rows:
+        raise RuntimeError(f"no results in llama-perplexity's log {log_file}")
+    if make_base:                                    # [1]3.8165,[2]3.7361,...: the running perplexity
+        chunk, ppl = rows[-1]
+        return {"chunks": int(chunk), "ppl": float(ppl)}
+    chunk, ppl, ln_ratio, kld, same_top = rows[-1]
+    return {"chunks": int(chunk), "kld": float(kld), "top1": float(same_top) / 100, "ppl": float(ppl),
+            "ppl_base": float(ppl) / math.exp(float(ln_ratio))}
 
-    def field(name: str) -> float:
-        return float(re.search(re.escape(name) + r"\s*:\s*" + FLOAT, log_text).group(1))
-    return {"chunks": chunks, "kld": field("Mean    KLD"), "top1": field("Same top p") / 100,
-            "ppl": field("Mean PPL(Q)"), "ppl_base": field("Mean PPL(base)")}
+
+PM = r"\s*±\s*[0-9.]+"
+# chunk, PPL(Q), ln(PPL(Q)/PPL(base)), KLD, delta-p RMS (%), same top (%), each with its +-
+ROW = re.compile(r"^\s*(\d+)\s+([0-9.]+)" + PM + r"\s+([-0-9.]+)" + PM + r"\s+([0-9.]+)" + PM + r"\s+[0-9.]+" + PM
+                 + r"\s*%\s+([0-9.]+)" + PM + r"\s*%", re.M)
+PROGRESS = re.compile(r"\[(\d+)\]([0-9.]+)")
 
 
 def llmc_side(model: str, text: Path, ctx: int, work: Path, label: str, options: dict) -> dict:
@@ -213,14 +218,15 @@ def measure(model: str, text_name: str, text: Path, args, bin_dir: Path) -> list
             gguf = llama_quantize(bin_dir, work, model, f32, qtype, im)
             r = llama_perplexity(bin_dir, gguf, text, args.ctx, base, make_base=False)
             rows.append({"tool": "llama.cpp", "recipe": qtype + (" imatrix" if im else ""), "kld": r["kld"],
-                         "top1": r["top1"], "ppl_ratio": r["ppl"] / r["ppl_base"], "bytes": gguf.stat().st_size,
+                         # against the F32 run's perplexity: the base logits llama-perplexity saves are
+                         # compressed, and its own ratio inherits their error (up to 8% on WikiText)
+                         "top1": r["top1"], "ppl_ratio": r["ppl"] / b["ppl"], "bytes": gguf.stat().st_size,
                          "tensor_bytes": tensor_bytes(gguf), "ppl_base": r["ppl_base"], "chunks": r["chunks"]})
             log(f"{model} {text_name} {rows[-1]['recipe']}: KLD {r['kld']:.5f}")
     recipes = dict(RECIPES)
     for qtype in ("Q4_0", "Q4_K_M"):       # llmc's tensors within llama.cpp's tensors' bytes
         limit = next(r["tensor_bytes"] for r in rows if r["recipe"] == qtype)
-        recipes[f"w4a16 gptq --target-size {qtype}"] = {"scheme": "w4a16", "algo": "gptq", "observer": "mse",
-                                                        "target_size": limit}
+        recipes[f"w4a16 gptq --target-size {qtype}"] = {"scheme": "w4a16", "algo": "gptq", "target_size": limit}
     for label, options in recipes.items():
         rows.append(llmc_side(model, text, args.ctx, work, label, options))
         log(f"{model} {text_name} llmc {label}: KLD {rows[-1]['kld']:.5f}, {rows[-1]['bytes']:,} bytes")

@@ -45,7 +45,7 @@ def check_model_fits(recipe: QuantRecipe, arch, shapes: dict[str, tuple[int, ...
         raise OptionError("calib_seqlen", f"{recipe.calib_seqlen} tokens is longer than the model's context "
                           f"({arch.max_position_embeddings}, max_position_embeddings)",
                           hint=f"use --calib-seqlen {arch.max_position_embeddings} or less")
-    g = recipe.scheme.weight.group_size
+    g = None if recipe.mixed else recipe.scheme.weight.group_size        # a target chooses the groups
     widest = max((s[1] for s in shapes.values() if len(s) == 2), default=0)
     if g is not None and g > widest:
         raise OptionError("group_size", f"{g} is wider than every linear input of the model (the widest is "
