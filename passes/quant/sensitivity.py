@@ -1,18 +1,11 @@
 """Sensitivity tables: what quantizing each part of a model in each candidate format costs, as the
 mean KL divergence (nats per token) of the model's next-token distribution from the float model's,
-with only that part quantized, on calibration text. The types and the candidates; the measuring
-is `llmc.mixed_precision.measure`.
+with only that part quantized. The parts ("units") are the groups of decoder linears that read one
+input (q/k/v, gate/up, o, down: one format each, so the fused kernels stay one matmul), the LM head
+and the embedding table (one unit when they are tied).
 
-The parts ("units") are the groups of decoder linears that read one input (q/k/v, gate/up, o,
-down: one format each, so the fused kernels stay one matmul), the LM head and the embedding table
-(one unit when they are tied). For a linear unit the KL is measured once, in its cheapest candidate
-format, and scaled to the other formats by their Hessian-weighted output error on the same tokens,
-sum over its weights of tr(dW H dW^T) with H = sum of x x^T of its input: the error the unit adds
-to its output, which the rest of the model carries to the logits the same way whatever format
-caused it. The head and the embeddings are measured in every format (cheap: the head runs only
-the final norm and logits; the table is one probe per format). `llmc.passes.quant.allocation`
-chooses formats from the table under a size budget.
-
+This module holds the table's types and each unit's candidate formats; `llmc.mixed_precision`
+measures a table, and `llmc.passes.quant.allocation` chooses formats from it under a budget.
 """
 from __future__ import annotations
 
@@ -22,6 +15,7 @@ from typing import Any
 from llmc.quantized.formats import TensorQuant
 from llmc.quantized.scheme import EMBEDDING_FORMATS, HEAD_FORMATS
 from llmc.quantized.store import QuantizedEntry
+
 
 def _int4(group_size: int, symmetric: bool) -> TensorQuant:
     return TensorQuant(dtype="int4", granularity="group", group_size=group_size, symmetric=symmetric)
