@@ -43,8 +43,8 @@ TEXT = ROOT / "golden" / "tinystories_valid_head.txt"
 def recipe_options(profile: str, group_size: int | None, samples: int, seqlen: int) -> dict:
     opts = load_profile(profile).section("quantize")
     opts.update(calib_samples=samples, calib_seqlen=seqlen)
-    if group_size is not None and opts.get("scheme") in ("w4a16", "w4a8"):
-        opts["group_size"] = group_size
+    if group_size is not None and opts.get("scheme") in ("w4a16", "w4a8") and opts.get("target_bpw") is None:
+        opts["group_size"] = group_size                          # a target chooses its own groups
     return opts
 
 
@@ -95,7 +95,9 @@ def measure_false_alarms(profile: str, reruns: int = 20, group_size: int = 32, c
                     + "  ".join(f"{v.metric} {v.verdict}" for v in verdicts if v.verdict != "unchanged")
                     + (f"  FALSE ALARM: {worst}" if worst else ""))
         degraded_opts = {**opts, "algo": "rtn", "calib_seed": 0}
-        if opts.get("scheme") in ("w4a16", "w4a8"):
+        if opts.get("target_bpw") is not None:                    # mixed precision: a smaller budget
+            degraded_opts["target_bpw"] = opts["target_bpw"] - 0.4
+        elif opts.get("scheme") in ("w4a16", "w4a8"):
             degraded_opts["group_size"] = 2 * group_size
         else:
             degraded_opts["scheme"] = "w4a16"                      # an 8-bit recipe degraded to 4 bits
