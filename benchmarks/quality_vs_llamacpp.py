@@ -73,7 +73,9 @@ def texts(work: Path, model: str, which: list[str]) -> dict[str, Path]:
             body = (ROOT / "golden" / "stdlib-llama" / "validation.txt").read_text(encoding="utf-8")
         else:
             body = (DATA / "eval" / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:150_000]
-        path.write_text(fold_spaces(model, body), encoding="utf-8")
+        # no space at either end: llama.cpp's tokenizer puts its own word start before the first
+        # word however the text begins, where stories260K's tokenizer strips leading spaces
+        path.write_text(fold_spaces(model, body).strip() + "\n", encoding="utf-8")
         out[name] = path
     return out
 
@@ -94,7 +96,8 @@ def same_ids(bin_dir: Path, model: str, f32: Path, text: Path) -> tuple[int, int
     import difflib
     from tokenizers import Tokenizer
     tool = ensure_tool(bin_dir, "llama-tokenize")
-    out = run([tool, "-m", f32, "-f", text, "--ids", "--log-disable"], timeout=3600).stdout
+    out = run([tool, "-m", f32, "-f", text, "--ids", "--log-disable", "--no-escape"],   # as llama-perplexity reads it
+              timeout=3600).stdout
     theirs = json.loads(out.strip().splitlines()[-1])
     bos = theirs[:1] if theirs and theirs[0] == Tokenizer.from_file(str(MODELS[model] / "tokenizer.json")).token_to_id("<s>") else []
     ours = bos + Tokenizer.from_file(str(MODELS[model] / "tokenizer.json")).encode(

@@ -75,13 +75,23 @@ def inspect(path: Path | str, model=None) -> InspectReport:
         target=(m.manifest or {}).get("target"), kernels=backend.get("kernels"), artifact=backend.get("artifact"),
         requires=backend.get("requires"), graph_nodes=len(m.graph.nodes),
         ops=dict(Counter(n.op for n in m.graph.nodes)),
-        quantization=_describe(m.quantization, root / (ENGINE_FILE if m.kind == "engine" else "config.json")),
+        quantization=_describe(m.quantization, root / (ENGINE_FILE if m.kind == "engine" else "config.json"),
+                               _formats(m, names)),
         recipe=(m.quantization or {}).get("recipe"),
     )
 
 
-def _describe(q: dict[str, Any] | None, where: Path) -> str | None:
-    """One line for the model's quantization recipe (QuantRecipe.from_dict checks it)."""
+def _formats(m, names) -> Counter:
+    """How many quantized weights the model holds in each format (float ones are not counted)."""
+    from llmc.passes.quant.sensitivity import format_label
+    fmt_of = getattr(m.weights, "quantized_format", None)
+    found = [fmt_of(n) for n in names] if fmt_of is not None else []
+    return Counter(format_label(f[0]) for f in found if f is not None)
+
+
+def _describe(q: dict[str, Any] | None, where: Path, counts: Counter | None = None) -> str | None:
+    """One line for the model's quantization recipe (QuantRecipe.from_dict checks it); `counts`, the
+    quantized weights per format, for a mixed-precision one."""
     if not q or "recipe" not in q:
         return None
     try:
@@ -89,6 +99,13 @@ def _describe(q: dict[str, Any] | None, where: Path) -> str | None:
     except LlmcError as e:
         raise ModelFormatError(f"{where}: {e.message}") from None
     w, act, kv = r.scheme.weight, r.scheme.activation, r.kv_cache
+    if r.mixed:                              # each weight its own format: say which, and how many
+        plan = q.get("mixed_precision") if isinstance(q.get("mixed_precision"), dict) else {}
+        bpw = plan.get("bits_per_weight")
+        formats = ", ".join(f"{label} x{n}" for label, n in (counts or Counter()).most_common())
+        kv_note = f"; KV cache {kv.dtype}" if kv else ""
+        return (f"{r.scheme.name} {r.algorithm}, mixed precision"
+                f"{f' at {bpw:g} bits per weight' if isinstance(bpw, (int, float)) else ''} ({formats}{kv_note})")
     group = f", g{w.group_size}" if w.group_size else ""
     sym = "" if w.symmetric else " asym"
     extra = f"; inputs {act.dtype}/{act.granularity}" if act else ""

@@ -249,3 +249,22 @@ def test_cli_sensitivity_alone_writes_the_table(tmp_path, capsys):
     assert cfg["sensitivity"] == d["sensitivity"] and "mixed_precision" not in cfg
     assert {e["format"]["group_size"] for e in cfg["weights"].values()} == {128}         # the scheme, unchanged
 
+
+
+def test_a_mixed_checkpoint_inspects_compiles_and_runs_on_every_kernel_set(mixed, tmp_path):
+    """inspect names the formats; the native executor (one format per fused unit) matches the
+    reference kernels on the mixed model, checkpoint and engine alike."""
+    from llmc.compiler import compile
+    from llmc.inspection import inspect
+    from tests.helpers import forward_all
+    out, r = mixed
+    q = inspect(out).quantization
+    assert q.startswith("w4a16 rtn, mixed precision at ") and "int8 x" in q and "int4-" in q, q
+    engine = tmp_path / "mixed.engine"
+    compile(out, engine)
+    assert inspect(engine).quantization == q
+    ids = [1, 403, 261, 266, 299, 269, 265, 262, 433]
+    for path in (out, engine):
+        m = load_model(path)
+        a, b = forward_all(m, ids, "native"), forward_all(m, ids, "reference")
+        assert float((a - b).abs().max()) < 1e-3
