@@ -394,7 +394,8 @@ def quantize_cmd(
                                          "(a 'text' field per line). Default: a TinyStories excerpt that ships "
                                          "with llmc (llmc/data/tinystories_calib.txt)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="llmc (default) or gptq: the qweight/qzeros/scales/"
-                                      "g_idx layout transformers, vLLM and GPTQModel read (fp16 scales, as llmc's own)."),
+                                      "g_idx layout transformers, vLLM and GPTQModel read (fp16 scales, as "
+                                      "llmc's own)."),
     requantize: bool = typer.Option(False, "--requantize", help="Accept an already-quantized MODEL: its weights "
                                     "are dequantized first (errors compound; prefer the original)."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),

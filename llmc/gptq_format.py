@@ -344,8 +344,8 @@ def export_gptq(src: Path | str, out: Path | str, round_scales: bool = False, fo
     fmts = {e.fmt for e in entries.values()}
     if len(fmts) > 1:
         raise GptqExportError(f"{src}: weights in several formats, where a GPTQ checkpoint has one bit width and "
-                              f"group size: {_by_format(entries)}", hint="keep the llmc checkpoint for a mixed-precision "
-                              "model, or quantize with one format")
+                              f"group size: {_by_format(entries)}",
+                              hint="keep the llmc checkpoint for a mixed-precision model, or quantize with one format")
     fmt = next(iter(fmts))
     check_exportable(fmt, {})
     bits = _bits(fmt)
