@@ -118,6 +118,13 @@ def layer_graph(graph: Graph, i: int) -> Graph:
     return Graph(nodes=nodes, outputs=(f"h{i + 1}",), inputs=(f"h{i}", "positions"))
 
 
+def tail_graph(graph: Graph, num_layers: int) -> Graph:
+    """The final norm and the logits as a graph of their own: h{num_layers} -> logits."""
+    h = f"h{num_layers}"
+    nodes = tuple(n for n in graph.nodes if n.op == "logits" or (n.op == "rms_norm" and n.inputs[0] == h))
+    return Graph(nodes=nodes, outputs=("logits",), inputs=(h,))
+
+
 class LayerRunner:
     """Runs calibration samples through one decoder layer at a time, in chunks of samples."""
 
@@ -133,14 +140,15 @@ class LayerRunner:
         self.chunks.append(cur)
         self.spec = KVCacheSpec(1, arch.num_kv_heads, arch.head_dim)
 
-    def _batch(self, chunk: list[list[int]]) -> tuple[RaggedBatch, PagedKVCache]:
+    def _batch(self, chunk: list[list[int]], all_logits: bool = False) -> tuple[RaggedBatch, PagedKVCache]:
         bs, tables, nxt = 16, [], 0
         for s in chunk:
             n = -(-len(s) // bs)
             tables.append(list(range(nxt, nxt + n)))
             nxt += n
         batch = RaggedBatch(token_ids=[t for s in chunk for t in s], query_lens=[len(s) for s in chunk],
-                            context_lens=[len(s) for s in chunk], block_tables=tables, block_size=bs)
+                            context_lens=[len(s) for s in chunk], block_tables=tables, block_size=bs,
+                            all_logits=all_logits)
         return batch, PagedKVCache(self.spec, max(nxt, 1), bs)
 
     def embed(self, table: Tensor) -> list[Tensor]:
@@ -158,3 +166,12 @@ class LayerRunner:
             h_next = out.pop(f"h{i + 1}")
             yield h_next, out
             del out, h_next                 # before the next chunk runs: its captures are the peak
+
+    def logits(self, hidden: list[Tensor], load_weight: Callable[[str], object]) -> Iterator[Tensor]:
+        """For each chunk: the logits of every token, from the states the last layer gives."""
+        h_last = f"h{self.arch.num_layers}"
+        ex = Executor(tail_graph(self.graph, self.arch.num_layers), load_weight, kernels=CALIBRATION_KERNELS,
+                      input_shapes={h_last: ("T", self.arch.hidden_size)})
+        for chunk, h in zip(self.chunks, hidden):
+            batch, kv = self._batch(chunk, all_logits=True)
+            yield ex.run(batch, kv, inputs={h_last: h})["logits"]

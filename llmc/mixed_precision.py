@@ -22,20 +22,19 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from llmc.calibration import CALIBRATION_KERNELS, LayerRunner, layer_nodes
+from llmc.calibration import LayerRunner, layer_nodes
 from llmc.checkpoint import ITEMSIZE
 from llmc.decoder import EMBED, LM_HEAD
 from llmc.errors import OptionError
 from llmc.ir import Graph
 from llmc.kernels.reference.dequant import dequantize
-from llmc.passes.quant.algorithms import InputStats
+from llmc.passes.quant.algorithms import InputStats, weight_observer
 from llmc.passes.quant.allocation import Plan, allocate
 from llmc.passes.quant.observers import Observer
 from llmc.passes.quant.sensitivity import (LINEAR_FORMATS, Choice, Sensitivity, Unit, candidates, format_label,
                                            stored_bytes)
 from llmc.quantized.formats import TensorQuant, quantize
 from llmc.quantized.scheme import QuantRecipe
-from llmc.runtime.executor import Executor
 
 SENSITIVITY_SAMPLES = 8               # calibration samples the probes run on (the first ones)
 
@@ -57,9 +56,9 @@ def linear_units(graph: Graph, num_layers: int, shape_of: Callable[[str], tuple[
         for n in layer_nodes(graph, i):
             if n.op == "linear" and n.inputs[1] in targets:
                 by_input.setdefault(n.inputs[0], []).append(n.inputs[1])
-        for names in by_input.values():
+        for x, names in by_input.items():
             units.append(Unit(_unit_name(names), "linear", tuple(names),
-                              tuple(tuple(shape_of(n)) for n in names), i))
+                              tuple(tuple(shape_of(n)) for n in names), i, x))
     return units
 
 
@@ -72,26 +71,26 @@ def _kl(ref: list[Tensor], logits: list[Tensor]) -> float:
 
 
 class _Model:
-    """The float model, layer by layer, on a fixed set of token samples."""
+    """The float model, layer by layer, on a fixed set of token samples; `override` replaces
+    weights (by name) for one run."""
 
     def __init__(self, arch, graph: Graph, get: Callable[[str], Tensor], samples: list[list[int]]) -> None:
-        self.arch, self.graph, self.get = arch, graph, get
+        self.arch, self.get = arch, get
         self.runner = LayerRunner(arch, graph, samples)
         self.fp: dict[str, Tensor] = {}
-        final = next(n for n in graph.nodes if n.op == "rms_norm" and n.inputs[0] == f"h{arch.num_layers}")
-        logits = next(n for n in graph.nodes if n.op == "logits")
-        self.head_name = logits.inputs[1]
-        self.tail = Graph(nodes=(final, logits), outputs=("logits",), inputs=(f"h{arch.num_layers}",))
+        self.head_name = next(n for n in graph.nodes if n.op == "logits").inputs[1]
 
     def weight(self, name: str) -> Tensor:
         if name not in self.fp:
             self.fp[name] = self.get(name).float()
         return self.fp[name]
 
+    def _loader(self, override: dict[str, Tensor] | None) -> Callable[[str], Tensor]:
+        return self.weight if not override else (lambda n: override[n] if n in override else self.weight(n))
+
     def layer(self, i: int, hidden: list[Tensor], override: dict[str, Tensor] | None = None,
               capture: tuple[str, ...] = ()):
-        load = (lambda n: override[n] if n in override else self.weight(n)) if override else self.weight
-        return self.runner.run(i, hidden, load, capture)
+        return self.runner.run(i, hidden, self._loader(override), capture)
 
     def rest(self, start: int, hidden: list[Tensor], override: dict[str, Tensor] | None = None) -> list[Tensor]:
         """Log-probabilities of every token, from the states entering layer `start`."""
@@ -100,46 +99,34 @@ class _Model:
         return self.logprobs(hidden, override)
 
     def logprobs(self, hidden: list[Tensor], override: dict[str, Tensor] | None = None) -> list[Tensor]:
-        load = (lambda n: override[n] if n in override else self.weight(n)) if override else self.weight
-        ex = Executor(self.tail, load, kernels=CALIBRATION_KERNELS,
-                      input_shapes={f"h{self.arch.num_layers}": ("T", self.arch.hidden_size)})
-        out = []
-        for chunk, h in zip(self.runner.chunks, hidden):
-            batch, kv = self.runner._batch(chunk)
-            batch.all_logits = True
-            logits = ex.run(batch, kv, inputs={f"h{self.arch.num_layers}": h})["logits"]
-            out.append(torch.log_softmax(logits.float(), dim=-1))
-        return out
+        return [torch.log_softmax(logits.float(), dim=-1)
+                for logits in self.runner.logits(hidden, self._loader(override))]
 
 
 def measure(arch, graph: Graph, get: Callable[[str], Tensor], dtype_bytes: Callable[[str], int],
             samples: list[list[int]], targets: set[str], observer: Observer | None = None,
-            formats: tuple[TensorQuant, ...] = LINEAR_FORMATS, head: bool = True, embeddings: bool = True,
+            formats: tuple[TensorQuant, ...] = LINEAR_FORMATS,
             on_progress: Callable[[str, int, int], None] | None = None) -> Sensitivity:
     """The sensitivity table of a model (`get`: its float weights by name; `dtype_bytes`: a
     weight's bytes per element as stored) on token `samples`: the decoder linears in `targets`,
-    and the head and embedding table when asked."""
+    the head and the embedding table."""
     model = _Model(arch, graph, get, samples)
     tokens = sum(map(len, samples))
     L = arch.num_layers
     units = linear_units(graph, L, lambda n: tuple(get(n).shape), targets)
     tied = model.head_name == EMBED
-    if embeddings or head:
-        shape = tuple(get(EMBED).shape)
-        if tied:
-            if embeddings and head:
-                units.append(Unit("model.embed_tokens+lm_head", "embeddings+head", (EMBED,), (shape,)))
-        else:
-            if embeddings:
-                units.append(Unit("model.embed_tokens", "embeddings", (EMBED,), (shape,)))
-            if head:
-                units.append(Unit("lm_head", "head", (LM_HEAD,), (tuple(get(LM_HEAD).shape),)))
+    shape = tuple(get(EMBED).shape)
+    if tied:
+        units.append(Unit("model.embed_tokens+lm_head", "embeddings+head", (EMBED,), (shape,)))
+    else:
+        units.append(Unit("model.embed_tokens", "embeddings", (EMBED,), (shape,)))
+        units.append(Unit("lm_head", "head", (LM_HEAD,), (tuple(get(LM_HEAD).shape),)))
+    fmts_of = {u.name: candidates(u, formats) for u in units}
 
     def q(w: Tensor, fmt: TensorQuant, name: str) -> Tensor:
         return dequantize(quantize(w, fmt, name, observer))
 
-    steps = sum(1 for u in units if u.kind == "linear") + sum(len(candidates(u)) - 1 for u in units
-                                                                 if u.kind != "linear") + L
+    steps = L + sum(1 if u.kind == "linear" else len(fmts_of[u.name]) - 1 for u in units)
     done = 0
 
     def tick(what: str) -> None:
@@ -153,12 +140,7 @@ def measure(arch, graph: Graph, get: Callable[[str], Tensor], dtype_bytes: Calla
     errors: dict[str, dict[int, float]] = {}
     by_layer = {i: [u for u in units if u.layer == i] for i in range(L)}
     for i in range(L):
-        inputs = {}
-        for u in by_layer[i]:
-            x = next(n.inputs[0] for n in layer_nodes(graph, i) if n.op == "linear" and n.inputs[1] == u.weights[0])
-            inputs[u.name] = x
-        stats = {x: InputStats.new(model.weight(u.weights[0]).shape[1], True)
-                 for u in by_layer[i] for x in [inputs[u.name]]}
+        stats = {u.input: InputStats.new(model.weight(u.weights[0]).shape[1], True) for u in by_layer[i]}
         out = []
         for h, caps in model.layer(i, hidden[i], capture=tuple(stats)):
             out.append(h)
@@ -166,9 +148,9 @@ def measure(arch, graph: Graph, get: Callable[[str], Tensor], dtype_bytes: Calla
                 stats[x].add(caps[x])
         hidden.append(out)
         for u in by_layer[i]:
-            H = stats[inputs[u.name]].hessian
+            H = stats[u.input].hessian
             errors[u.name] = {}
-            for j, f in enumerate(candidates(u, formats)):
+            for j, f in enumerate(fmts_of[u.name]):
                 e = 0.0
                 for name in u.weights:
                     w = model.weight(name)
@@ -181,11 +163,9 @@ def measure(arch, graph: Graph, get: Callable[[str], Tensor], dtype_bytes: Calla
 
     # 2. the probes
     choices: dict[str, tuple[Choice, ...]] = {}
-    float_bytes: dict[str, int] = {}
     for u in units:
-        fmts = candidates(u, formats)
+        fmts = fmts_of[u.name]
         itemsize = dtype_bytes(u.weights[0])
-        float_bytes[u.name] = sum(stored_bytes(None, s, itemsize) for s in u.shapes)
         sizes = [sum(stored_bytes(f, s, itemsize) for s in u.shapes) for f in fmts]
         if u.kind == "linear":
             probe = min(range(len(fmts)), key=lambda j: (sizes[j], -errors[u.name][j]))
@@ -195,7 +175,7 @@ def measure(arch, graph: Graph, get: Callable[[str], Tensor], dtype_bytes: Calla
             row = []
             for j, f in enumerate(fmts):
                 kl = kl_probe if j == probe else (kl_probe * errors[u.name][j] / e0 if e0 > 0 else 0.0)
-                row.append(Choice(f, sizes[j], max(kl, 0.0), j == probe, errors[u.name][j]))
+                row.append(Choice(f, sizes[j], max(kl, 0.0), j == probe))
             tick(u.name)
         else:
             row = []
@@ -211,7 +191,7 @@ def measure(arch, graph: Graph, get: Callable[[str], Tensor], dtype_bytes: Calla
                 row.append(Choice(f, size, max(_kl(ref, logp) / tokens, 0.0), True))
                 tick(f"{u.name} {format_label(f)}")
         choices[u.name] = tuple(sorted(row, key=lambda c: (c.nbytes, c.kl)))
-    return Sensitivity(tuple(units), choices, tokens, float_bytes)
+    return Sensitivity(tuple(units), choices, tokens)
 
 
 def probe_kl(arch, graph: Graph, get: Callable[[str], Tensor], samples: list[list[int]],
@@ -230,8 +210,7 @@ def plan(arch, graph: Graph, store, samples: list[list[int]], recipe: QuantRecip
     """The sensitivity table (on the first calibration samples) and, for a target, the plan: the
     formats of least predicted KL within the target's bytes."""
     sensitivity = measure(arch, graph, store.get, lambda n: ITEMSIZE[store.dtype(n)], samples[:SENSITIVITY_SAMPLES],
-                          targets, Observer(recipe.weight_observer or "minmax", recipe.percentile),
-                          on_progress=on_progress)
+                          targets, weight_observer(recipe), on_progress=on_progress)
     if not recipe.mixed:
         return sensitivity, None
     numel = sum(u.numel for u in sensitivity.units)

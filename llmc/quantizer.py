@@ -29,8 +29,7 @@ from llmc.io import atomic_directory, check_output, temp_path, write_json_atomic
 from llmc.kernels.reference.dequant import dequantize
 from llmc.passes.quant.algorithms import (AlgorithmSpec, InputStats, LayerWork, attach_activation_format,
                                           calibrates, calibrates_layers, check_recipe, input_width, kv_head_scales,
-                                          sqnr_db, with_defaults)
-from llmc.passes.quant.observers import Observer
+                                          sqnr_db, weight_observer, with_defaults)
 from llmc.paths import copy_model_file
 from llmc.quantized.formats import QuantizedWeight, quantize as quantize_weight
 from llmc.quantized.scheme import QuantRecipe
@@ -147,7 +146,7 @@ def quantize_checkpoint(model: Path | str, out: Path | str, recipe: QuantRecipe,
     embed_q = None                                   # the quantized table; calibration starts from its values
     if recipe.embeddings is not None:
         embed_q = quantize_weight(store.get(EMBED_NAME).float(), recipe.embeddings, EMBED_NAME,
-                                  Observer(recipe.weight_observer or "minmax", recipe.percentile))
+                                  weight_observer(recipe))
     if runner is not None:
         hidden = runner.embed(store.get(EMBED_NAME) if embed_q is None else dequantize(embed_q))
     head_src = next(n.inputs[1] for n in graph.nodes if n.op == "logits")

@@ -93,9 +93,7 @@ class LayerWork:
 
     @property
     def weight_observer(self) -> Observer | None:
-        if self.recipe is None:
-            return None
-        return Observer(self.recipe.weight_observer or "minmax", self.recipe.percentile)
+        return None if self.recipe is None else weight_observer(self.recipe)
 
     @property
     def act_observer(self) -> Observer:
@@ -282,6 +280,12 @@ def with_defaults(recipe: QuantRecipe) -> QuantRecipe:
     if recipe.weight_observer is None and ALGORITHMS[recipe.algorithm].observes_weights:
         return replace(recipe, weight_observer=DEFAULT_WEIGHT_OBSERVER)
     return recipe
+
+
+def weight_observer(recipe: QuantRecipe) -> Observer:
+    """The observer of the recipe's weight scales (one left unset, which `with_defaults` leaves only
+    where the algorithm searches its own ranges, is minmax)."""
+    return Observer(recipe.weight_observer or "minmax", recipe.percentile)
 
 
 def calibrates(recipe: QuantRecipe) -> bool:

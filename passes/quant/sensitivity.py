@@ -45,6 +45,7 @@ class Unit:
     weights: tuple[str, ...]
     shapes: tuple[tuple[int, int], ...]
     layer: int | None = None           # decoder layer of a linear unit
+    input: str | None = None           # the value its linears read (a linear unit)
 
     @property
     def numel(self) -> int:
@@ -59,7 +60,6 @@ class Choice:
     nbytes: int
     kl: float
     measured: bool
-    output_error: float | None = None  # linear units: sum tr(dW H dW^T) / tokens
 
     @property
     def label(self) -> str:
@@ -71,7 +71,6 @@ class Sensitivity:
     units: tuple[Unit, ...]
     choices: dict[str, tuple[Choice, ...]]        # unit name -> its candidates, fewest bytes first
     tokens: int                                    # tokens the KL is averaged over
-    float_bytes: dict[str, int]                    # unit name -> its bytes as stored now
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "units": [

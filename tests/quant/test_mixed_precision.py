@@ -37,7 +37,7 @@ G32 = TensorQuant(dtype="int4", granularity="group", group_size=32)
 def table(rows: dict[str, list[tuple[int, float]]]) -> Sensitivity:
     units = tuple(Unit(n, "linear", (n,), ((1, 8),)) for n in rows)
     return Sensitivity(units, {n: tuple(Choice(None, b, kl, True) for b, kl in sorted(r)) for n, r in rows.items()},
-                       tokens=1, float_bytes={n: 32 for n in rows})
+                       tokens=1)
 
 
 def brute_force(s: Sensitivity, budget: int) -> float:
