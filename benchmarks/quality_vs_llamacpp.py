@@ -80,12 +80,17 @@ def texts(work: Path, model: str, which: list[str]) -> dict[str, Path]:
     return out
 
 
+def tokenizer(model: str):
+    """The model's own tokenizer (tokenizer.json)."""
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(MODELS[model] / "tokenizer.json"))
+
+
 def fold_spaces(model: str, body: str) -> str:
     """The text with runs of spaces made one when the model's tokenizer folds them (sentencepiece's
     remove_extra_whitespaces, which stories260K's tokenizer.json keeps and llama.cpp's tokenizer
     does not): then both tools read the same ids. A tokenizer that keeps spaces (code) keeps them."""
-    from tokenizers import Tokenizer
-    tk = Tokenizer.from_file(str(MODELS[model] / "tokenizer.json"))
+    tk = tokenizer(model)
     if tk.encode("a  b", add_special_tokens=False).ids == tk.encode("a b", add_special_tokens=False).ids:
         return re.sub(" {2,}", " ", body)
     return body
@@ -94,14 +99,13 @@ def fold_spaces(model: str, body: str) -> str:
 def same_ids(bin_dir: Path, model: str, f32: Path, text: Path) -> tuple[int, int]:
     """(tokens where llama.cpp's and llmc's ids differ, tokens): 0 is what the comparison needs."""
     import difflib
-    from tokenizers import Tokenizer
     tool = ensure_tool(bin_dir, "llama-tokenize")
     out = run([tool, "-m", f32, "-f", text, "--ids", "--log-disable", "--no-escape"],   # as llama-perplexity reads it
               timeout=3600).stdout
     theirs = json.loads(out.strip().splitlines()[-1])
-    bos = theirs[:1] if theirs and theirs[0] == Tokenizer.from_file(str(MODELS[model] / "tokenizer.json")).token_to_id("<s>") else []
-    ours = bos + Tokenizer.from_file(str(MODELS[model] / "tokenizer.json")).encode(
-        text.read_text(encoding="utf-8"), add_special_tokens=False).ids
+    tk = tokenizer(model)
+    bos = theirs[:1] if theirs and theirs[0] == tk.token_to_id("<s>") else []
+    ours = bos + tk.encode(text.read_text(encoding="utf-8"), add_special_tokens=False).ids
     if ours == theirs:
         return 0, len(ours)
     ops = difflib.SequenceMatcher(None, theirs, ours, autojunk=False).get_opcodes()
