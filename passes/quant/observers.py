@@ -92,36 +92,36 @@ def _mse(x: Tensor, fmt: TensorQuant, obs: Observer, importance: Tensor | None =
     lo0, hi0 = _minmax(x, fmt, obs)
     best_lo, best_hi = lo0, hi0
     best = torch.full(lo0.shape, float("inf"))
-    if importance is None:
-        w = torch.ones_like(x)
-    else:                     # as llama.cpp weighs its importance matrix: times the weight's own size
+    w = None                  # as llama.cpp weighs its importance matrix: times the weight's own size
+    if importance is not None:
         w = importance.expand_as(x) * (x.pow(2).mean(dim=-1, keepdim=True) + x.pow(2)).sqrt()
 
-    def error(r: Tensor) -> Tensor:
+    def weighted_sum(t: Tensor) -> Tensor:
+        return (t if w is None else t * w).sum(dim=-1)
+
+    def fit(r: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Quantize with the range shrunk by r, keep it where its error is the least so far; return
+        its codes, scale and zero point."""
+        nonlocal best, best_lo, best_hi
         scale, zero = params_from_range(lo0 * r, hi0 * r, fmt)
         z = None if zero is None else zero[..., None]
-        return ((decode(codes(x, scale[..., None], z, fmt), scale[..., None], z) - x).pow(2) * w).sum(dim=-1)
-
-    def consider(r: Tensor) -> None:
-        nonlocal best, best_lo, best_hi
-        err = error(r)
+        c = codes(x, scale[..., None], z, fmt)
+        err = weighted_sum((decode(c, scale[..., None], z) - x).pow(2))
         better = err < best
         best = torch.where(better, err, best)
         best_lo, best_hi = torch.where(better, lo0 * r, best_lo), torch.where(better, hi0 * r, best_hi)
+        return c, scale, z
 
-    scale1, zero1 = params_from_range(lo0, hi0, fmt)
+    scale1 = params_from_range(lo0, hi0, fmt)[0]
     for j in range(MSE_GRID + 1):
-        r = torch.full_like(lo0, 1 - MSE_MAX_SHRINK * j / MSE_GRID)
-        consider(r)
+        c, scale, z = fit(torch.full_like(lo0, 1 - MSE_MAX_SHRINK * j / MSE_GRID))
         if fmt.dtype == "fp8_e4m3":
             continue
         # the least-squares scale for the codes this range gives (a scale is r times the scale of
         # the whole range, and the zero point does not move with r): its own r, often between two
         # grid points or beyond 1
-        scale, zero = params_from_range(lo0 * r, hi0 * r, fmt)
-        z = 0 if zero is None else zero[..., None]
-        c = codes(x, scale[..., None], None if zero is None else z, fmt).float() - z
-        den = (w * c * c).sum(dim=-1)
-        s_star = torch.where(den > 0, (w * x * c).sum(dim=-1) / den.clamp_min(1e-30), scale)
-        consider((s_star / scale1).clamp(1 - MSE_MAX_SHRINK, 1.5))
+        steps = c.float() - (0 if z is None else z)
+        den = weighted_sum(steps * steps)
+        s_star = torch.where(den > 0, weighted_sum(x * steps) / den.clamp_min(1e-30), scale)
+        fit((s_star / scale1).clamp(1 - MSE_MAX_SHRINK, 1.5))
     return best_lo, best_hi
