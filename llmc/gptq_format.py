@@ -221,8 +221,9 @@ def _list(problems: list[str], limit: int = 8) -> str:
 
 
 def _bits(fmt) -> int | None:
-    """The GPTQ bit width of a weight format, or None when the layout cannot hold it."""
-    if fmt.dtype == "int4" and fmt.granularity == "group":
+    """The GPTQ bit width of a weight format, or None when the layout cannot hold it (it keeps one
+    float16 scale per group: not two-level scales)."""
+    if fmt.dtype == "int4" and fmt.granularity == "group" and not fmt.two_level:
         return 4
     if fmt.dtype == "int8" and fmt.granularity == "channel":
         return 8
@@ -286,7 +287,12 @@ def _layout_error(problems: list[str], bits: int) -> GptqExportError:
 def check_exportable(fmt, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Before quantizing for `--format gptq`: the weight format and the shapes of the linears to
     quantize fit the layout (what only the quantized values can tell is checked at export)."""
+    from llmc.passes.quant.sensitivity import format_label
     bits = _bits(fmt)
+    if bits is None and fmt.two_level:
+        raise GptqExportError(f"weights in format {format_label(fmt)} have two-level scales (8-bit codes under a "
+                              "scale per 8 groups), which the GPTQ layout cannot hold: it keeps a float16 scale "
+                              "per group", hint="quantize with --float16-scales to export to GPTQ")
     if bits is None:
         raise GptqExportError(f"weights in format {fmt.key} have no GPTQ layout",
                               hint="GPTQ holds int4 group-wise (w4a16) or int8 per-channel (w8a16) weights")

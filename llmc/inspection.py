@@ -107,7 +107,7 @@ def _describe(q: dict[str, Any] | None, where: Path, counts: Counter | None = No
         return (f"{r.scheme.name} {r.algorithm}, mixed precision"
                 f"{f' at {bpw:g} bits per weight' if isinstance(bpw, (int, float)) else ''} ({formats}{kv_note})")
     group = f", g{w.group_size}" if w.group_size else ""
-    sym = "" if w.symmetric else " asym"
+    sym = ("" if w.symmetric else " asym") + (f", {w.scale_bits}-bit two-level scales" if w.two_level else "")
     extra = f"; inputs {act.dtype}/{act.granularity}" if act else ""
     extra += f"; KV cache {kv.dtype}" if kv else ""
     emulated = ", emulated on CPU" if "fp8_e4m3" in (w.dtype, act and act.dtype, kv and kv.dtype) else ""

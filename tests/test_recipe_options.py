@@ -60,7 +60,7 @@ def test_no_other_recipe_flag_exists():
 
 def test_the_help_names_only_flags_that_exist(capsys):
     flags = {f for p in _quantize_params() for f in p.opts + p.secondary_opts} | {"--debug"}
-    named = set(re.findall(r"--[a-z][a-z-]*[a-z]", _quantize_help(capsys)))
+    named = set(re.findall(r"--[a-z][a-z0-9-]*[a-z0-9]", _quantize_help(capsys)))
     assert named <= flags, named - flags
 
 
@@ -86,7 +86,7 @@ def test_an_unset_flag_is_none_so_the_profile_applies(tmp_path, capsys):
 def test_profile_types_are_the_declared_types():
     declared = quantize_option_types()
     assert declared == {"scheme": (str,), "algo": (str,), "group_size": (int,), "asymmetric": (bool,),
-                        "kv_cache": (str,), "head": (str,), "embeddings": (str,), "calib_samples": (int,),
+                        "two_level_scales": (bool,), "kv_cache": (str,), "head": (str,), "embeddings": (str,), "calib_samples": (int,),
                         "calib_seqlen": (int,), "calib_seed": (int,), "alpha": (float, int),
                         "awq_clip": (bool,), "observer": (str,), "act_observer": (str,), "percentile": (float, int),
                         "imatrix": (bool,), "sensitivity": (bool,), "target_bpw": (float, int), "target_size": (int,)}

@@ -17,10 +17,15 @@ Conventions (every format, exact):
 - an all-zero row or group gets scale 1 (so q = 0 and the dequantized value is exactly 0).
 - scales are float16 values (held as fp32 in memory, stored as F16): every scale is rounded to
   float16 where it is made, so codes are found against the scale that is stored.
+- two-level scales (int4 groups, `scale_bits=8`, as llama.cpp's k-quants): each run of
+  SUPER_GROUPS groups of a row (a super-block) has a float16 super scale d, the largest of its
+  groups' scales, and each group's scale is a code c in [1, 255]: scale = c * d / 255, computed in
+  fp32 in that order. The codes are found against that scale. A group whose codes all equal its
+  zero point (all zero) takes c = 1 and plays no part in d.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Literal
 
 import torch
@@ -31,6 +36,8 @@ from llmc.registry import Registry
 
 FP8_MAX = 448.0
 MAX_GROUP_SIZE = 1 << 16                 # larger groups buy nothing over per-channel scales
+SUPER_GROUPS = 8                         # groups per super-block of two-level scales
+SCALE_BITS = (8,)                        # the widths of two-level scale codes (one byte each)
 GRANULARITIES = ("tensor", "channel", "group", "token")
 
 
@@ -125,6 +132,7 @@ class TensorQuant:                                     # the number format of a 
     granularity: Literal["tensor", "channel", "group", "token"] = "channel"
     group_size: int | None = None
     symmetric: bool = True
+    scale_bits: int | None = field(default=None, metadata={"omitted_when_default": True})  # two-level scales
 
     def __post_init__(self) -> None:
         if self.dtype not in NUMBER_FORMATS:
@@ -137,6 +145,10 @@ class TensorQuant:                                     # the number format of a 
             raise OptionError("group_size", f"must be in [1, {MAX_GROUP_SIZE}], got {self.group_size}")
         if not self.symmetric and not self.number.asymmetric:
             raise ConfigError(f"{self.dtype} is symmetric-only in llmc; drop symmetric=False")
+        if self.scale_bits is not None and (self.scale_bits not in SCALE_BITS or self.dtype != "int4"
+                                            or self.granularity != "group"):
+            raise ConfigError(f"two-level scales are {'/'.join(map(str, SCALE_BITS))}-bit codes of int4 groups; "
+                              f"not scale_bits={self.scale_bits} for {self.dtype} {self.granularity}-wise")
 
     @property
     def number(self) -> NumberFormat:
@@ -148,8 +160,25 @@ class TensorQuant:                                     # the number format of a 
         sym = "" if self.symmetric else "-asym"
         return f"{self.dtype}/{self.granularity}{sym}"
 
+    @property
+    def two_level(self) -> bool:
+        return self.scale_bits is not None
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Its fields; one added later (scale_bits) only when set, so a format that does not use it
+        is stored as before and older readers still read it."""
+        return plain_fields(self)
+
+
+def plain_fields(value: Any) -> dict[str, Any]:
+    """A dataclass's fields in declaration order, without those marked `omitted_when_default` that
+    hold their default (nested dataclasses alike; tuples as lists)."""
+    def plain(v: Any) -> Any:
+        if is_dataclass(v):
+            return plain_fields(v)
+        return [plain(x) for x in v] if isinstance(v, tuple) else v
+    return {f.name: plain(getattr(value, f.name)) for f in fields(value)
+            if not (f.metadata.get("omitted_when_default") and getattr(value, f.name) == f.default)}
 
 
 def _check_finite(w: Tensor, name: str) -> None:
@@ -183,8 +212,9 @@ class QuantizedWeight:
     zero: Tensor | None = None          # uint8 [N, G] zero points (int4 only)
     act: TensorQuant | None = None      # how the input is quantized at run time (None: it is not)
     act_scale: Tensor | None = None     # fp32 [1] static per-tensor input scale (calibrated)
+    super_scale: Tensor | None = None   # fp32 [N, S] two-level scales' super scales (`scale` is decoded)
 
-    SUFFIXES = ("qdata", "scale", "zero", "act_scale")
+    SUFFIXES = ("qdata", "scale", "zero", "act_scale", "super_scale")
 
     @property
     def kernel_key(self) -> str:
@@ -201,12 +231,24 @@ class QuantizedWeight:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
         return QuantizedWeight(self.fmt, self.shape, move(self.data), move(self.scale), move(self.zero), self.act,
-                               move(self.act_scale))
+                               move(self.act_scale), move(self.super_scale))
+
+    def rows(self, rows: Tensor) -> "QuantizedWeight":
+        """The weight of rows `rows` only (channel- or group-wise)."""
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[rows]
+        return QuantizedWeight(self.fmt, (len(rows), self.shape[1]), self.data[rows], self.scale[rows],
+                               pick(self.zero), self.act, self.act_scale, pick(self.super_scale))
 
     def tensors(self, name: str) -> dict[str, Tensor]:
-        """The tensors it is stored as: the codes, F16 scales and the zero points packed two per
-        byte along the groups (as the codes are along K); `llmc.quantized.store` reads them back."""
-        out = {f"{name}.qdata": self.data, f"{name}.scale": self.scale.to(torch.float16)}
+        """The tensors it is stored as: the codes, F16 scales (two-level: U8 scale codes and F16 super
+        scales) and the zero points packed two per byte along the groups (as the codes are along K);
+        `llmc.quantized.store` reads them back."""
+        if self.fmt.two_level:
+            out = {f"{name}.qdata": self.data, f"{name}.scale": scale_codes(self.scale, self.super_scale),
+                   f"{name}.super_scale": self.super_scale.to(torch.float16)}
+        else:
+            out = {f"{name}.qdata": self.data, f"{name}.scale": self.scale.to(torch.float16)}
         if self.zero is not None:
             out[f"{name}.zero"] = pack_int4(self.zero)
         if self.act_scale is not None:
@@ -216,9 +258,10 @@ class QuantizedWeight:
     @classmethod
     def from_tensors(cls, fmt: TensorQuant, shape: tuple[int, int], data: Tensor, scale: Tensor,
                      zero: Tensor | None, act: TensorQuant | None = None,
-                     act_scale: Tensor | None = None) -> "QuantizedWeight":
+                     act_scale: Tensor | None = None, super_scale: Tensor | None = None) -> "QuantizedWeight":
         return cls(fmt=fmt, shape=(int(shape[0]), int(shape[1])), data=data, scale=scale.float(), zero=zero,
-                   act=act, act_scale=None if act_scale is None else act_scale.float())
+                   act=act, act_scale=None if act_scale is None else act_scale.float(),
+                   super_scale=None if super_scale is None else super_scale.float())
 
     @staticmethod
     def cat_rows(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
@@ -229,9 +272,50 @@ class QuantizedWeight:
         act_scale = None
         if parts[0].act_scale is not None:      # one input, so one scale; take the largest to be safe
             act_scale = torch.stack([p.act_scale.reshape(()) for p in parts]).amax().reshape(1)
-        zero = torch.cat([p.zero for p in parts]) if parts[0].zero is not None else None
+
+        def cat(ts: list[Tensor | None]) -> Tensor | None:
+            return None if ts[0] is None else torch.cat(ts)
         return QuantizedWeight(fmt, (sum(p.shape[0] for p in parts), k), torch.cat([p.data for p in parts]),
-                               torch.cat([p.scale for p in parts]), zero, act, act_scale)
+                               torch.cat([p.scale for p in parts]), cat([p.zero for p in parts]), act, act_scale,
+                               cat([p.super_scale for p in parts]))
+
+
+def super_count(groups: int) -> int:
+    return -(-groups // SUPER_GROUPS)
+
+
+def per_group(super_scale: Tensor, groups: int) -> Tensor:
+    """Super scales [N, S] -> the super scale of each group [N, G]."""
+    return super_scale.repeat_interleave(SUPER_GROUPS, dim=1)[:, :groups]
+
+
+def super_scales(scale: Tensor, live: Tensor) -> Tensor:
+    """Group scales [N, G] -> each super-block's float16 super scale [N, S]: the largest scale of its
+    live groups (`live` [N, G]; 1 for a super-block with none)."""
+    n, g = scale.shape
+    pad = super_count(g) * SUPER_GROUPS - g
+    s = torch.nn.functional.pad(torch.where(live, scale, 0.0), (0, pad)).reshape(n, -1, SUPER_GROUPS)
+    return _safe(s.amax(dim=-1))
+
+
+def two_level(scale: Tensor, super_scale: Tensor, live: Tensor) -> Tensor:
+    """Group scales [N, G] as two-level scales hold them: the nearest c * d / 255 for a code c in
+    [1, 255] and the group's super scale d (a scale above d is clipped to it); d / 255 for a group
+    that is not `live`."""
+    d = per_group(super_scale, scale.shape[1])
+    c = torch.round(scale * 255.0 / d).clamp(1, 255)
+    return torch.where(live, c, 1.0) * d / 255.0
+
+
+def scale_codes(scale: Tensor, super_scale: Tensor) -> Tensor:
+    """Two-level scales [N, G] (as `two_level` makes them) -> their codes, uint8."""
+    return torch.round(scale * 255.0 / per_group(super_scale, scale.shape[1])).clamp(1, 255).to(torch.uint8)
+
+
+def decode_scales(codes: Tensor, super_scale: Tensor) -> Tensor:
+    """Two-level scale codes [N, G] and super scales [N, S] -> fp32 group scales [N, G]: c * d / 255
+    (in that order, in fp32: the same value wherever it is computed)."""
+    return codes.float() * per_group(super_scale.float(), codes.shape[1]) / 255.0
 
 
 def params(x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:
@@ -259,22 +343,33 @@ def decode(c: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
 
 
 def from_codes(c: Tensor, scale: Tensor, zero: Tensor | None, fmt: TensorQuant,
-               name: str = "weight") -> QuantizedWeight:
-    """Codes [N, K] and per-row/group scale (and zero) [N, G] -> QuantizedWeight."""
+               name: str = "weight", super_scale: Tensor | None = None) -> QuantizedWeight:
+    """Codes [N, K] and per-row/group scale (and zero) [N, G] -> QuantizedWeight; a two-level
+    format's scales are codes times `super_scale` [N, S] already (`two_level`)."""
     n, k = c.shape
-    if not torch.isfinite(scale).all():
+    if not torch.isfinite(scale).all() or (super_scale is not None and not torch.isfinite(super_scale).all()):
         raise QuantizationError(f"{name}: its values are too large for float16 scales (largest finite scale "
                                 f"{torch.finfo(torch.float16).max:g})")
+    if fmt.two_level != (super_scale is not None):
+        raise ValueError(f"{name}: super scales are given exactly for two-level formats")
     data = fmt.number.pack(c)
     return QuantizedWeight(fmt, (n, k), data, scale.float().reshape(n if fmt.granularity != "tensor" else 1, -1),
-                           None if zero is None else zero.to(torch.uint8).reshape(scale.shape))
+                           None if zero is None else zero.to(torch.uint8).reshape(scale.shape),
+                           super_scale=None if super_scale is None else super_scale.float())
+
+
+def live_groups(c: Tensor, zero: Tensor) -> Tensor:
+    """Groups [..., G, gs] of codes with zero points [..., G] -> whether each has a code other than its
+    zero point (a value that decodes to something other than 0)."""
+    return (c != zero[..., None].to(c.dtype)).any(dim=-1)
 
 
 def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight", observer=None,
              importance: Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest quantization of one weight [N, K] in format `fmt`; the scales cover each
     row's or group's min/max, or the range `observer` (llmc.passes.quant.observers) chooses, which
-    may weigh each input column's error by `importance` [K]."""
+    may weigh each input column's error by `importance` [K]. Two-level scales: the scales found so,
+    rounded to two levels (`two_level`), and the codes found again against them."""
     if w.dim() != 2:
         raise QuantizationError(f"{name}: only 2-D weights are quantized, got shape {tuple(w.shape)}")
     w = w.float()
@@ -297,9 +392,14 @@ def quantize(w: Tensor, fmt: TensorQuant, name: str = "weight", observer=None,
     else:
         scale, zero = observer.params(x, fmt, imp)
     c = codes(x, scale[..., None], None if zero is None else zero[..., None], fmt)
-    return from_codes(_restore(c, fmt, n, k), scale, zero, fmt, name)
+    super_scale = None
+    if fmt.two_level:
+        live = live_groups(c, zero)
+        super_scale = super_scales(scale, live)
+        scale = two_level(scale, super_scale, live)
+        c = torch.where(live[..., None], codes(x, scale[..., None], zero[..., None], fmt), c)
+    return from_codes(_restore(c, fmt, n, k), scale, zero, fmt, name, super_scale)
 
 
 def _restore(q: Tensor, fmt: TensorQuant, n: int, k: int) -> Tensor:
     return ungrouped(q, k) if fmt.granularity == "group" else q.reshape(n, k)
-

@@ -7,6 +7,10 @@ Format versions (the manifest's `format_version`; llmc writes the newest and rea
   (int4 in groups of 32 costs 4.625 bits per weight);
 - 1: scales F32; zero points one per byte, [N, G] U8 (5.25 bits per weight in groups of 32).
 
+A format with two-level scales (`TensorQuant.scale_bits`; version 2 on) stores its group scales as
+codes, `name.scale` [N, G] U8, and the super scales as `name.super_scale` [N, ceil(G / 8)] F16
+(int4 in groups of 32: 4.4375 bits per weight; in groups of 16: 4.875).
+
 `QuantizedStore` wraps a WeightStore and presents every weight under its logical name: a
 QuantizedWeight where the weight is quantized, the plain tensor elsewhere.
 """
@@ -20,7 +24,8 @@ from torch import Tensor
 
 from llmc.checkpoint import ITEMSIZE, MAX_DIM, WeightStore, short_repr
 from llmc.errors import ConfigError, ModelFormatError
-from llmc.quantized.formats import QuantizedWeight, TensorQuant, group_count, unpack_int4
+from llmc.quantized.formats import (QuantizedWeight, TensorQuant, decode_scales, group_count, super_count,
+                                    unpack_int4)
 
 QUANT_METHOD = "llmc"
 FORMAT_VERSION = 2
@@ -50,7 +55,8 @@ ACT_GRANULARITIES = ("token", "group", "tensor")   # token, group: dynamic; tens
 
 def _tensor_quant(d: Any, where: str) -> TensorQuant:
     """A TensorQuant from its manifest dict, every field of its JSON type (no bool for an int)."""
-    types = {"dtype": (str,), "granularity": (str,), "group_size": (int, type(None)), "symmetric": (bool,)}
+    types = {"dtype": (str,), "granularity": (str,), "group_size": (int, type(None)), "symmetric": (bool,),
+             "scale_bits": (int, type(None))}
     if not isinstance(d, Mapping):
         raise ModelFormatError(f"{where} is {short_repr(d)}, not an object")
     for k, v in d.items():
@@ -93,6 +99,9 @@ class QuantizedEntry:
         if fmt.granularity not in SCALES:
             raise ModelFormatError(f"{where}.format: granularity {fmt.granularity!r} is not a weight granularity "
                                    f"({', '.join(SCALES)})")
+        if fmt.two_level and version < 2:
+            raise ModelFormatError(f"{where}.format: two-level scales are stored from format version 2 on, "
+                                   f"not in version {version}")
         act = _tensor_quant(d["activation"], f"{where}.activation") if d.get("activation") is not None else None
         if act is not None and act.granularity not in ACT_GRANULARITIES:
             raise ModelFormatError(f"{where}.activation: granularity {act.granularity!r} is not an activation "
@@ -111,6 +120,9 @@ class QuantizedEntry:
         scales = SCALES[self.fmt.granularity](n, k, self.fmt)
         stored = STORED_SCALES[self.version]
         out = {"qdata": (number.storage, (n, number.packed_width(k))), "scale": (stored.scale_dtype, scales)}
+        if self.fmt.two_level:
+            out["scale"] = ("U8", scales)
+            out["super_scale"] = ("F16", (scales[0], super_count(scales[1])))
         if number.zero_point:                 # stored unsigned: symmetric int4 stores its zero point 8 too
             out["zero"] = ("U8", (scales[0], stored.zero_width(scales[1])))
         if self.act is not None and self.act.granularity == "tensor":
@@ -192,18 +204,24 @@ class QuantizedStore:
             return self.base.get(name)
         e = self.entries[name]
         act_scale = self.base.get(f"{name}.act_scale") if f"{name}.act_scale" in self.base else None
-        return QuantizedWeight.from_tensors(e.fmt, e.shape, self.base.get(f"{name}.qdata"), *self.scales(name),
-                                            e.act, act_scale)
+        scale, zero = self.scales(name)
+        return QuantizedWeight.from_tensors(e.fmt, e.shape, self.base.get(f"{name}.qdata"), scale, zero,
+                                            e.act, act_scale, self.super_scales(name))
 
     def scales(self, name: str) -> tuple[Tensor, Tensor | None]:
-        """A quantized weight's scales (fp32) and zero points (one per byte, or None), as in memory;
-        its codes are not read."""
+        """A quantized weight's scales (fp32; two-level ones decoded) and zero points (one per byte,
+        or None), as in memory; its codes are not read."""
         e = self.entries[name]
-        scale = self.base.get(f"{name}.scale").float()
+        scale = self.base.get(f"{name}.scale")
+        scale = decode_scales(scale, self.super_scales(name)) if e.fmt.two_level else scale.float()
         zero = self.base.get(f"{name}.zero") if f"{name}.zero" in self.base else None
         if zero is not None and STORED_SCALES[e.version].packed_zeros:
             zero = unpack_int4(zero, scale.shape[1]).contiguous()
         return scale, zero
+
+    def super_scales(self, name: str) -> Tensor | None:
+        """The super scales of a weight with two-level scales (fp32), else None."""
+        return self.base.get(f"{name}.super_scale").float() if self.entries[name].fmt.two_level else None
 
     def nbytes(self) -> int:
         return self.base.nbytes()

@@ -314,7 +314,7 @@ def applicable_options(recipe: QuantRecipe) -> set[str]:
     if w.granularity == "group" and not recipe.mixed:          # a target chooses the formats
         used.add("group_size")
     if w.dtype == "int4" and not recipe.mixed:
-        used.add("asymmetric")
+        used |= {"asymmetric", "two_level_scales"}
     if recipe.algorithm == "smoothquant":
         used.add("alpha")
     if recipe.algorithm == "awq":

@@ -2,7 +2,8 @@
 error over the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs
 (H = 2 X^T X / n). Block-wise lazy updates; dampening; optional act-order with static groups (the
 group parameters are fixed from the unquantized weight in natural order, so the stored layout
-stays the usual group-wise one)."""
+stays the usual group-wise one). Two-level scales: the super scales are fixed from the unquantized
+weight's group scales, and each group's scale, found as the walk reaches it, is rounded to them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmc.quantized.formats import QuantizationError, QuantizedWeight, TensorQuant, codes, decode, from_codes, params
+from llmc.quantized.formats import (SUPER_GROUPS, QuantizationError, QuantizedWeight, TensorQuant, codes, decode,
+                                    from_codes, grouped, live_groups, params, super_scales, two_level)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,12 +49,17 @@ def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQCon
         imp = None if importance is None else importance[first:first + slab.shape[1]].float()
         return observer.params(slab, fmt, imp)
     static = cfg.act_order or fmt.granularity == "channel"
-    if static:                                        # parameters from the unquantized weight
+    if static or fmt.two_level:                       # parameters from the unquantized weight
         for g in range(groups):
             s, z = group_params(W[:, g * gs:min(k, (g + 1) * gs)], fmt, g * gs)
             scales[:, g] = s
             if zeros is not None:
                 zeros[:, g] = z
+    super_scale = live = None
+    if fmt.two_level:                                 # super scales fixed from them too (clip later growth)
+        live = live_groups(codes(grouped(W, gs), scales[..., None], zeros[..., None], fmt), zeros)
+        super_scale = super_scales(scales, live)
+        scales = two_level(scales, super_scale, live)
     if cfg.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
@@ -78,6 +85,8 @@ def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQCon
             g = col // gs
             if not static and col % gs == 0:           # a group's parameters from its updated weights
                 s, z = group_params(_natural_slab(W, W1, b0, i, gs), fmt, col)
+                if live is not None:
+                    s = two_level(s[:, None], super_scale[:, g // SUPER_GROUPS, None], live[:, g, None])[:, 0]
                 scales[:, g] = s
                 if zeros is not None:
                     zeros[:, g] = z
@@ -91,7 +100,7 @@ def gptq(w: Tensor, hessian: Tensor, fmt: TensorQuant, cfg: GPTQConfig = GPTQCon
             Err[:, i] = err
         W[:, b1:] -= Err @ Hinv[b0:b1, b1:]
         W[:, b0:b1] = W1
-    return from_codes(C, scales, zeros, fmt, name)
+    return from_codes(C, scales, zeros, fmt, name, super_scale)
 
 
 def _natural_slab(W: Tensor, W1: Tensor, b0: int, i: int, gs: int) -> Tensor:

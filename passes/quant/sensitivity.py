@@ -12,28 +12,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmc.quantized.formats import TensorQuant
+from llmc.quantized.formats import SCALE_BITS, TensorQuant
 from llmc.quantized.scheme import EMBEDDING_FORMATS, HEAD_FORMATS
 from llmc.quantized.store import QuantizedEntry
 
 
-def _int4(group_size: int, symmetric: bool) -> TensorQuant:
-    return TensorQuant(dtype="int4", granularity="group", group_size=group_size, symmetric=symmetric)
+def _int4(group_size: int, symmetric: bool, scale_bits: int | None = None) -> TensorQuant:
+    return TensorQuant(dtype="int4", granularity="group", group_size=group_size, symmetric=symmetric,
+                       scale_bits=scale_bits)
 
 
 # The formats a decoder linear may take: every weight-only format llmc's kernels run.
 LINEAR_FORMATS: tuple[TensorQuant, ...] = (
     *(_int4(g, sym) for g in (128, 64, 32) for sym in (True, False)),
+    *(_int4(g, sym, SCALE_BITS[0]) for g in (64, 32, 16) for sym in (True, False)),
     TensorQuant(dtype="int8", granularity="channel"),
 )
 
 
 def format_label(fmt: TensorQuant | None) -> str:
-    """A format as the plan shows it: float, int8, int4-g32, int4-g32-asym."""
+    """A format as the plan shows it: float, int8, int4-g32, int4-g32-asym; two-level scales end in
+    -s8 (8-bit scale codes): int4-g32-asym-s8."""
     if fmt is None:
         return "float"
     if fmt.granularity == "group":
-        return f"{fmt.dtype}-g{fmt.group_size}{'' if fmt.symmetric else '-asym'}"
+        two_level = f"-s{fmt.scale_bits}" if fmt.two_level else ""
+        return f"{fmt.dtype}-g{fmt.group_size}{'' if fmt.symmetric else '-asym'}{two_level}"
     return fmt.dtype if fmt.granularity == "channel" else fmt.key
 
 
@@ -96,7 +100,8 @@ def stored_bytes(fmt: TensorQuant | None, shape: tuple[int, int], float_itemsize
 
 def candidates(unit: Unit, formats: tuple[TensorQuant, ...] = LINEAR_FORMATS) -> list[TensorQuant | None]:
     """A unit's candidate formats: for linears `formats`, without repeats (a group as wide as the
-    input or wider is one group per row, whatever its nominal size); the head: float, int8 or int4;
+    input or wider is one group per row, whatever its nominal size, and then two-level scales buy
+    nothing: a super scale per group); the head: float, int8 or int4;
     the embeddings, tied or not: float or int8."""
     if unit.kind == "head":
         return [None, *HEAD_FORMATS.values()]
@@ -105,8 +110,8 @@ def candidates(unit: Unit, formats: tuple[TensorQuant, ...] = LINEAR_FORMATS) ->
     k = min(s[1] for s in unit.shapes)
     seen, out = set(), []
     for f in formats:
-        key = (f.dtype, f.symmetric, min(f.group_size, k) if f.group_size else None)
-        if key not in seen:
+        key = (f.dtype, f.symmetric, min(f.group_size, k) if f.group_size else None, f.scale_bits)
+        if key not in seen and not (f.two_level and f.group_size * 2 > k):
             seen.add(key)
             out.append(f)
     return out

@@ -38,6 +38,7 @@ WEIGHT_FORMATS = {                   # every weight format the native executor r
     "w4a16-g32": rtn("w4a16", group_size=32),
     "w4a16-g48-asym": rtn("w4a16", group_size=48, symmetric=False),     # partial last groups (64 = 48 + 16)
     "w4a16-g128": rtn("w4a16", group_size=128),                          # one partial group per row of 64 / 172
+    "w4a16-g16-asym-s8": rtn("w4a16", group_size=16, two_level=True),   # two-level scales, decoded at load
     "w8a8": rtn("w8a8"),                                                 # integer dot products from here
     # inputs quantized at run time are one ulp from a tie here and there, so the greedy tokens agree
     # only on weights known not to sit on one: these keep the minmax observer (what they were

@@ -104,10 +104,14 @@ def test_sensitivity_table_covers_every_unit_and_format(golden):
     assert sens.units[0].weights == tuple(f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv")
     down = next(u for u in sens.units if u.name == "model.layers.0.mlp.down_proj")
     labels = {c.label for c in sens.choices[down.name]}
-    # K = 172: groups of 32, 64 and 128 differ; for K = 64 the groups of 64 and 128 are both a row
-    assert labels == {"int4-g128", "int4-g128-asym", "int4-g64", "int4-g64-asym", "int4-g32", "int4-g32-asym", "int8"}
-    assert {c.label for c in sens.choices[sens.units[0].name]} == {"int4-g128", "int4-g128-asym", "int4-g32",
-                                                                   "int4-g32-asym", "int8"}
+    # K = 172: groups of 32, 64 and 128 differ; for K = 64 the groups of 64 and 128 are both a row, and
+    # two-level scales need two groups in a row at least
+    two_level = {f"int4-g{g}{a}-s8" for g in (16, 32, 64) for a in ("", "-asym")}
+    assert labels == {"int4-g128", "int4-g128-asym", "int4-g64", "int4-g64-asym", "int4-g32", "int4-g32-asym",
+                      "int8", *two_level}
+    assert {c.label for c in sens.choices[sens.units[0].name]} == {
+        "int4-g128", "int4-g128-asym", "int4-g32", "int4-g32-asym", "int8", *(two_level - {"int4-g64-s8",
+                                                                                          "int4-g64-asym-s8"})}
     for u in sens.units:
         cs = sens.choices[u.name]
         assert sum(c.measured for c in cs) == (1 if u.kind == "linear" else len(cs))

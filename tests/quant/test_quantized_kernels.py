@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from llmc.kernels import KernelContext, kernel_for
+from llmc.passes.quant.sensitivity import format_label
 from llmc.quantized.formats import TensorQuant, quantize
 from tests.helpers import fast_kernel_sets
 
@@ -12,7 +13,10 @@ FORMATS = [TensorQuant(dtype="int8", granularity="channel"),
            TensorQuant(dtype="int4", granularity="group", group_size=32),
            TensorQuant(dtype="int4", granularity="group", group_size=128, symmetric=False),
            TensorQuant(dtype="int4", granularity="group", group_size=48),      # pieces of 32 + a 16 tail
-           TensorQuant(dtype="int4", granularity="group", group_size=7, symmetric=False)]   # odd: value by value
+           TensorQuant(dtype="int4", granularity="group", group_size=7, symmetric=False),   # odd: value by value
+           # two-level scales: decoded to fp32 group scales where they are read, then the same kernels
+           TensorQuant(dtype="int4", granularity="group", group_size=32, scale_bits=8),
+           TensorQuant(dtype="int4", granularity="group", group_size=16, symmetric=False, scale_bits=8)]
 
 
 def call(op, impl, values, weights):
@@ -23,7 +27,7 @@ def call(op, impl, values, weights):
 
 
 @pytest.mark.parametrize("impl", fast_kernel_sets())
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.key)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: format_label(f))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 40])       # 9 and 40 rows take the prefill path
 @pytest.mark.parametrize("k", [64, 172, 301])                    # partial groups; odd widths
 def test_linear(impl, fmt, m, k):
@@ -37,7 +41,7 @@ def test_linear(impl, fmt, m, k):
 
 
 @pytest.mark.parametrize("impl", fast_kernel_sets())
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.key)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: format_label(f))
 def test_fused_linears(impl, fmt):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 96, generator=g)
@@ -47,7 +51,7 @@ def test_fused_linears(impl, fmt):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", [f for f in FORMATS if f.dtype == "int4"], ids=lambda f: f.key)
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f.dtype == "int4"], ids=lambda f: format_label(f))
 @pytest.mark.parametrize("k", [64, 172, 301])
 def test_native_int4_dequantize_is_exact(fmt, k):
     """The prefill path's native dequantize computes (u - z) * s like the reference: bit for bit."""
