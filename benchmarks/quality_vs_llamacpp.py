@@ -58,6 +58,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "w4a16 g32 gptq --symmetric --observer minmax": {"scheme": "w4a16", "algo": "gptq", "group_size": 32,
                                                      "asymmetric": False, "observer": "minmax"},   # the old defaults
     "w4a16 g32 gptq": {"scheme": "w4a16", "algo": "gptq", "group_size": 32},                      # asymmetric, mse
+    "w4a16 g32 gptq --two-level-scales": {"scheme": "w4a16", "algo": "gptq", "group_size": 32,
+                                          "two_level_scales": True},
     "--profile int4-auto (--target-bpw 5.25)": {"scheme": "w4a16", "algo": "gptq", "target_bpw": 5.25},
 }
 CALIB = {"calib_samples": 64, "calib_seqlen": 256}

@@ -25,6 +25,4 @@ def dequantize_rows(qw: QuantizedWeight, rows: Tensor) -> Tensor:
     table's looked-up tokens), without decoding the others."""
     if qw.fmt.granularity == "tensor":
         return dequantize(qw)[rows]
-    picked = QuantizedWeight(qw.fmt, (len(rows), qw.shape[1]), qw.data[rows], qw.scale[rows],
-                             None if qw.zero is None else qw.zero[rows])
-    return dequantize(picked)
+    return dequantize(qw.rows(rows))

@@ -19,9 +19,10 @@ Conventions (every format, exact):
   float16 where it is made, so codes are found against the scale that is stored.
 - two-level scales (int4 groups, `scale_bits=8`, as llama.cpp's k-quants): each run of
   SUPER_GROUPS groups of a row (a super-block) has a float16 super scale d, the largest of its
-  groups' scales, and each group's scale is a code c in [1, 255]: scale = c * d / 255, computed in
-  fp32 in that order. The codes are found against that scale. A group whose codes all equal its
-  zero point (all zero) takes c = 1 and plays no part in d.
+  groups' scales, and each group's scale is a code c in [1, 255]: scale = c * (d / 255), computed
+  in fp32 in that order (a kernel computes d / 255 once per super-block). The codes are found
+  against that scale. A group whose codes all equal its zero point (all zero) takes c = 1 and plays
+  no part in d.
 """
 from __future__ import annotations
 
@@ -223,8 +224,8 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero, self.act_scale)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero, self.act_scale,
+                                                           self.super_scale) if t is not None)
 
     def to_device(self, device: torch.device | str) -> "QuantizedWeight":
         """The same weight with every tensor on `device` (the same tensors where they are there already)."""
@@ -299,23 +300,23 @@ def super_scales(scale: Tensor, live: Tensor) -> Tensor:
 
 
 def two_level(scale: Tensor, super_scale: Tensor, live: Tensor) -> Tensor:
-    """Group scales [N, G] as two-level scales hold them: the nearest c * d / 255 for a code c in
+    """Group scales [N, G] as two-level scales hold them: the nearest c * (d / 255) for a code c in
     [1, 255] and the group's super scale d (a scale above d is clipped to it); d / 255 for a group
     that is not `live`."""
-    d = per_group(super_scale, scale.shape[1])
-    c = torch.round(scale * 255.0 / d).clamp(1, 255)
-    return torch.where(live, c, 1.0) * d / 255.0
+    step = per_group(super_scale, scale.shape[1]) / 255.0
+    c = torch.round(scale / step).clamp(1, 255)
+    return torch.where(live, c, 1.0) * step
 
 
 def scale_codes(scale: Tensor, super_scale: Tensor) -> Tensor:
     """Two-level scales [N, G] (as `two_level` makes them) -> their codes, uint8."""
-    return torch.round(scale * 255.0 / per_group(super_scale, scale.shape[1])).clamp(1, 255).to(torch.uint8)
+    return torch.round(scale / (per_group(super_scale, scale.shape[1]) / 255.0)).clamp(1, 255).to(torch.uint8)
 
 
 def decode_scales(codes: Tensor, super_scale: Tensor) -> Tensor:
-    """Two-level scale codes [N, G] and super scales [N, S] -> fp32 group scales [N, G]: c * d / 255
+    """Two-level scale codes [N, G] and super scales [N, S] -> fp32 group scales [N, G]: c * (d / 255)
     (in that order, in fp32: the same value wherever it is computed)."""
-    return codes.float() * per_group(super_scale.float(), codes.shape[1]) / 255.0
+    return codes.float() * (per_group(super_scale.float(), codes.shape[1]) / 255.0)
 
 
 def params(x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:

@@ -45,6 +45,7 @@ WEIGHT_FORMATS = {                   # every weight format the native executor r
     # measured with; the mse default's weights put this model's 30th token on such a tie)
     "w4a8-g32": dataclasses.replace(rtn("w4a8"), weight_observer="minmax"),
     "w4a8-g48-asym": rtn("w4a8", group_size=48, symmetric=False),        # a piece of 32 and 16 values per group
+    "w4a8-g32-asym-s8": rtn("w4a8", symmetric=False, two_level=True),    # integer products, two-level scales
     "w8a16-head-int8": dataclasses.replace(rtn("w8a16"), head=HEAD_FORMATS["int8"]),    # its own (untied) head
     "w4a16-head-int4": dataclasses.replace(rtn("w4a16", group_size=32), head=HEAD_FORMATS["int4"]),
     "w8a16-kv-int8": dataclasses.replace(rtn("w8a16"), kv_cache=TensorQuant(dtype="int8"), calib_samples=4,

@@ -76,6 +76,7 @@ QUANT = {  # name: (scheme, resolve_scheme overrides)
     "w8a16": ("w8a16", {}),
     "w4a16-sym": ("w4a16", dict(group_size=32)),
     "w4a16-asym-partial": ("w4a16", dict(group_size=64, symmetric=False)),   # hidden 96: a partial last group
+    "w4a16-asym-two-level": ("w4a16", dict(group_size=16, symmetric=False, two_level=True)),   # fp32 scales in ONNX
     "w8a8": ("w8a8", {}),
     "w4a8": ("w4a8", dict(group_size=32)),
     "fp8": ("fp8", {}),

@@ -30,17 +30,19 @@ def fmt(group_size: int, symmetric: bool = True, scale_bits: int | None = 8) -> 
 def test_codes_and_super_scale_by_hand():
     """One row, groups of 2, 10 groups: super-blocks of 8 and 2 groups. Symmetric scales are absmax / 8:
     0.25 * (1..8) in the first super-block (d = 2.0), 4.0 and 0 (an all-zero group) in the second (d = 4.0).
-    Codes round(255 * s / d): 0.25 -> 31.875 -> 32, ..., 2.0 -> 255; the zero group takes code 1."""
+    Codes round(s / (d / 255)): 0.25 -> 31.875 -> 32, ..., 2.0 -> 255 (1.0 -> 127.5 exactly, but d / 255
+    in fp32 is a little above 2/255: 127); the zero group takes code 1."""
     amax = [2.0 * i for i in range(1, 9)] + [32.0, 0.0]
     w = torch.tensor([[v for a in amax for v in (a, -a / 2)]])                # [1, 20]
     q = quantize(w, fmt(2))
     d = q.super_scale
     assert d.tolist() == [[2.0, 4.0]]
-    assert scale_codes(q.scale, d).tolist() == [[32, 64, 96, 128, 159, 191, 223, 255, 255, 1]]
-    assert q.scale[0, 4].item() == pytest.approx(159 * 2.0 / 255) and q.scale[0, 7].item() == 2.0
+    assert scale_codes(q.scale, d).tolist() == [[32, 64, 96, 127, 159, 191, 223, 255, 255, 1]]
+    step = torch.tensor(2.0) / 255                                             # fp32, as every reader computes it
+    assert q.scale[0, 4].item() == (159 * step).item() and q.scale[0, 7].item() == (255 * step).item()
     assert torch.equal(q.scale, decode_scales(scale_codes(q.scale, d), d))
     codes = unpack_int4(q.data, 20)
-    # the largest value of each group lands on the 8th step when its scale is exact (codes 255, 128, 64, 32)
+    # the largest value of each group lands on its 8th step
     assert codes[0, 0].item() == 15 and codes[0, 6].item() == 15 and codes[0, 14].item() == 15
     assert codes[0, 18:].tolist() == [8, 8] and dequantize(q)[0, 18:].tolist() == [0.0, 0.0]
 
