@@ -35,7 +35,7 @@
 
 /* The interface version llmc checks after loading this library (native.ABI_VERSION): bump both
  * when an exported function is added, removed or changes its signature. */
-#define LLMC_ABI_VERSION 6
+#define LLMC_ABI_VERSION 7
 
 int llmc_abi_version(void) { return LLMC_ABI_VERSION; }
 
@@ -398,6 +398,9 @@ typedef struct {
     const float *sc;                    /* int4: the first panel's scales, then its zero points: G * NR */
     const uint8_t *zc;                  /* each; the next panel's G * NR on */
     int64_t K, G, gs;
+    const uint8_t *cc;                  /* two-level scales (else NULL): the first panel's codes, G * NR, */
+    const float *st;                    /* and steps, S * NR (a step per SG groups); the next panel's on */
+    int64_t S, SG;
     float *out;                         /* MR rows of P * NR raw sums */
     const int8_t *xq;                   /* w4a8: the rows' int8 codes (K a row), per group their scale */
     const float *xsc;                   /* and code sum (G a row) */
@@ -440,6 +443,7 @@ static inline vf wide_u8(const uint8_t *p) {
 #endif
 }
 
+
 /* int4 panels: SUMS(MR, P, a, k0, k1, acc) adds each group's products to acc, per accumulator in the
  * order k0, k0 + 1, ..., k1 - 1: from the packed bytes (a pair of k widened at a time, used at once), or
  * from a panel already widened to floats [K][NR] for many rows (u exact: the same sums to the bit) */
@@ -477,9 +481,12 @@ static void NAME##_##MR##x##P(const panel_args *a) {                            
                 for (int i = 0; i < MR; i++) acc[i][j][v] = nz * vbroadcast(a->xs[i * a->G + g]);  \
             }                                                                                      \
         SUMS(MR, P, a, k0, k1, acc)                                                                \
+        int64_t q = a->cc ? g / a->SG : 0;  /* two-level: s = code * step, what `scale` holds */     \
         for (int j = 0; j < P; j++)                                                                \
             for (int v = 0; v < NV; v++) {                                                         \
-                vf s = *(const vf *)(a->sc + (j * a->G + g) * NR + v * VL);                        \
+                int64_t at = (j * a->G + g) * NR + v * VL;                                         \
+                vf s = a->cc ? wide_u8(a->cc + at) * *(const vf *)(a->st + (j * a->S + q) * NR + v * VL) \
+                             : *(const vf *)(a->sc + at);                                          \
                 for (int i = 0; i < MR; i++) {                                                     \
                     vf *t = (vf *)(tot + (i * P + j) * NR + v * VL);                               \
                     *t = vfma(s, acc[i][j][v], *t);                                                \
@@ -524,6 +531,7 @@ static void panel_i4a8_##MR##x##P(const panel_args *a) {                        
     for (int i = 0; i < MR * P * NR; i++) tot[i] = 0.0f;                                           \
     for (int64_t g = 0; g < a->G; g++) {                                                           \
         int64_t k0 = g * a->gs, k1 = k0 + a->gs < a->K ? k0 + a->gs : a->K;                        \
+        int64_t q = a->cc ? g / a->SG : 0;                                                         \
         v8i acc[MR][P][NR / 8];                                                                    \
         for (int i = 0; i < MR; i++)                                                               \
             for (int j = 0; j < P; j++)                                                            \
@@ -538,7 +546,11 @@ static void panel_i4a8_##MR##x##P(const panel_args *a) {                        
         for (int j = 0; j < P; j++)                                                                \
             for (int v = 0; v < NR / 8; v++) {                                                     \
                 int64_t at = (j * a->G + g) * NR + v * 8;                                          \
-                v8f sw = *(const v8f *)(a->sc + at);                                               \
+                v8f sw;                                                                            \
+                if (a->cc == NULL) sw = *(const v8f *)(a->sc + at);                                \
+                else                                                                               \
+                    for (int l = 0; l < 8; l++)                                                    \
+                        sw[l] = (float)a->cc[at + l] * a->st[(j * a->S + q) * NR + v * 8 + l];     \
                 v8i z;                                                                             \
                 for (int l = 0; l < 8; l++) z[l] = a->zc[at + l];                                  \
                 for (int i = 0; i < MR; i++) {                                                     \
@@ -581,20 +593,34 @@ static int64_t panel_stride(const llmc_weight *w) {
     return is_int4(w) ? (w->k / 2) * NR : w->k * NR * elem_bytes(w->kind);
 }
 
+/* two-level scales: steps a panel (a step per super_groups groups) */
+static int64_t panel_steps(const llmc_weight *w, int64_t G) {
+    return w->super_groups > 0 ? (G + w->super_groups - 1) / w->super_groups : 0;
+}
+
+/* after the codes: per panel G * NR fp32 scales, then G * NR zero points; with two-level scales G * NR
+ * scale codes, G * NR zero points, then S * NR fp32 steps (2.5 bytes a group and row in groups of 8,
+ * not 5) */
 static void panels_bytes(const llmc_weight *w, int64_t *data, int64_t *total) {
     int64_t np = (w->n + NR - 1) / NR, G = is_int4(w) ? (w->k + w->group - 1) / w->group : 0;
     *data = np * panel_stride(w);
-    *total = *data + np * G * NR * (int64_t)(sizeof(float) + 1);
+    if (w->super_groups > 0)
+        *total = *data + np * NR * (2 * G + panel_steps(w, G) * (int64_t)sizeof(float));
+    else
+        *total = *data + np * G * NR * (int64_t)(sizeof(float) + 1);
 }
 
 static void pack_panels(const llmc_weight *w, char *dst) {
     int64_t N = w->n, K = w->k, ps = panel_stride(w), data, total;
     panels_bytes(w, &data, &total);
     if (is_int4(w)) {
-        int64_t kb = K / 2, G = (K + w->group - 1) / w->group;
+        int64_t kb = K / 2, G = (K + w->group - 1) / w->group, np = (N + NR - 1) / NR, S = panel_steps(w, G);
         const uint8_t *src = (const uint8_t *)w->data;
-        float *sc = (float *)(dst + data);
-        uint8_t *zc = (uint8_t *)(sc + ((N + NR - 1) / NR) * G * NR);
+        int two = w->super_groups > 0;
+        float *sc = two ? NULL : (float *)(dst + data);
+        uint8_t *cc = two ? (uint8_t *)(dst + data) : NULL;
+        uint8_t *zc = two ? cc + np * G * NR : (uint8_t *)(sc + np * G * NR);
+        float *st = two ? (float *)(zc + np * G * NR) : NULL;
         for (int64_t n = 0; n < N; n++) {
             int64_t p = n / NR, j = n % NR;
             if (w->kind == W_I4)           /* the rows layout's bytes, a pair of k at a time, NR rows side by side */
@@ -607,9 +633,11 @@ static void pack_panels(const llmc_weight *w, char *dst) {
                         dst[p * ps + (k / 8) * 4 * NR + (j / 8) * 32 + (j % 8) * 4 + i] = (char)(lo | hi << 4);
                     }
             for (int64_t g = 0; g < G; g++) {
-                sc[(p * G + g) * NR + j] = w->scale[n * G + g];
+                if (two) cc[(p * G + g) * NR + j] = w->scale_code[n * G + g];
+                else sc[(p * G + g) * NR + j] = w->scale[n * G + g];
                 zc[(p * G + g) * NR + j] = w->zero[n * G + g];
             }
+            for (int64_t q = 0; q < S; q++) st[(p * S + q) * NR + j] = w->scale_step[n * S + q];
         }
         return;
     }
@@ -627,8 +655,13 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, co
     int64_t N = w->n, K = w->k, np = (N + NR - 1) / NR, ps = panel_stride(w), data, total;
     int64_t G = is_int4(w) ? (K + w->group - 1) / w->group : 0;
     panels_bytes(w, &data, &total);
-    const float *sc = is_int4(w) ? (const float *)((const char *)w->data + data) : NULL;
-    const uint8_t *zc = sc ? (const uint8_t *)(sc + np * G * NR) : NULL;
+    int64_t S = is_int4(w) ? panel_steps(w, G) : 0;
+    int two = is_int4(w) && w->super_groups > 0;
+    const char *tail = (const char *)w->data + data;
+    const float *sc = is_int4(w) && !two ? (const float *)tail : NULL;
+    const uint8_t *cc = two ? (const uint8_t *)tail : NULL;
+    const uint8_t *zc = !is_int4(w) ? NULL : two ? cc + np * G * NR : (const uint8_t *)(sc + np * G * NR);
+    const float *st = two ? (const float *)(zc + np * G * NR) : NULL;
     const panel_fn (*table)[4] = panel_table(w->kind);
     int64_t mc = (65536 / (K > 0 ? K : 1)) / MR_MAX * MR_MAX;        /* 256 KiB of inputs a chunk */
     mc = mc < MR_MAX ? MR_MAX : mc;
@@ -641,7 +674,8 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, co
 #endif
         int64_t p0 = np * t / T, p1 = np * (t + 1) / T;
         float out[MR_MAX * 4 * NR], *wide = NULL;
-        panel_args a = {x, K, xs, NULL, ps, NULL, NULL, K, G, w->group, out, xq, xsc, xsum};
+        panel_args a = {x, K, xs, NULL, ps, NULL, NULL, K, G, w->group, NULL, NULL, S, w->super_groups > 0 ? w->super_groups : 1,
+                        out, xq, xsc, xsum};
         for (int64_t m0 = 0; m0 < M; m0 += mc) {
             int64_t m1 = m0 + mc < M ? m0 + mc : M;
             int64_t step = m1 - m0 < MR_MAX ? PANELS[m1 - m0] : 1;
@@ -650,6 +684,8 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, co
                 a.w = (const char *)w->data + p * ps;
                 a.sc = sc ? sc + p * G * NR : NULL;
                 a.zc = zc ? zc + p * G * NR : NULL;
+                a.cc = cc ? cc + p * G * NR : NULL;
+                a.st = st ? st + p * S * NR : NULL;
                 int widened = w->kind == W_I4 && m1 - m0 >= WIDEN_ROWS;
                 if (widened) {
                     if (wide == NULL) wide = malloc(sizeof(float) * (size_t)(K * NR));

@@ -18,11 +18,17 @@ typedef struct {
     const float *bias;                   /* [n] or NULL */
     int64_t layout;                      /* LAYOUT_ROWS or LAYOUT_PACKED */
     const float *act_scale;              /* W_F8: the inputs' static scale [1] (NULL: inputs as they are) */
+    /* int4 with two-level scales (super_groups > 0): scale[n, g] = scale_code[n, g] * scale_step[n, g / super_groups]
+     * in fp32, as `scale` holds them decoded; LAYOUT_PACKED panels keep the codes and steps, not `scale` */
+    const uint8_t *scale_code;           /* [n, G] */
+    const float *scale_step;             /* [n, ceil(G / super_groups)]: the super scales / 255 */
+    int64_t super_groups;                /* 0: fp32 scales */
 } llmc_weight;
 
 /* LAYOUT_PACKED, as llmc_pack_weight writes it once at load (gemm.c describes each):
  * - float kinds, W_I8, W_F8 and W_I4 (even k and group): panels of 16 rows stored k-major, each panel one
- *   sequential stream; W_I4 panels carry their scales and zero points after the bytes;
+ *   sequential stream; W_I4 panels carry their scales (fp32, or two-level codes and steps) and zero points
+ *   after the bytes;
  * - W_I8A8 (k a multiple of 32) and W_I4A8 (k and group multiples of 32): tiles of 4 rows, pieces of
  *   32 values of each row in turn.
  * A linear then reads its weight as one stream instead of many interleaved rows. */

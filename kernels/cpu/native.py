@@ -50,7 +50,7 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemm.c", "step.c"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("linear.h", "simd.h", "fp8.h", "widen.h"))   # included by the sources: part of the cache key
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")   # fusions explicit
 MAX_ROWS = 8             # above this, torch's GEMM (MKL/oneDNN) is as fast or faster (benchmarked)
-ABI_VERSION = 6          # what gemm.c's llmc_abi_version() returns: bump both when an export changes
+ABI_VERSION = 7          # what gemm.c's llmc_abi_version() returns: bump both when an export changes
 LIB_NAME = "libllmc_cpu.so"
 DIGEST_NAME = LIB_NAME + ".sha256"
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int

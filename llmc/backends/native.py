@@ -10,7 +10,8 @@ context and block table) into arrays.
 
 What it runs: every op the decoder builder and the default passes emit, over matrices stored as
 float32, bfloat16 or float16 (read as stored, computed in float32), int8 per channel or int4
-group-wise (weight-only, or multiplied as integers with int8 inputs: w8a8, w4a8) and fp8 e4m3 (inputs
+group-wise with float16 or two-level scales (weight-only, or multiplied as integers with int8 inputs:
+w8a8, w4a8) and fp8 e4m3 (inputs
 through fp8 at their static scale), with a KV cache in the model's format: fp32, 16-bit, or int8 /
 fp8 with static per-KV-head scales. `unsupported(model)` says why a model cannot run here (no C
 compiler, or a format this list lacks); the cpu kernel set runs those.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -28,7 +29,7 @@ from llmc.engine import RUNTIME_INPUTS
 from llmc.ir import OPS, Graph, verify
 from llmc.kernels.cpu import concat_rows, native
 from llmc.kernels.reference.rope import rope_cos_sin, rope_inv_freq
-from llmc.quantized.formats import QuantizedWeight
+from llmc.quantized.formats import SUPER_GROUPS, QuantizedWeight, scale_codes, scale_steps
 from llmc.runtime.kv_cache import KVCacheSpec, PagedKVCache
 from llmc.runtime.threads import ThreadPolicy
 
@@ -52,7 +53,22 @@ LAYOUT_ROWS, LAYOUT_PACKED = 0, 1                   # kernels/cpu/linear.h
 
 class Weight(ctypes.Structure):
     _fields_ = [("kind", _I64), ("n", _I64), ("k", _I64), ("group", _I64), ("data", _P), ("scale", _P),
-                ("zero", _P), ("bias", _P), ("layout", _I64), ("act_scale", _P)]
+                ("zero", _P), ("bias", _P), ("layout", _I64), ("act_scale", _P), ("scale_code", _P),
+                ("scale_step", _P), ("super_groups", _I64)]
+
+
+def quantized_weight(w: QuantizedWeight, tensor: Callable[[torch.Tensor], int], bias: int | None = None) -> Weight:
+    """`w` as the kernels read it (LAYOUT_ROWS); `tensor(t)` keeps t alive and returns its address. With
+    two-level scales, their codes and steps as well: its panels (`tiled`) keep those instead of the fp32
+    scales (2.5 bytes a group and row instead of 5)."""
+    act_scale = tensor(w.act_scale.float().reshape(-1)) if w.act_scale is not None else None
+    out = Weight(WEIGHT_KINDS[w.kernel_key], w.shape[0], w.shape[1], w.fmt.group_size or 0, tensor(w.data),
+                 tensor(w.scale.float()), tensor(w.zero) if w.zero is not None else None, bias, LAYOUT_ROWS, act_scale)
+    if w.fmt.two_level:
+        out.scale_code = tensor(scale_codes(w.scale, w.super_scale))
+        out.scale_step = tensor(scale_steps(w.super_scale))
+        out.super_groups = SUPER_GROUPS
+    return out
 
 
 def tiled(w: Weight, keep: list) -> Weight:
@@ -70,8 +86,8 @@ def tiled(w: Weight, keep: list) -> Weight:
     out.data, out.layout = packed.data_ptr(), LAYOUT_PACKED
     dropped = {w.data}
     if w.kind in (W_I4, W_I4A8):
-        dropped |= {w.scale, w.zero}
-        out.scale = out.zero = None
+        dropped |= {w.scale, w.zero, w.scale_code, w.scale_step}
+        out.scale = out.zero = out.scale_code = out.scale_step = None
     keep[:] = [t for t in keep if not (isinstance(t, torch.Tensor) and t.data_ptr() in dropped)]
     keep.append(packed)
     return out
@@ -192,11 +208,7 @@ class NativeBackend:
     def _weight(self, w: Any, bias: torch.Tensor | None = None) -> Weight:
         b = self._tensor(bias.float()) if bias is not None else None
         if isinstance(w, QuantizedWeight):
-            kind = WEIGHT_KINDS[w.kernel_key]
-            act_scale = self._tensor(w.act_scale.float().reshape(-1)) if w.act_scale is not None else None
-            return Weight(kind, w.shape[0], w.shape[1], w.fmt.group_size or 0, self._tensor(w.data),
-                          self._tensor(w.scale.float()), self._tensor(w.zero) if w.zero is not None else None, b,
-                          LAYOUT_ROWS, act_scale)
+            return quantized_weight(w, self._tensor, b)
         if w.dtype not in FLOAT_KINDS:
             w = w.float()
         return Weight(FLOAT_KINDS[w.dtype], w.shape[0], w.shape[1], 0, self._tensor(w), None, None, b)

@@ -303,20 +303,25 @@ def two_level(scale: Tensor, super_scale: Tensor, live: Tensor) -> Tensor:
     """Group scales [N, G] as two-level scales hold them: the nearest c * (d / 255) for a code c in
     [1, 255] and the group's super scale d (a scale above d is clipped to it); d / 255 for a group
     that is not `live`."""
-    step = per_group(super_scale, scale.shape[1]) / 255.0
+    step = per_group(scale_steps(super_scale), scale.shape[1])
     c = torch.round(scale / step).clamp(1, 255)
     return torch.where(live, c, 1.0) * step
 
 
 def scale_codes(scale: Tensor, super_scale: Tensor) -> Tensor:
     """Two-level scales [N, G] (as `two_level` makes them) -> their codes, uint8."""
-    return torch.round(scale / (per_group(super_scale, scale.shape[1]) / 255.0)).clamp(1, 255).to(torch.uint8)
+    return torch.round(scale / per_group(scale_steps(super_scale), scale.shape[1])).clamp(1, 255).to(torch.uint8)
+
+
+def scale_steps(super_scale: Tensor) -> Tensor:
+    """Super scales [N, S] -> the value of one scale code in each super-block, d / 255 (fp32)."""
+    return super_scale.float() / 255.0
 
 
 def decode_scales(codes: Tensor, super_scale: Tensor) -> Tensor:
     """Two-level scale codes [N, G] and super scales [N, S] -> fp32 group scales [N, G]: c * (d / 255)
     (in that order, in fp32: the same value wherever it is computed)."""
-    return codes.float() * (per_group(super_scale.float(), codes.shape[1]) / 255.0)
+    return codes.float() * per_group(scale_steps(super_scale), codes.shape[1])
 
 
 def params(x: Tensor, fmt: TensorQuant) -> tuple[Tensor, Tensor | None]:

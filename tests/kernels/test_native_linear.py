@@ -5,11 +5,12 @@ bit-identical whatever the number of rows (the tiles never change a row's summat
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import pytest
 import torch
 
-from llmc.backends.native import FLOAT_KINDS, LAYOUT_PACKED, WEIGHT_KINDS, Weight, tiled
+from llmc.backends.native import FLOAT_KINDS, LAYOUT_PACKED, Weight, quantized_weight, tiled
 from llmc.kernels.cpu import native
 from llmc.kernels.reference.dequant import dequantize
 from llmc.kernels.reference.quant import quantize_input
@@ -29,6 +30,10 @@ KINDS = {   # name -> (weight format or float dtype, input format)
     "w4a8-g64-asym": (TensorQuant(**INT4, group_size=64, symmetric=False),
                       TensorQuant(dtype="int8", granularity="group", group_size=64)),
     "fp8": (TensorQuant(dtype="fp8_e4m3", granularity="channel"), TensorQuant(dtype="fp8_e4m3", granularity="tensor")),
+    # two-level scales: the panels keep 8-bit codes and a step per 8 groups instead of fp32 scales
+    "int4-g16-asym-s8": (TensorQuant(**INT4, group_size=16, symmetric=False, scale_bits=8), None),
+    "w4a8-g32-s8": (TensorQuant(**INT4, group_size=32, scale_bits=8),
+                    TensorQuant(dtype="int8", granularity="group", group_size=32)),
 }
 ACT_SCALE = torch.tensor([0.01])        # fp8 inputs' static scale: inputs up to |4| use codes up to 400 of 448
 
@@ -42,13 +47,14 @@ def _weight(kind: str, w: torch.Tensor, bias: torch.Tensor | None):
         t = w.to(fmt).contiguous()
         return Weight(FLOAT_KINDS[fmt], *w.shape, 0, t.data_ptr(), None, None, bp), [t, b], t.double(), None
     qw = quantize(w, fmt, "w")
-    key = fmt.key if act is None else f"{fmt.key}+{act.key}"
-    scale = qw.scale.float().contiguous()
-    keep = [qw.data, scale, qw.zero, b, ACT_SCALE]
-    act_scale = ACT_SCALE.data_ptr() if fmt.dtype == "fp8_e4m3" else None
-    return (Weight(WEIGHT_KINDS[key], *w.shape, fmt.group_size or 0, qw.data.data_ptr(), scale.data_ptr(),
-                   qw.zero.data_ptr() if qw.zero is not None else None, bp, 0, act_scale), keep,
-            dequantize(qw).double(), act)
+    if act is not None:
+        qw = dataclasses.replace(qw, act=act, act_scale=ACT_SCALE if fmt.dtype == "fp8_e4m3" else None)
+    keep = [b]
+
+    def tensor(t: torch.Tensor) -> int:
+        keep.append(t.contiguous())
+        return keep[-1].data_ptr()
+    return quantized_weight(qw, tensor, bp), keep, dequantize(qw).double(), act
 
 
 def _run(weight: Weight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
@@ -57,7 +63,8 @@ def _run(weight: Weight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
     return y
 
 
-TILED = ["fp32", "bf16", "fp16", "int8", "fp8", "int4-g32", "int4-g48-asym", "int4-g64-asym", "w4a8-g32", "w4a8-g48-asym", "w4a8-g64-asym", "w8a8"]
+TILED = ["fp32", "bf16", "fp16", "int8", "fp8", "int4-g32", "int4-g48-asym", "int4-g64-asym", "w4a8-g32", "w4a8-g48-asym",
+         "w4a8-g64-asym", "w8a8", "int4-g16-asym-s8", "w4a8-g32-s8"]
 
 
 def tileable(kind: str, k: int) -> bool:
@@ -99,3 +106,25 @@ def test_a_row_is_bit_identical_whatever_the_other_rows(kind, k):
         alone = _run(weight, x[r:r + 1].contiguous(), threads=1)
         assert torch.equal(alone[0], together[r]), f"row {r}"
         assert torch.equal(_run(packed, x[r:r + 1].contiguous())[0], together_tiled[r]), f"row {r}, tiled"
+
+
+@pytest.mark.parametrize("kind", ["int4-g16-asym-s8", "w4a8-g32-s8"])
+@pytest.mark.parametrize("m", [1, 3, 7, 30])           # few rows; 2 blocks; 12+ rows widen the panel (weight-only)
+def test_two_level_panels_are_the_fp32_scale_panels_to_the_bit(kind, m):
+    """Panels that keep two-level scales as codes and steps (code * step computed in the kernel) give
+    exactly what panels of the same weight's decoded fp32 scales give, on 20 groups (a partial last
+    super-block of 4) and rows beyond a whole panel."""
+    g = torch.Generator().manual_seed(m)
+    k = 640 if kind.startswith("w4a8") else 320
+    x, w = torch.randn(m, k, generator=g), torch.randn(37, k, generator=g)
+    weight, keep, _, _ = _weight(kind, w, None)
+    assert weight.super_groups == 8
+    plain = Weight.from_buffer_copy(weight)
+    plain.scale_code = plain.scale_step = None
+    plain.super_groups = 0
+    lib = native.library()
+    assert lib.llmc_packed_bytes(ctypes.byref(weight)) < lib.llmc_packed_bytes(ctypes.byref(plain))
+    held = [list(keep), list(keep)]                  # each keeps its packed bytes alive
+    compact, full = tiled(weight, held[0]), tiled(plain, held[1])
+    assert compact.layout == full.layout == LAYOUT_PACKED
+    assert torch.equal(_run(compact, x), _run(full, x))
