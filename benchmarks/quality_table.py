@@ -61,6 +61,7 @@ def recipes(group: int, samples: int, seqlen: int) -> dict[str, QuantRecipe | No
         f"w4a16 gptq g{group}, symmetric, minmax": r("w4a16", "gptq", group_size=group, symmetric=True,
                                                       weight_observer="minmax"),          # the old defaults
         f"w4a16 rtn g{group}, imatrix": r("w4a16", group_size=group, imatrix=True),
+        f"w4a16 gptq g{group}, two-level scales": r("w4a16", "gptq", group_size=group, two_level=True),
         "w4a16 gptq --target-bpw 5.25 (int4-auto)": r("w4a16", "gptq", target_bpw=5.25),
         "w4a16 gptq --target-bpw 6": r("w4a16", "gptq", target_bpw=6.0),
         f"w4a8 rtn g{group}": r("w4a8", group_size=group),

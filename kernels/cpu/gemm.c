@@ -443,7 +443,6 @@ static inline vf wide_u8(const uint8_t *p) {
 #endif
 }
 
-
 /* int4 panels: SUMS(MR, P, a, k0, k1, acc) adds each group's products to acc, per accumulator in the
  * order k0, k0 + 1, ..., k1 - 1: from the packed bytes (a pair of k widened at a time, used at once), or
  * from a panel already widened to floats [K][NR] for many rows (u exact: the same sums to the bit) */
@@ -674,8 +673,8 @@ static void run_panels(const llmc_weight *w, const float *x, const float *xs, co
 #endif
         int64_t p0 = np * t / T, p1 = np * (t + 1) / T;
         float out[MR_MAX * 4 * NR], *wide = NULL;
-        panel_args a = {x, K, xs, NULL, ps, NULL, NULL, K, G, w->group, NULL, NULL, S, w->super_groups > 0 ? w->super_groups : 1,
-                        out, xq, xsc, xsum};
+        panel_args a = {x, K, xs, NULL, ps, NULL, NULL, K, G, w->group, NULL, NULL, S,
+                        w->super_groups > 0 ? w->super_groups : 1, out, xq, xsc, xsum};
         for (int64_t m0 = 0; m0 < M; m0 += mc) {
             int64_t m1 = m0 + mc < M ? m0 + mc : M;
             int64_t step = m1 - m0 < MR_MAX ? PANELS[m1 - m0] : 1;

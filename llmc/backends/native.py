@@ -10,10 +10,9 @@ context and block table) into arrays.
 
 What it runs: every op the decoder builder and the default passes emit, over matrices stored as
 float32, bfloat16 or float16 (read as stored, computed in float32), int8 per channel or int4
-group-wise with float16 or two-level scales (weight-only, or multiplied as integers with int8 inputs:
-w8a8, w4a8) and fp8 e4m3 (inputs
-through fp8 at their static scale), with a KV cache in the model's format: fp32, 16-bit, or int8 /
-fp8 with static per-KV-head scales. `unsupported(model)` says why a model cannot run here (no C
+group-wise with float16 or two-level scales (weight-only, or multiplied as integers with int8
+inputs: w8a8, w4a8) and fp8 e4m3 (inputs through fp8 at their static scale), with a KV cache in the
+model's format: fp32, 16-bit, or int8 / fp8 with static per-KV-head scales. `unsupported(model)` says why a model cannot run here (no C
 compiler, or a format this list lacks); the cpu kernel set runs those.
 """
 from __future__ import annotations

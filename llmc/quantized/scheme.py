@@ -180,8 +180,8 @@ class QuantRecipe:                                     # how we get there
         Option("asymmetric", bool, "int4 weights with a zero point fitted to each group's range (w4a16's default) "
                "or --symmetric around 0 (w4a8's default, as llama.cpp's Q4_0).", off="symmetric"),
         Option("two_level_scales", bool, "int4 group scales stored as 8-bit codes under a float16 scale per 8 groups "
-               "(as llama.cpp's k-quants): groups of 32 cost 4.44 bits per weight instead of 4.63, for the same "
-               "error within 0.1%; not exportable with --format gptq. Default: --float16-scales.",
+               "(as llama.cpp's k-quants): groups of 32 cost 4.44 bits per weight instead of 4.63, for the weight "
+               "error of float16 scales within 1%; not exportable with --format gptq. Default: --float16-scales.",
                off="float16-scales"),
         build=_scheme_from_options)
     algorithm: Literal["rtn", "gptq", "awq", "smoothquant"] = recipe_field(
