@@ -475,9 +475,10 @@ def quantize_cmd(
 def _plan_text(plan: dict) -> str:
     """What a mixed-precision target chose, unit by unit."""
     width = max(len(u["unit"]) for u in plan["units"])
+    fwidth = max(len(u["format"]) for u in plan["units"])
     lines = [f"mixed precision: {plan['bits_per_weight']:.3f} bits per weight over the chosen weights, "
              f"{plan['bytes']:,} of {plan['budget_bytes']:,} bytes; predicted KL {plan['predicted_kl']:.5f}"]
-    lines += [f"  {u['unit']:<{width}}  {u['format']:<14} {u['bytes']:>12,} B  KL {u['predicted_kl']:.5f}"
+    lines += [f"  {u['unit']:<{width}}  {u['format']:<{fwidth}} {u['bytes']:>10,} B  KL {u['predicted_kl']:.5f}"
               for u in plan["units"]]
     return "\n".join(lines) + "\n"
 
