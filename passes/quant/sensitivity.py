@@ -100,8 +100,9 @@ def stored_bytes(fmt: TensorQuant | None, shape: tuple[int, int], float_itemsize
 
 def candidates(unit: Unit, formats: tuple[TensorQuant, ...] = LINEAR_FORMATS) -> list[TensorQuant | None]:
     """A unit's candidate formats: for linears `formats`, without repeats (a group as wide as the
-    input or wider is one group per row, whatever its nominal size, and then two-level scales buy
-    nothing: a super scale per group); the head: float, int8 or int4;
+    input or wider is one group per row, whatever its nominal size; two-level scales only where a
+    row holds two whole groups, since with one a super scale per group buys nothing); the head:
+    float, int8 or int4;
     the embeddings, tied or not: float or int8."""
     if unit.kind == "head":
         return [None, *HEAD_FORMATS.values()]
