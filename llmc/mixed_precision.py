@@ -113,14 +113,16 @@ def measure(arch, graph: Graph, get: Callable[[str], Tensor], dtype_bytes: Calla
     model = _Model(arch, graph, get, samples)
     tokens = sum(map(len, samples))
     L = arch.num_layers
-    units = linear_units(graph, L, lambda n: tuple(get(n).shape), targets)
+
+    def shape_of(name: str) -> tuple[int, ...]:       # read once: the float pass uses every unit's weights
+        return tuple(model.weight(name).shape)
+    units = linear_units(graph, L, shape_of, targets)
     tied = model.head_name == EMBED
-    shape = tuple(get(EMBED).shape)
     if tied:
-        units.append(Unit("model.embed_tokens+lm_head", "embeddings+head", (EMBED,), (shape,)))
+        units.append(Unit("model.embed_tokens+lm_head", "embeddings+head", (EMBED,), (shape_of(EMBED),)))
     else:
-        units.append(Unit("model.embed_tokens", "embeddings", (EMBED,), (shape,)))
-        units.append(Unit("lm_head", "head", (LM_HEAD,), (tuple(get(LM_HEAD).shape),)))
+        units.append(Unit("model.embed_tokens", "embeddings", (EMBED,), (shape_of(EMBED),)))
+        units.append(Unit("lm_head", "head", (LM_HEAD,), (shape_of(LM_HEAD),)))
     fmts_of = {u.name: candidates(u, formats) for u in units}
 
     def q(w: Tensor, fmt: TensorQuant, name: str) -> Tensor:

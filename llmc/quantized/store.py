@@ -204,24 +204,28 @@ class QuantizedStore:
             return self.base.get(name)
         e = self.entries[name]
         act_scale = self.base.get(f"{name}.act_scale") if f"{name}.act_scale" in self.base else None
-        scale, zero = self.scales(name)
+        scale, zero, super_scale = self._scales(name)
         return QuantizedWeight.from_tensors(e.fmt, e.shape, self.base.get(f"{name}.qdata"), scale, zero,
-                                            e.act, act_scale, self.super_scales(name))
+                                            e.act, act_scale, super_scale)
 
     def scales(self, name: str) -> tuple[Tensor, Tensor | None]:
         """A quantized weight's scales (fp32; two-level ones decoded) and zero points (one per byte,
         or None), as in memory; its codes are not read."""
+        return self._scales(name)[:2]
+
+    def _scales(self, name: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """`scales`, and the super scales (fp32) of a weight with two-level scales (else None)."""
         e = self.entries[name]
-        scale = self.base.get(f"{name}.scale")
-        scale = decode_scales(scale, self.super_scales(name)) if e.fmt.two_level else scale.float()
+        scale, super_scale = self.base.get(f"{name}.scale"), None
+        if e.fmt.two_level:
+            super_scale = self.base.get(f"{name}.super_scale").float()
+            scale = decode_scales(scale, super_scale)
+        else:
+            scale = scale.float()
         zero = self.base.get(f"{name}.zero") if f"{name}.zero" in self.base else None
         if zero is not None and STORED_SCALES[e.version].packed_zeros:
             zero = unpack_int4(zero, scale.shape[1]).contiguous()
-        return scale, zero
-
-    def super_scales(self, name: str) -> Tensor | None:
-        """The super scales of a weight with two-level scales (fp32), else None."""
-        return self.base.get(f"{name}.super_scale").float() if self.entries[name].fmt.two_level else None
+        return scale, zero, super_scale
 
     def nbytes(self) -> int:
         return self.base.nbytes()
